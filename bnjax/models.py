@@ -1,0 +1,102 @@
+"""The article's MNIST CNN, with and without Batch Normalization.
+
+Layer for layer as the article's notebook (Keras 2.0.8) built it:
+
+    Conv 32 3x3 VALID -> max-pool 2x2 -> Conv 64 3x3 VALID -> max-pool 2x2
+    -> Conv 64 3x3 VALID -> flatten (3*3*64 = 576) -> Dense 64 -> Dense 10
+
+Plain: every Conv/Dense has a bias, hidden layers are followed by the activation.
+BN: every Conv/Dense, the output layer included, has no bias and is followed by
+BatchNorm, *then* the activation (none on the output: softmax is in the loss).
+A bias right before BN is pointless: BN subtracts the batch mean, which removes
+any constant shift, so its gradient is exactly zero.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from bnjax.batchnorm import DEFAULT_EPSILON, DEFAULT_MOMENTUM, BatchNorm
+
+ACTIVATIONS: dict[str, Callable] = {
+    "relu": nn.relu,
+    "sigmoid": nn.sigmoid,
+    "tanh": nn.tanh,
+    "elu": nn.elu,
+    "gelu": nn.gelu,
+}
+
+# Keras initializes kernels with glorot_uniform; Flax's own default is lecun_normal.
+KERNEL_INITS: dict[str, Callable] = {
+    "glorot_uniform": nn.initializers.glorot_uniform(),
+    "lecun_normal": nn.initializers.lecun_normal(),
+}
+
+
+def get_activation(name: str) -> Callable:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; allowed: {', '.join(sorted(ACTIVATIONS))}")
+    return ACTIVATIONS[name]
+
+
+def get_kernel_init(name: str) -> Callable:
+    if name not in KERNEL_INITS:
+        raise ValueError(f"unknown kernel_init {name!r}; allowed: {', '.join(sorted(KERNEL_INITS))}")
+    return KERNEL_INITS[name]
+
+
+def max_pool_2x2(x):
+    """2x2 max-pool, stride 2, VALID (an odd last row/column is dropped, as in Keras).
+
+    (N, H, W, C) -> (N, H // 2, W // 2, C). Equal to `nn.max_pool(x, (2, 2), (2, 2))`,
+    written as reshape + max because XLA:CPU compiles the backward pass of that
+    plain reduction much faster than that of a windowed reduce.
+    """
+    n, h, w, c = x.shape
+    x = x[:, : h - h % 2, : w - w % 2, :]
+    return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+class ConvNet(nn.Module):
+    """The article's CNN. `model.apply(variables, images, train=...)` on
+    (N, 28, 28, 1) float32 images in [0, 1] returns (N, 10) logits."""
+
+    batch_norm: bool = False
+    activation: str = "relu"
+    kernel_init: str = "glorot_uniform"
+    bn_momentum: float = DEFAULT_MOMENTUM
+    bn_epsilon: float = DEFAULT_EPSILON
+    bn_axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        activation = get_activation(self.activation)
+        kernel_init = get_kernel_init(self.kernel_init)
+
+        def linear_unit(layer: nn.Module, x, hidden: bool):
+            # Plain: layer(+bias) -> activation. BN: layer(no bias) -> BN -> activation.
+            x = layer(x)
+            if self.batch_norm:
+                x = BatchNorm(self.bn_momentum, self.bn_epsilon, self.bn_axis_name)(x, train=train)
+            return activation(x) if hidden else x
+
+        use_bias = not self.batch_norm
+        conv = lambda features: nn.Conv(features, (3, 3), padding="VALID", use_bias=use_bias, kernel_init=kernel_init)
+        dense = lambda features: nn.Dense(features, use_bias=use_bias, kernel_init=kernel_init)
+
+        x = linear_unit(conv(32), x, hidden=True)   # (N, 26, 26, 32)
+        x = max_pool_2x2(x)                          # (N, 13, 13, 32)
+        x = linear_unit(conv(64), x, hidden=True)   # (N, 11, 11, 64)
+        x = max_pool_2x2(x)                          # (N, 5, 5, 64)
+        x = linear_unit(conv(64), x, hidden=True)   # (N, 3, 3, 64)
+        x = x.reshape(x.shape[0], -1)                # (N, 576)
+        x = linear_unit(dense(64), x, hidden=True)  # (N, 64)
+        return linear_unit(dense(10), x, hidden=False)  # (N, 10) logits
+
+
+def count_params(params) -> int:
+    return sum(int(jnp.size(leaf)) for leaf in jax.tree_util.tree_leaves(params))

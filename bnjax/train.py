@@ -1,0 +1,289 @@
+"""Training and evaluation of the article's nets: config, state, steps, loop.
+
+Where BN state moves:
+  * `train_step`: `apply(..., train=True, mutable=["batch_stats"])` returns the
+    logits *and* the updated running statistics, which go into the new state.
+  * `eval_step`: `apply(..., train=False)` with nothing mutable: running
+    statistics are read, never written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax.training import train_state
+
+from bnjax.models import ACTIVATIONS, KERNEL_INITS, ConvNet
+
+OPTIMIZERS = ("adam", "sgd")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """One training run. Defaults reproduce the article: Keras 2.0.8's Adam,
+    batch 32, 3 epochs of one pass (1875 steps) each, batches in a fixed order."""
+
+    batch_norm: bool = False
+    activation: str = "relu"
+    learning_rate: float = 0.001
+    optimizer: str = "adam"
+    # Keras 2.0.8 Adam defaults. Keras adds epsilon to sqrt(v) *before* bias
+    # correction, optax after it; at 1e-8 the difference is negligible.
+    adam_b1: float = 0.9
+    adam_b2: float = 0.999
+    adam_eps: float = 1e-8
+    batch_size: int = 32
+    epochs: int = 3
+    steps_per_epoch: int | None = None  # None: one pass, len(x_train) // batch_size
+    seed: int = 0
+    shuffle: bool = False  # False: the same fixed order every epoch, as the article
+    kernel_init: str = "glorot_uniform"  # Keras's default; "lecun_normal" is Flax's
+    bn_momentum: float = 0.99
+    bn_epsilon: float = 1e-3
+    eval_every: int = 100  # steps between evaluations on the whole test set
+    eval_batch_size: int = 1000
+    max_steps: int | None = None  # cap on total steps (smoke runs)
+
+    def __post_init__(self):
+        _check_choice("activation", self.activation, ACTIVATIONS)
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        _check_choice("kernel_init", self.kernel_init, KERNEL_INITS)
+        for name in ("batch_norm", "shuffle"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        for name in ("batch_size", "epochs", "eval_every", "eval_batch_size", "steps_per_epoch", "max_steps"):
+            value = getattr(self, name)
+            optional = name in ("steps_per_epoch", "max_steps")
+            if optional and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                allowed = "a positive integer" + (" or None" if optional else "")
+                raise ValueError(f"{name} must be {allowed}, got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        for name in ("learning_rate", "adam_eps", "bn_epsilon"):
+            _check_positive_float(name, getattr(self, name))
+        for name in ("adam_b1", "adam_b2", "bn_momentum"):
+            value = getattr(self, name)
+            if not _is_real(value) or not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_positive_float(name: str, value) -> None:
+    if not _is_real(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+
+
+def _check_choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(sorted(allowed))}")
+
+
+class TrainState(train_state.TrainState):
+    """Flax's TrainState (step, params, opt_state, apply_fn, tx) plus BN's
+    running statistics. `batch_stats` is None for the plain net."""
+
+    batch_stats: Any = None
+
+
+@dataclasses.dataclass
+class History:
+    """Curves of one run; index i of every list belongs to `steps[i]`."""
+
+    steps: list[int] = dataclasses.field(default_factory=list)
+    val_accuracy: list[float] = dataclasses.field(default_factory=list)  # whole test set
+    val_loss: list[float] = dataclasses.field(default_factory=list)
+    train_accuracy: list[float] = dataclasses.field(default_factory=list)  # mean since previous evaluation
+    train_loss: list[float] = dataclasses.field(default_factory=list)
+    wall_time_s: list[float] = dataclasses.field(default_factory=list)  # since the first step, compile included
+    total_wall_time_s: float = 0.0
+    eval_time_s: float = 0.0
+    diverged: bool = False
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def make_model(config: TrainConfig) -> ConvNet:
+    return ConvNet(
+        batch_norm=config.batch_norm,
+        activation=config.activation,
+        kernel_init=config.kernel_init,
+        bn_momentum=config.bn_momentum,
+        bn_epsilon=config.bn_epsilon,
+    )
+
+
+def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    if config.optimizer == "adam":
+        return optax.adam(config.learning_rate, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps)
+    return optax.sgd(config.learning_rate)
+
+
+def create_train_state(config: TrainConfig, rng: jax.Array) -> TrainState:
+    model = make_model(config)
+    variables = model.init(rng, jnp.zeros((1, 28, 28, 1), jnp.float32), train=False)
+    return TrainState.create(
+        apply_fn=model.apply,
+        params=variables["params"],
+        tx=make_optimizer(config),
+        batch_stats=variables.get("batch_stats"),
+    )
+
+
+def to_float_images(images_uint8):
+    """(N, 28, 28, 1) uint8 -> float32 in [0, 1], as the article's x / 255."""
+    return images_uint8.astype(jnp.float32) / 255.0
+
+
+def cross_entropy_loss(logits, labels):
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+@jax.jit
+def train_step(state: TrainState, images, labels):
+    """One optimizer step on a batch of float images. Returns (new_state, metrics)."""
+
+    def loss_fn(params):
+        if state.batch_stats is None:
+            logits = state.apply_fn({"params": params}, images, train=True)
+            new_batch_stats = None
+        else:
+            # Train mode: normalize with this batch's statistics, and get the
+            # updated running averages back as a value.
+            logits, updates = state.apply_fn(
+                {"params": params, "batch_stats": state.batch_stats},
+                images,
+                train=True,
+                mutable=["batch_stats"],
+            )
+            new_batch_stats = updates["batch_stats"]
+        return cross_entropy_loss(logits, labels), (logits, new_batch_stats)
+
+    (loss, (logits, new_batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    new_state = state.apply_gradients(grads=grads, batch_stats=new_batch_stats)
+    metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
+    return new_state, metrics
+
+
+@jax.jit
+def eval_step(state: TrainState, images, labels):
+    """Summed loss and number correct on a batch, in eval mode (nothing mutable)."""
+    variables = {"params": state.params}
+    if state.batch_stats is not None:
+        variables["batch_stats"] = state.batch_stats
+    logits = state.apply_fn(variables, images, train=False)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    return {"loss_sum": losses.sum(), "correct": jnp.sum(jnp.argmax(logits, -1) == labels)}
+
+
+@functools.partial(jax.jit, static_argnames="batch_size", donate_argnames=("state", "metric_sums"))
+def _train_step_on_device_data(state, metric_sums, train_images, train_labels, epoch_order, first, batch_size):
+    """Gather batch `epoch_order[first:first + batch_size]` from the device-resident
+    training set, take one step, and add its metrics to the running sums."""
+    batch_indices = jax.lax.dynamic_slice(epoch_order, (first,), (batch_size,))
+    state, metrics = train_step(state, to_float_images(train_images[batch_indices]), train_labels[batch_indices])
+    return state, jax.tree_util.tree_map(jnp.add, metric_sums, metrics)
+
+
+def evaluate(state: TrainState, images_uint8, labels, batch_size: int = 1000) -> dict[str, float]:
+    """Mean loss and accuracy over a whole (device-resident) set, in eval mode."""
+    loss_sum, correct = 0.0, 0
+    for first in range(0, len(labels), batch_size):
+        batch = slice(first, first + batch_size)
+        totals = eval_step(state, to_float_images(images_uint8[batch]), labels[batch])
+        loss_sum, correct = loss_sum + totals["loss_sum"], correct + totals["correct"]
+    return {"loss": float(loss_sum) / len(labels), "accuracy": float(correct) / len(labels)}
+
+
+def epoch_order(config: TrainConfig, epoch: int, num_examples: int) -> np.ndarray:
+    """Indices of the training set in the order one epoch visits them."""
+    if not config.shuffle:
+        return np.arange(num_examples, dtype=np.int32)
+    rng = np.random.default_rng([config.seed, epoch])
+    return rng.permutation(num_examples).astype(np.int32)
+
+
+def resolve_steps(config: TrainConfig, num_examples: int) -> tuple[int, int]:
+    """(steps_per_epoch, total_steps) for a training set of `num_examples`."""
+    one_pass = num_examples // config.batch_size
+    if one_pass < 1:
+        raise ValueError(f"batch_size {config.batch_size} is larger than the training set ({num_examples} examples)")
+    steps_per_epoch = config.steps_per_epoch or one_pass
+    if steps_per_epoch > one_pass:
+        raise ValueError(
+            f"steps_per_epoch {steps_per_epoch} needs {steps_per_epoch * config.batch_size} examples per epoch; "
+            f"the training set has {num_examples} (at most {one_pass} steps of {config.batch_size})"
+        )
+    total_steps = steps_per_epoch * config.epochs
+    if config.max_steps is not None:
+        total_steps = min(total_steps, config.max_steps)
+    return steps_per_epoch, total_steps
+
+
+EvalCallback = Callable[[int, int, dict], None]
+
+
+def train(config: TrainConfig, data, on_eval: EvalCallback | None = None) -> tuple[History, TrainState]:
+    """Train one model on `data` (a `bnjax.data.Dataset`) and evaluate it on the
+    test set every `config.eval_every` steps and at the end.
+
+    `on_eval(step, total_steps, record)` is called after each evaluation (for
+    progress output). Returns (history, final_state). A run whose training loss
+    becomes NaN or infinite stops there and is marked `diverged`.
+    """
+    steps_per_epoch, total_steps = resolve_steps(config, len(data.x_train))
+    state = create_train_state(config, jax.random.key(config.seed))
+
+    # The whole data set goes to the device once, as uint8 (47 MB for MNIST);
+    # batches are gathered and converted to float there.
+    train_images, train_labels = jax.device_put(data.x_train), jax.device_put(data.y_train)
+    test_images, test_labels = jax.device_put(data.x_test), jax.device_put(data.y_test)
+
+    history = History()
+    zero_sums = lambda: {"loss": jnp.zeros(()), "accuracy": jnp.zeros(())}
+    metric_sums, steps_in_sums = zero_sums(), 0
+    start_time = time.perf_counter()
+    step = 0
+    while step < total_steps and not history.diverged:
+        epoch, step_in_epoch = divmod(step, steps_per_epoch)
+        if step_in_epoch == 0 or step == 0:
+            order = jax.device_put(epoch_order(config, epoch, len(data.x_train)))
+        state, metric_sums = _train_step_on_device_data(
+            state, metric_sums, train_images, train_labels, order,
+            step_in_epoch * config.batch_size, batch_size=config.batch_size,
+        )
+        step += 1
+        steps_in_sums += 1
+        if step % config.eval_every and step != total_steps:
+            continue
+
+        eval_start = time.perf_counter()
+        train_loss = float(metric_sums["loss"]) / steps_in_sums
+        train_accuracy = float(metric_sums["accuracy"]) / steps_in_sums
+        val = evaluate(state, test_images, test_labels, config.eval_batch_size)
+        history.eval_time_s += time.perf_counter() - eval_start
+        history.steps.append(step)
+        history.train_loss.append(train_loss)
+        history.train_accuracy.append(train_accuracy)
+        history.val_loss.append(val["loss"])
+        history.val_accuracy.append(val["accuracy"])
+        history.wall_time_s.append(time.perf_counter() - start_time)
+        history.diverged = not math.isfinite(train_loss)
+        metric_sums, steps_in_sums = zero_sums(), 0
+        if on_eval is not None:
+            on_eval(step, total_steps, {key: values[-1] for key, values in history.to_dict().items() if isinstance(values, list)})
+    history.total_wall_time_s = time.perf_counter() - start_time
+    return history, state

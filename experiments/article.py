@@ -1,0 +1,109 @@
+"""The article's sweep: plain vs. BN CNN on MNIST, per (learning rate, activation).
+
+    python -m experiments.article                  # article grid, 3 seeds, 3 epochs
+    python -m experiments.article --grid notebook  # lr {0.001, 0.01, 0.05} x {relu, sigmoid}
+    python -m experiments.article --seeds 1 --max-steps 200 --out /tmp/smoke  # smoke run
+
+Writes `<out>/results.json` after every run (atomically), then the figures and
+`summary.md` (see experiments/plot_article.py, which redraws them from the JSON
+alone). Runs already in results.json are skipped, so an interrupted sweep
+resumes where it stopped. Full article grid on 2 CPU cores: about 25 minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+from bnjax.data import SOURCES, load_mnist
+from bnjax.train import TrainConfig, resolve_steps, train
+from experiments import plot_article
+from experiments.results import load_results, run_key, save_results
+
+# (learning_rate, activation) pairs.
+GRIDS = {
+    "article": [(0.001, "sigmoid"), (0.01, "sigmoid"), (0.01, "relu")],
+    "notebook": [(lr, activation) for lr in (0.001, 0.01, 0.05) for activation in ("relu", "sigmoid")],
+}
+
+
+def sweep_configs(grid: str, seeds: int, epochs: int, max_steps: int | None) -> list[TrainConfig]:
+    return [
+        TrainConfig(batch_norm=batch_norm, activation=activation, learning_rate=learning_rate,
+                    epochs=epochs, max_steps=max_steps, seed=seed)
+        for learning_rate, activation in GRIDS[grid]
+        for batch_norm in (False, True)
+        for seed in range(seeds)
+    ]
+
+
+def describe(config: TrainConfig) -> str:
+    return f"{'BN   ' if config.batch_norm else 'plain'} {config.activation:7s} lr={config.learning_rate:g} seed={config.seed}"
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--grid", choices=sorted(GRIDS), default="article")
+    parser.add_argument("--seeds", type=positive_int, default=3, help="seeds 0..N-1 per configuration (default 3)")
+    parser.add_argument("--epochs", type=positive_int, default=3)
+    parser.add_argument("--max-steps", type=positive_int, default=None, help="cap on steps per run (smoke runs)")
+    parser.add_argument("--out", type=Path, default=Path("outputs/article"))
+    parser.add_argument("--source", choices=SOURCES, default="auto", help="MNIST source (see bnjax/data.py)")
+    parser.add_argument("--data-dir", default=None, help="IDX directory or TFDS data_dir")
+    parser.add_argument("--cache-dir", default=None, help="MNIST cache directory (default $BNJAX_CACHE_DIR or ~/.cache/bnjax)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    configs = sweep_configs(args.grid, args.seeds, args.epochs, args.max_steps)
+    results_path = args.out / "results.json"
+    results = load_results(results_path)
+    done = {run_key(run["config"]) for run in results["runs"]}
+    todo = [config for config in configs if run_key(dataclasses.asdict(config)) not in done]
+    print(f"{len(configs)} runs in the {args.grid} grid; {len(configs) - len(todo)} already in {results_path}; "
+          f"{len(todo)} to train", flush=True)
+
+    if todo:
+        data = load_mnist(args.source, args.data_dir, args.cache_dir)
+        total_steps = sum(resolve_steps(config, len(data.x_train))[1] for config in todo)
+        steps_done, sweep_start = 0, time.perf_counter()
+        for index, config in enumerate(todo, 1):
+            label = f"[{index}/{len(todo)}] {describe(config)}"
+
+            def show_progress(step, run_steps, record):
+                elapsed = time.perf_counter() - sweep_start
+                rate = (steps_done + step) / elapsed
+                eta_s = (total_steps - steps_done - step) / rate
+                print(f"{label} step {step}/{run_steps} val_acc {record['val_accuracy']:.4f} "
+                      f"train_loss {record['train_loss']:.4f} | sweep ETA {eta_s / 60:.1f} min", flush=True)
+
+            history, _ = train(config, data, on_eval=show_progress)
+            steps_done += resolve_steps(config, len(data.x_train))[1]
+            if history.diverged:
+                print(f"{label} diverged (non-finite loss) at step {history.steps[-1]}; recorded, going on", flush=True)
+            results["runs"].append({"config": dataclasses.asdict(config), **history.to_dict()})
+            save_results(results_path, results)
+        print(f"sweep done: {len(todo)} runs in {(time.perf_counter() - sweep_start) / 60:.1f} min", flush=True)
+
+    plot_article.plot_all(results_path)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit("interrupted; finished runs are saved and will be skipped next time")

@@ -1,0 +1,158 @@
+"""Figures and summary table of the article sweep, from results.json alone.
+
+    python -m experiments.plot_article [outputs/article/results.json]
+
+Never trains. Writes one PNG per (learning rate, activation) and summary.md
+next to results.json.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bnjax.atomic import atomic_write  # noqa: E402
+from experiments.results import load_results  # noqa: E402
+
+# Final validation accuracies logged in the article's notebook
+# (Keras_Batch_Normalization.ipynb, one run each): (lr, activation) -> (plain, BN).
+ARTICLE_NOTEBOOK_FINAL = {
+    (0.001, "relu"): (0.9893, 0.9899),
+    (0.01, "relu"): (0.9749, 0.9900),
+    (0.05, "relu"): (0.1028, 0.9725),
+    (0.001, "sigmoid"): (0.9755, 0.9364),
+    (0.01, "sigmoid"): (0.1135, 0.9513),
+    (0.05, "sigmoid"): (0.0956, 0.8367),
+}
+MNIST_TRAIN_SIZE = 60000
+
+
+def group_runs(runs: list[dict]) -> dict[tuple, dict[bool, list[dict]]]:
+    """{(lr, activation, epochs, max_steps, other settings...): {batch_norm: [runs over seeds]}}."""
+    groups: dict[tuple, dict[bool, list[dict]]] = defaultdict(lambda: {False: [], True: []})
+    for run in runs:
+        config = run["config"]
+        setting = tuple(sorted((k, v) for k, v in config.items() if k not in ("batch_norm", "seed")))
+        groups[setting][config["batch_norm"]].append(run)
+    return groups
+
+
+def steps_per_epoch(config: dict) -> int:
+    return config["steps_per_epoch"] or MNIST_TRAIN_SIZE // config["batch_size"]
+
+
+def stacked(runs: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, values (n_runs, n_steps)); a run that stopped early (diverged) is padded with NaN."""
+    longest = max(runs, key=lambda run: len(run["steps"]))
+    values = np.full((len(runs), len(longest["steps"])), np.nan)
+    for i, run in enumerate(runs):
+        values[i, : len(run[key])] = run[key]
+    return np.asarray(longest["steps"]), values
+
+
+def figure_name(setting: dict) -> str:
+    name = f"{setting['activation']}_lr{setting['learning_rate']:g}"
+    if setting["epochs"] != 3 or setting["max_steps"] is not None:
+        name += f"_epochs{setting['epochs']}" + (f"_max{setting['max_steps']}" if setting["max_steps"] else "")
+    return name + ".png"
+
+
+def plot_group(setting: dict, runs_by_bn: dict[bool, list[dict]], path: Path) -> None:
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for batch_norm, color in ((False, "tab:blue"), (True, "tab:red")):
+        runs = runs_by_bn[batch_norm]
+        if not runs:
+            continue
+        label = "BN" if batch_norm else "plain"
+        steps, val = stacked(runs, "val_accuracy")
+        _, train_acc = stacked(runs, "train_accuracy")
+        epochs = steps / steps_per_epoch(runs[0]["config"])
+        with np.errstate(all="ignore"):
+            val_mean = np.nanmean(val, axis=0)
+        diverged = sum(run["diverged"] for run in runs)
+        suffix = f", {diverged} diverged" if diverged else ""
+        axes.plot(epochs, val_mean, color=color, label=f"{label} validation (mean of {len(runs)} seeds{suffix})")
+        if len(runs) > 1:
+            axes.fill_between(epochs, np.nanmin(val, axis=0), np.nanmax(val, axis=0), color=color, alpha=0.2,
+                              linewidth=0, label=f"{label} validation min-max over seeds")
+        axes.plot(epochs, np.nanmean(train_acc, axis=0), color=color, linestyle="--", linewidth=1,
+                  label=f"{label} training (mean since previous point)")
+    axes.set_xlabel("epoch")
+    axes.set_ylabel("accuracy")
+    axes.set_ylim(0, 1.0)
+    axes.grid(alpha=0.3)
+    axes.set_title(f"MNIST CNN, Adam lr={setting['learning_rate']:g}, {setting['activation']}, batch {setting['batch_size']}")
+    axes.legend(loc="lower right", fontsize=8)
+    figure.tight_layout()
+    with atomic_write(path, "wb") as file:
+        figure.savefig(file, format="png", dpi=110)
+    plt.close(figure)
+
+
+def final_accuracies(runs: list[dict]) -> np.ndarray:
+    return np.array([run["val_accuracy"][-1] for run in runs])
+
+
+def last_epoch_swing(runs: list[dict]) -> float:
+    """Mean over seeds of (max - min) validation accuracy among the evaluations
+    of the last epoch: how much the test accuracy moves while training goes on."""
+    swings = []
+    for run in runs:
+        last_epoch_start = run["steps"][-1] - steps_per_epoch(run["config"])
+        in_last_epoch = [acc for step, acc in zip(run["steps"], run["val_accuracy"]) if step > last_epoch_start]
+        swings.append(max(in_last_epoch) - min(in_last_epoch))
+    return float(np.mean(swings))
+
+
+def summary_cell(runs: list[dict]) -> str:
+    if not runs:
+        return "—"
+    finals = final_accuracies(runs)
+    diverged = sum(run["diverged"] for run in runs)
+    cell = f"{finals.mean():.4f} ± {finals.std():.4f} (n={len(runs)})"
+    return cell + (f", {diverged} diverged" if diverged else "")
+
+
+def summary_markdown(groups) -> str:
+    lines = [
+        "Final validation (test-set) accuracy, mean ± std over seeds; swing = mean over seeds of max − min "
+        "validation accuracy among the last epoch's evaluations.",
+        "",
+        "| lr | activation | epochs | plain | BN | article notebook plain / BN | plain swing | BN swing |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for key in sorted(groups, key=lambda k: (dict(k)["activation"], dict(k)["learning_rate"], dict(k)["epochs"])):
+        setting, runs_by_bn = dict(key), groups[key]
+        article = ARTICLE_NOTEBOOK_FINAL.get((setting["learning_rate"], setting["activation"]))
+        full_length = setting["epochs"] == 3 and setting["max_steps"] is None
+        article_cell = f"{article[0]:.4f} / {article[1]:.4f}" if article and full_length else "—"
+        epochs = f"{setting['epochs']}" + (f" (max {setting['max_steps']} steps)" if setting["max_steps"] else "")
+        swings = [f"{last_epoch_swing(runs):.4f}" if runs else "—" for runs in (runs_by_bn[False], runs_by_bn[True])]
+        lines.append(f"| {setting['learning_rate']:g} | {setting['activation']} | {epochs} | "
+                     f"{summary_cell(runs_by_bn[False])} | {summary_cell(runs_by_bn[True])} | {article_cell} | "
+                     f"{swings[0]} | {swings[1]} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_all(results_path: Path) -> None:
+    results = load_results(results_path)
+    if not results["runs"]:
+        raise SystemExit(f"error: {results_path} holds no runs to plot")
+    groups = group_runs(results["runs"])
+    out_dir = results_path.parent
+    for key, runs_by_bn in groups.items():
+        plot_group(dict(key), runs_by_bn, out_dir / figure_name(dict(key)))
+    with atomic_write(out_dir / "summary.md", "w") as file:
+        file.write(summary_markdown(groups))
+    print(f"wrote {len(groups)} figures and summary.md to {out_dir}", flush=True)
+
+
+if __name__ == "__main__":
+    plot_all(Path(sys.argv[1]) if len(sys.argv) > 1 else Path("outputs/article/results.json"))

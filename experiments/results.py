@@ -1,0 +1,54 @@
+"""Saving and reading sweep results: one JSON file with a top-level `runs` list."""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+
+import flax
+import jax
+import numpy as np
+import optax
+
+from bnjax.atomic import write_json
+
+
+def environment() -> dict:
+    """Library versions and the device that produced a result."""
+    device = jax.devices()[0]
+    return {
+        "jax": jax.__version__,
+        "flax": flax.__version__,
+        "optax": optax.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "platform": device.platform,
+        "device": device.device_kind,
+        "device_count": jax.device_count(),
+        "machine": platform.machine(),
+    }
+
+
+def run_key(config: dict) -> str:
+    """A run is identified by its whole config (seed included)."""
+    return json.dumps(config, sort_keys=True)
+
+
+def load_results(path: Path) -> dict:
+    """The saved results, or an empty file's worth if none exist yet."""
+    if not path.exists():
+        return {"environment": environment(), "runs": []}
+    try:
+        with open(path) as file:
+            results = json.load(file)
+    except (OSError, json.JSONDecodeError) as error:
+        raise SystemExit(f"error: cannot read {path} ({error}); move it away to start a fresh sweep")
+    if not isinstance(results, dict) or not isinstance(results.get("runs"), list):
+        raise SystemExit(f"error: {path} has no top-level 'runs' list; move it away to start a fresh sweep")
+    return results
+
+
+def save_results(path: Path, results: dict) -> None:
+    results["environment"] = environment()
+    write_json(path, results)
