@@ -259,7 +259,7 @@ def train(config: TrainConfig, data, on_eval: EvalCallback | None = None) -> tup
     step = 0
     while step < total_steps and not history.diverged:
         epoch, step_in_epoch = divmod(step, steps_per_epoch)
-        if step_in_epoch == 0 or step == 0:
+        if step_in_epoch == 0:
             order = jax.device_put(epoch_order(config, epoch, len(data.x_train)))
         state, metric_sums = _train_step_on_device_data(
             state, metric_sums, train_images, train_labels, order,
@@ -270,20 +270,26 @@ def train(config: TrainConfig, data, on_eval: EvalCallback | None = None) -> tup
         if step % config.eval_every and step != total_steps:
             continue
 
-        eval_start = time.perf_counter()
-        train_loss = float(metric_sums["loss"]) / steps_in_sums
+        # Reading the sums waits for the queued train steps, so it comes before
+        # the evaluation clock starts.
         train_accuracy = float(metric_sums["accuracy"]) / steps_in_sums
+        train_loss = float(metric_sums["loss"]) / steps_in_sums
+        eval_start = time.perf_counter()
         val = evaluate(state, test_images, test_labels, config.eval_batch_size)
         history.eval_time_s += time.perf_counter() - eval_start
-        history.steps.append(step)
-        history.train_loss.append(train_loss)
-        history.train_accuracy.append(train_accuracy)
-        history.val_loss.append(val["loss"])
-        history.val_accuracy.append(val["accuracy"])
-        history.wall_time_s.append(time.perf_counter() - start_time)
-        history.diverged = not math.isfinite(train_loss)
+        record = {
+            "steps": step,
+            "val_accuracy": val["accuracy"],
+            "val_loss": val["loss"],
+            "train_accuracy": train_accuracy,
+            "train_loss": train_loss,
+            "wall_time_s": time.perf_counter() - start_time,
+        }
+        for key, value in record.items():
+            getattr(history, key).append(value)
+        history.diverged = not math.isfinite(record["train_loss"])
         metric_sums, steps_in_sums = zero_sums(), 0
         if on_eval is not None:
-            on_eval(step, total_steps, {key: values[-1] for key, values in history.to_dict().items() if isinstance(values, list)})
+            on_eval(step, total_steps, record)
     history.total_wall_time_s = time.perf_counter() - start_time
     return history, state

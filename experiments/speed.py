@@ -12,6 +12,7 @@ printed. Numbers on a busy machine are meaningless: run it alone.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 
 import jax
@@ -28,8 +29,8 @@ def training_seconds(config: TrainConfig, data) -> float:
 
 
 def steps_per_second(config: TrainConfig, data, steps: int) -> float:
-    short = training_seconds(TrainConfig(**{**config.__dict__, "max_steps": WARMUP_STEPS}), data)
-    long = training_seconds(TrainConfig(**{**config.__dict__, "max_steps": WARMUP_STEPS + steps}), data)
+    short = training_seconds(dataclasses.replace(config, max_steps=WARMUP_STEPS), data)
+    long = training_seconds(dataclasses.replace(config, max_steps=WARMUP_STEPS + steps), data)
     return steps / (long - short)
 
 
