@@ -65,18 +65,28 @@ def batch_norm_train(
     momentum: float = DEFAULT_MOMENTUM,
     epsilon: float = DEFAULT_EPSILON,
     axis_name: str | None = None,
+    unbiased_running_var: bool = False,
 ):
     """Train mode: normalize with this batch's statistics, update the running ones.
 
     Returns (y, new_running_mean, new_running_var), where
         new_running = momentum * running + (1 - momentum) * batch_statistic.
+    The batch is always normalized with its biased variance; the running
+    variance tracks the biased one too (Keras, Flax), or with
+    `unbiased_running_var` the N / (N - 1)-corrected one (PyTorch).
     Gradients flow through the batch mean and variance (that is what makes BN
     more than a fixed rescaling); the running averages are not differentiated.
     """
     mean, var = batch_statistics(x, axis_name)
     y = normalize(x, mean, var, scale, bias, epsilon)
+    var_for_running = var
+    if unbiased_running_var:
+        count = x.size // x.shape[-1]  # values per feature in this (local) batch
+        if axis_name is not None:
+            count = count * jax.lax.psum(1, axis_name)
+        var_for_running = var * (count / max(count - 1, 1))
     new_running_mean = momentum * running_mean + (1.0 - momentum) * jax.lax.stop_gradient(mean)
-    new_running_var = momentum * running_var + (1.0 - momentum) * jax.lax.stop_gradient(var)
+    new_running_var = momentum * running_var + (1.0 - momentum) * jax.lax.stop_gradient(var_for_running)
     return y, new_running_mean, new_running_var
 
 
@@ -96,6 +106,7 @@ class BatchNorm(nn.Module):
     momentum: float = DEFAULT_MOMENTUM
     epsilon: float = DEFAULT_EPSILON
     axis_name: str | None = None
+    unbiased_running_var: bool = False  # True: PyTorch's running-variance convention
 
     @nn.compact
     def __call__(self, x, *, train: bool):
@@ -118,6 +129,7 @@ class BatchNorm(nn.Module):
             self.epsilon,
             # `init` runs outside any device mapping, so there is no axis to average over.
             axis_name=None if self.is_initializing() else self.axis_name,
+            unbiased_running_var=self.unbiased_running_var,
         )
         # THE line where running statistics change. `init` only creates them
         # (as flax.linen.BatchNorm does), so a freshly initialized model starts

@@ -71,6 +71,7 @@ class ConvNet(nn.Module):
     bn_momentum: float = DEFAULT_MOMENTUM
     bn_epsilon: float = DEFAULT_EPSILON
     bn_axis_name: str | None = None
+    bn_unbiased_running_var: bool = False  # True only to mirror PyTorch (bnjax/convert.py)
 
     @nn.compact
     def __call__(self, x, *, train: bool):
@@ -81,7 +82,12 @@ class ConvNet(nn.Module):
             # Plain: layer(+bias) -> activation. BN: layer(no bias) -> BN -> activation.
             x = layer(x)
             if self.batch_norm:
-                x = BatchNorm(self.bn_momentum, self.bn_epsilon, self.bn_axis_name)(x, train=train)
+                x = BatchNorm(
+                    momentum=self.bn_momentum,
+                    epsilon=self.bn_epsilon,
+                    axis_name=self.bn_axis_name,
+                    unbiased_running_var=self.bn_unbiased_running_var,
+                )(x, train=train)
             return activation(x) if hidden else x
 
         use_bias = not self.batch_norm

@@ -112,3 +112,14 @@ def test_axis_name_gives_global_batch_statistics():
         np.testing.assert_allclose(var[shard], full_var, atol=1e-5)
     local_mean, _ = batch_statistics(x[0])
     assert not np.allclose(local_mean, full_mean)  # without the axis name each shard differs
+
+
+def test_unbiased_running_var_is_pytorchs_convention():
+    x = np.random.default_rng(1).normal(size=(10, 4)).astype(np.float32)
+    ones, zeros = np.ones(4, np.float32), np.zeros(4, np.float32)
+    _, _, biased = batch_norm_train(x, ones, zeros, zeros, ones, momentum=0.0)
+    y, _, unbiased = batch_norm_train(x, ones, zeros, zeros, ones, momentum=0.0, unbiased_running_var=True)
+    np.testing.assert_allclose(biased, x.var(0), rtol=1e-5)
+    np.testing.assert_allclose(unbiased, x.var(0, ddof=1), rtol=1e-5)
+    # The batch itself is still normalized with the biased variance.
+    np.testing.assert_allclose(y, (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-3), atol=1e-5)
