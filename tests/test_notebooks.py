@@ -1,0 +1,19 @@
+"""The BN state tour runs top to bottom (its cells assert the numbers they show)."""
+
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_bn_state_tour_executes(mnist):  # `mnist` makes sure the data is cached before the kernel starts
+    notebook = nbformat.read(ROOT / "notebooks" / "bn_state_tour.ipynb", as_version=4)
+    NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+    outputs = "".join(output.get("text", "") for cell in notebook.cells if cell.cell_type == "code"
+                      for output in cell.get("outputs", []))
+    assert "running statistics still at their initial values: True" in outputs
+    assert "ModifyScopeVariableError" in outputs
