@@ -236,6 +236,19 @@ def resolve_steps(config: TrainConfig, num_examples: int) -> tuple[int, int]:
 EvalCallback = Callable[[int, int, dict], None]
 
 
+def check_dataset(data) -> None:
+    """Raise a ValueError naming the problem unless `data` holds (N, H, W, C)
+    uint8 images and (N,) integer labels in 0..9 for both splits."""
+    for split in ("train", "test"):
+        images, labels = getattr(data, f"x_{split}"), getattr(data, f"y_{split}")
+        if images.ndim != 4 or images.dtype != np.uint8:
+            raise ValueError(f"x_{split} must be (N, height, width, channels) uint8, got {images.shape} {images.dtype}")
+        if labels.shape != images.shape[:1] or not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"y_{split} must be ({images.shape[0]},) integers, got {labels.shape} {labels.dtype}")
+        if labels.size and (labels.min() < 0 or labels.max() > 9):
+            raise ValueError(f"y_{split} must hold class indices 0..9, got values {labels.min()}..{labels.max()}")
+
+
 def train(config: TrainConfig, data, on_eval: EvalCallback | None = None) -> tuple[History, TrainState]:
     """Train one model on `data` (a `bnjax.data.Dataset`) and evaluate it on the
     test set every `config.eval_every` steps and at the end.
@@ -244,6 +257,7 @@ def train(config: TrainConfig, data, on_eval: EvalCallback | None = None) -> tup
     progress output). Returns (history, final_state). A run whose training loss
     becomes NaN or infinite stops there and is marked `diverged`.
     """
+    check_dataset(data)
     steps_per_epoch, total_steps = resolve_steps(config, len(data.x_train))
     state = create_train_state(config, jax.random.key(config.seed))
 

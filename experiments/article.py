@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from bnjax.data import SOURCES, load_mnist
+from bnjax.data import SOURCES, DataError, load_mnist
 from bnjax.train import TrainConfig, resolve_steps, train
 from experiments import plot_article
 from experiments.results import load_results, run_key, save_results
@@ -107,3 +107,5 @@ if __name__ == "__main__":
         main()
     except KeyboardInterrupt:
         sys.exit("interrupted; finished runs are saved and will be skipped next time")
+    except DataError as error:
+        sys.exit(f"error: {error}")

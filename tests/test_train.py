@@ -110,3 +110,18 @@ def test_divergence_is_recorded_and_stops_the_run(tiny_data):
     history, _ = train(config, tiny_data)
     assert history.diverged
     assert history.steps[-1] < 50 and not np.isfinite(history.train_loss[-1])
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda d: d._replace(x_train=d.x_train[..., 0]), r"x_train must be \(N, height, width, channels\) uint8, got \(256, 28, 28\)"),
+        (lambda d: d._replace(x_test=d.x_test.astype(np.float32)), "x_test must be .* uint8, got .* float32"),
+        (lambda d: d._replace(y_train=d.y_train[:-1]), r"y_train must be \(256,\) integers, got \(255,\)"),
+        (lambda d: d._replace(y_test=d.y_test + 10), "y_test must hold class indices 0..9"),
+    ],
+    ids=["no-channel-axis", "float-images", "label-count", "label-range"],
+)
+def test_bad_data_is_rejected_before_training(tiny_data, change, message):
+    with pytest.raises(ValueError, match=message):
+        train(TrainConfig(max_steps=1), change(tiny_data))
