@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 from pathlib import Path
@@ -12,6 +13,7 @@ import numpy as np
 import optax
 
 from bnjax.atomic import write_json
+from bnjax.train import TrainConfig
 
 
 def environment() -> dict:
@@ -31,8 +33,14 @@ def environment() -> dict:
 
 
 def run_key(config: dict) -> str:
-    """A run is identified by its whole config (seed included)."""
-    return json.dumps(config, sort_keys=True)
+    """A run is identified by its whole config (seed included). Saved configs
+    are completed with today's defaults first, so results saved before a new
+    TrainConfig field existed still match a run that leaves it at its default."""
+    known = {field.name for field in dataclasses.fields(TrainConfig)}
+    unknown = set(config) - known
+    if unknown:  # saved by a newer bnjax: never the same run as one of ours
+        return json.dumps(config, sort_keys=True)
+    return json.dumps(dataclasses.asdict(TrainConfig(**config)), sort_keys=True)
 
 
 def load_results(path: Path) -> dict:

@@ -48,3 +48,15 @@ def test_bad_cli_values_get_one_line_errors(capsys):
     with pytest.raises(SystemExit):
         article.parse_args(["--seeds", "0"])
     assert "expected a positive integer, got '0'" in capsys.readouterr().err
+
+
+def test_saved_configs_missing_a_newer_field_still_match():
+    import dataclasses
+
+    from bnjax.train import TrainConfig
+    from experiments.results import run_key
+
+    config = dataclasses.asdict(TrainConfig(seed=2))
+    older = {key: value for key, value in config.items() if key != "eval_batch_size"}  # as if saved before it existed
+    assert run_key(older) == run_key(config)
+    assert run_key({**config, "seed": 3}) != run_key(config)
