@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax.training import train_state
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from bnjax.models import ACTIVATIONS, KERNEL_INITS, ConvNet
 
@@ -51,17 +52,24 @@ class TrainConfig:
     eval_every: int = 100  # steps between evaluations on the whole test set
     eval_batch_size: int = 1000
     max_steps: int | None = None  # cap on total steps (smoke runs)
+    # Data parallelism: the batch is split over this many devices (None: all).
+    num_devices: int | None = None
+    # False: BN statistics of the global batch (synchronized across devices).
+    # True: "ghost BN", each device normalizes with the statistics of its own
+    # slice of the batch: a different algorithm, not an approximation.
+    ghost_bn: bool = False
 
     def __post_init__(self):
         _check_choice("activation", self.activation, ACTIVATIONS)
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("kernel_init", self.kernel_init, KERNEL_INITS)
-        for name in ("batch_norm", "shuffle"):
+        for name in ("batch_norm", "shuffle", "ghost_bn"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        for name in ("batch_size", "epochs", "eval_every", "eval_batch_size", "steps_per_epoch", "max_steps"):
+        for name in ("batch_size", "epochs", "eval_every", "eval_batch_size", "steps_per_epoch", "max_steps",
+                     "num_devices"):
             value = getattr(self, name)
-            optional = name in ("steps_per_epoch", "max_steps")
+            optional = name in ("steps_per_epoch", "max_steps", "num_devices")
             if optional and value is None:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -116,14 +124,34 @@ class History:
         return dataclasses.asdict(self)
 
 
-def make_model(config: TrainConfig) -> ConvNet:
+DATA_AXIS = "data"  # the mesh axis the batch is split along
+
+
+def make_model(config: TrainConfig, num_devices: int = 1) -> ConvNet:
+    """The config's net. Over several devices with synchronized BN, every BN
+    averages its statistics over DATA_AXIS: the statistics of the global batch."""
     return ConvNet(
         batch_norm=config.batch_norm,
         activation=config.activation,
         kernel_init=config.kernel_init,
         bn_momentum=config.bn_momentum,
         bn_epsilon=config.bn_epsilon,
+        bn_axis_name=DATA_AXIS if num_devices > 1 and not config.ghost_bn else None,
     )
+
+
+def make_mesh(config: TrainConfig) -> jax.sharding.Mesh:
+    """A 1-D mesh over the devices the config asks for; checks the batch divides over them."""
+    available = jax.devices()
+    num_devices = config.num_devices or len(available)
+    if num_devices > len(available):
+        raise ValueError(f"num_devices {num_devices} asked for, but only {len(available)} devices are visible: "
+                         f"{', '.join(str(device) for device in available[:4])}{' ...' if len(available) > 4 else ''}")
+    for name in ("batch_size", "eval_batch_size"):
+        if getattr(config, name) % num_devices:
+            raise ValueError(f"{name} {getattr(config, name)} does not divide evenly over {num_devices} devices; "
+                             f"use a multiple of {num_devices}")
+    return jax.sharding.Mesh(np.array(available[:num_devices]), (DATA_AXIS,))
 
 
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
@@ -132,8 +160,10 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
     return optax.sgd(config.learning_rate)
 
 
-def create_train_state(config: TrainConfig, rng: jax.Array) -> TrainState:
-    model = make_model(config)
+def create_train_state(config: TrainConfig, rng: jax.Array, num_devices: int = 1) -> TrainState:
+    """Fresh parameters, BN statistics and optimizer state. The result is the
+    same for any `num_devices`; only how BN will average its statistics differs."""
+    model = make_model(config, num_devices)
     variables = model.init(rng, jnp.zeros((1, 28, 28, 1), jnp.float32), train=False)
     return TrainState.create(
         apply_fn=model.apply,
@@ -152,9 +182,15 @@ def cross_entropy_loss(logits, labels):
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
-@jax.jit
-def train_step(state: TrainState, images, labels):
-    """One optimizer step on a batch of float images. Returns (new_state, metrics)."""
+def train_step_body(state: TrainState, images, labels, axis_name: str | None = None, ghost_bn: bool = False):
+    """One optimizer step on a batch of float images. Returns (new_state, metrics).
+
+    Inside `shard_map` over `axis_name`, `images` is this device's slice of the
+    global batch: gradients and metrics are averaged over devices, which (with
+    equal slices) gives those of the global batch. BN statistics were already
+    synchronized inside `BatchNorm`, except under ghost BN, where each device's
+    running statistics are averaged here so that all devices keep one state.
+    """
 
     def loss_fn(params):
         if state.batch_stats is None:
@@ -173,9 +209,28 @@ def train_step(state: TrainState, images, labels):
         return cross_entropy_loss(logits, labels), (logits, new_batch_stats)
 
     (loss, (logits, new_batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    new_state = state.apply_gradients(grads=grads, batch_stats=new_batch_stats)
     metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
+    if axis_name is not None:
+        grads, metrics = jax.lax.pmean((grads, metrics), axis_name)
+        if ghost_bn and new_batch_stats is not None:
+            new_batch_stats = jax.lax.pmean(new_batch_stats, axis_name)
+    new_state = state.apply_gradients(grads=grads, batch_stats=new_batch_stats)
     return new_state, metrics
+
+
+def data_parallel_step(mesh: jax.sharding.Mesh, ghost_bn: bool = False):
+    """`train_step_body` mapped over `mesh`: state replicated, batch split along
+    its first axis, one program per device, collectives over DATA_AXIS."""
+    return jax.shard_map(
+        functools.partial(train_step_body, axis_name=DATA_AXIS, ghost_bn=ghost_bn),
+        mesh=mesh,
+        in_specs=(P(), P(DATA_AXIS), P(DATA_AXIS)),
+        out_specs=(P(), P()),
+    )
+
+
+# One device, no collectives: the step the tour and the tests call directly.
+train_step = jax.jit(train_step_body, static_argnames=("axis_name", "ghost_bn"))
 
 
 @jax.jit
@@ -189,21 +244,33 @@ def eval_step(state: TrainState, images, labels):
     return {"loss_sum": losses.sum(), "correct": jnp.sum(jnp.argmax(logits, -1) == labels)}
 
 
-@functools.partial(jax.jit, static_argnames="batch_size", donate_argnames=("state", "metric_sums"))
-def _train_step_on_device_data(state, metric_sums, train_images, train_labels, epoch_order, first, batch_size):
+@functools.partial(jax.jit, static_argnames=("batch_size", "mesh", "ghost_bn"), donate_argnames=("state", "metric_sums"))
+def _train_step_on_device_data(state, metric_sums, train_images, train_labels, epoch_order, first,
+                               batch_size, mesh, ghost_bn):
     """Gather batch `epoch_order[first:first + batch_size]` from the device-resident
-    training set, take one step, and add its metrics to the running sums."""
+    training set, take one data-parallel step over `mesh`, and add its metrics
+    to the running sums. One code path for 1 device or many."""
     batch_indices = jax.lax.dynamic_slice(epoch_order, (first,), (batch_size,))
-    state, metrics = train_step(state, to_float_images(train_images[batch_indices]), train_labels[batch_indices])
+    images, labels = to_float_images(train_images[batch_indices]), train_labels[batch_indices]
+    if mesh.size == 1:  # the same step without collectives
+        state, metrics = train_step_body(state, images, labels)
+    else:
+        state, metrics = data_parallel_step(mesh, ghost_bn)(state, images, labels)
     return state, jax.tree_util.tree_map(jnp.add, metric_sums, metrics)
 
 
-def evaluate(state: TrainState, images_uint8, labels, batch_size: int = 1000) -> dict[str, float]:
-    """Mean loss and accuracy over a whole (device-resident) set, in eval mode."""
+def evaluate(state: TrainState, images_uint8, labels, batch_size: int = 1000, mesh=None) -> dict[str, float]:
+    """Mean loss and accuracy over a whole (device-resident) set, in eval mode.
+    With a `mesh`, each batch is split over its devices (eval is per example,
+    so no statistics need to cross devices)."""
     loss_sum, correct = 0.0, 0
+    split = NamedSharding(mesh, P(DATA_AXIS)) if mesh is not None and mesh.size > 1 else None
     for first in range(0, len(labels), batch_size):
         batch = slice(first, first + batch_size)
-        totals = eval_step(state, to_float_images(images_uint8[batch]), labels[batch])
+        images, batch_labels = to_float_images(images_uint8[batch]), labels[batch]
+        if split is not None and len(batch_labels) % mesh.size == 0:
+            images, batch_labels = jax.device_put((images, batch_labels), split)
+        totals = eval_step(state, images, batch_labels)
         loss_sum, correct = loss_sum + totals["loss_sum"], correct + totals["correct"]
     return {"loss": float(loss_sum) / len(labels), "accuracy": float(correct) / len(labels)}
 
@@ -259,12 +326,13 @@ def train(config: TrainConfig, data, on_eval: EvalCallback | None = None) -> tup
     """
     check_dataset(data)
     steps_per_epoch, total_steps = resolve_steps(config, len(data.x_train))
-    state = create_train_state(config, jax.random.key(config.seed))
+    mesh = make_mesh(config)
+    replicated = NamedSharding(mesh, P())
+    state = jax.device_put(create_train_state(config, jax.random.key(config.seed), mesh.size), replicated)
 
-    # The whole data set goes to the device once, as uint8 (47 MB for MNIST);
-    # batches are gathered and converted to float there.
-    train_images, train_labels = jax.device_put(data.x_train), jax.device_put(data.y_train)
-    test_images, test_labels = jax.device_put(data.x_test), jax.device_put(data.y_test)
+    # The whole data set goes to every device once, as uint8 (47 MB for MNIST);
+    # batches are gathered and converted to float there, then split over devices.
+    train_images, train_labels, test_images, test_labels = jax.device_put(tuple(data), replicated)
 
     history = History()
     zero_sums = lambda: {"loss": jnp.zeros(()), "accuracy": jnp.zeros(())}
@@ -274,10 +342,10 @@ def train(config: TrainConfig, data, on_eval: EvalCallback | None = None) -> tup
     while step < total_steps and not history.diverged:
         epoch, step_in_epoch = divmod(step, steps_per_epoch)
         if step_in_epoch == 0:
-            order = jax.device_put(epoch_order(config, epoch, len(data.x_train)))
+            order = jax.device_put(epoch_order(config, epoch, len(data.x_train)), replicated)
         state, metric_sums = _train_step_on_device_data(
             state, metric_sums, train_images, train_labels, order,
-            step_in_epoch * config.batch_size, batch_size=config.batch_size,
+            step_in_epoch * config.batch_size, batch_size=config.batch_size, mesh=mesh, ghost_bn=config.ghost_bn,
         )
         step += 1
         steps_in_sums += 1
@@ -289,7 +357,7 @@ def train(config: TrainConfig, data, on_eval: EvalCallback | None = None) -> tup
         train_accuracy = float(metric_sums["accuracy"]) / steps_in_sums
         train_loss = float(metric_sums["loss"]) / steps_in_sums
         eval_start = time.perf_counter()
-        val = evaluate(state, test_images, test_labels, config.eval_batch_size)
+        val = evaluate(state, test_images, test_labels, config.eval_batch_size, mesh)
         history.eval_time_s += time.perf_counter() - eval_start
         record = {
             "steps": step,

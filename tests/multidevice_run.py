@@ -1,0 +1,39 @@
+"""Run by tests/test_parallel.py in a subprocess with 8 simulated CPU devices
+(XLA_FLAGS=--xla_force_host_platform_device_count=8 must be set before JAX
+starts, hence the separate process). Prints one JSON object of Histories."""
+
+import dataclasses
+import json
+import sys
+
+import jax
+
+from bnjax.train import TrainConfig, train
+from conftest import make_dataset
+
+
+def main():
+    assert jax.device_count() == 8, f"expected 8 simulated devices, got {jax.device_count()}"
+    data = make_dataset(num_train=512, num_test=128)
+    base = TrainConfig(batch_norm=True, activation="relu", batch_size=32, epochs=2, eval_every=4, eval_batch_size=64)
+    runs = {
+        "sync_1": dataclasses.replace(base, num_devices=1),
+        "sync_2": dataclasses.replace(base, num_devices=2),
+        "sync_8": dataclasses.replace(base, num_devices=8),
+        "ghost_8": dataclasses.replace(base, num_devices=8, ghost_bn=True),
+        "plain_8": dataclasses.replace(base, batch_norm=False, num_devices=8),
+        "plain_1": dataclasses.replace(base, batch_norm=False, num_devices=1),
+    }
+    histories = {}
+    for name, config in runs.items():
+        history, state = train(config, data)
+        histories[name] = {**history.to_dict(), "final_step": int(state.step)}
+    try:
+        train(dataclasses.replace(base, batch_size=36, num_devices=8), data)
+    except ValueError as error:
+        histories["indivisible_error"] = str(error)
+    json.dump(histories, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
