@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 import time
 from typing import Any, Callable
 
@@ -22,6 +23,7 @@ import optax
 from flax.training import train_state
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from bnjax.checkpoint import restore_checkpoint, save_checkpoint
 from bnjax.models import ACTIVATIONS, KERNEL_INITS, ConvNet
 
 OPTIMIZERS = ("adam", "sgd")
@@ -316,13 +318,23 @@ def check_dataset(data) -> None:
             raise ValueError(f"y_{split} must hold class indices 0..9, got values {labels.min()}..{labels.max()}")
 
 
-def train(config: TrainConfig, data, on_eval: EvalCallback | None = None) -> tuple[History, TrainState]:
+def train(
+    config: TrainConfig,
+    data,
+    on_eval: EvalCallback | None = None,
+    checkpoint_path: str | None = None,
+) -> tuple[History, TrainState]:
     """Train one model on `data` (a `bnjax.data.Dataset`) and evaluate it on the
     test set every `config.eval_every` steps and at the end.
 
     `on_eval(step, total_steps, record)` is called after each evaluation (for
     progress output). Returns (history, final_state). A run whose training loss
     becomes NaN or infinite stops there and is marked `diverged`.
+
+    With `checkpoint_path`, the whole run (state, history, config) is saved
+    there after every evaluation, and a run started with an existing checkpoint
+    resumes from it: an interrupted run reaches the same History as an
+    uninterrupted one.
     """
     check_dataset(data)
     steps_per_epoch, total_steps = resolve_steps(config, len(data.x_train))
@@ -335,14 +347,19 @@ def train(config: TrainConfig, data, on_eval: EvalCallback | None = None) -> tup
     train_images, train_labels, test_images, test_labels = jax.device_put(tuple(data), replicated)
 
     history = History()
+    if checkpoint_path is not None and os.path.exists(checkpoint_path):
+        state, saved_history = restore_checkpoint(checkpoint_path, state, config)
+        state = jax.device_put(state, replicated)
+        history = History(**saved_history)
     zero_sums = lambda: {"loss": jnp.zeros(()), "accuracy": jnp.zeros(())}
     metric_sums, steps_in_sums = zero_sums(), 0
-    start_time = time.perf_counter()
-    step = 0
+    start_time = time.perf_counter() - history.total_wall_time_s
+    step, order_epoch = int(state.step), None
     while step < total_steps and not history.diverged:
         epoch, step_in_epoch = divmod(step, steps_per_epoch)
-        if step_in_epoch == 0:
+        if epoch != order_epoch:
             order = jax.device_put(epoch_order(config, epoch, len(data.x_train)), replicated)
+            order_epoch = epoch
         state, metric_sums = _train_step_on_device_data(
             state, metric_sums, train_images, train_labels, order,
             step_in_epoch * config.batch_size, batch_size=config.batch_size, mesh=mesh, ghost_bn=config.ghost_bn,
@@ -370,7 +387,10 @@ def train(config: TrainConfig, data, on_eval: EvalCallback | None = None) -> tup
         for key, value in record.items():
             getattr(history, key).append(value)
         history.diverged = not math.isfinite(record["train_loss"])
+        history.total_wall_time_s = time.perf_counter() - start_time
         metric_sums, steps_in_sums = zero_sums(), 0
+        if checkpoint_path is not None:
+            save_checkpoint(checkpoint_path, state, history, config)
         if on_eval is not None:
             on_eval(step, total_steps, record)
     history.total_wall_time_s = time.perf_counter() - start_time
