@@ -1,0 +1,49 @@
+"""Two processes joined by jax.distributed on this machine (CPU collectives
+over gloo) train the same model as one process on one device."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bnjax.train import TrainConfig, train
+from conftest import make_dataset
+
+TESTS = Path(__file__).resolve().parent
+TOLERANCE = 1e-4  # as for simulated devices: float32 sums in another order
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one_device(tmp_path):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")])}
+    env.pop("XLA_FLAGS", None)
+    coordinator = f"127.0.0.1:{free_port()}"
+    checkpoint = str(tmp_path / "ckpt_{process}.msgpack")
+    processes = [subprocess.Popen([sys.executable, str(TESTS / "multihost_run.py"), coordinator, str(i), checkpoint],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for i in (0, 1)]
+    outputs = []
+    for process in processes:
+        stdout, stderr = process.communicate(timeout=600)
+        assert process.returncode == 0, stderr[-3000:]
+        outputs.append(json.loads(stdout.strip().splitlines()[-1]))
+
+    config = TrainConfig(batch_norm=True, activation="relu", batch_size=32, epochs=1, eval_every=4,
+                         eval_batch_size=64, num_devices=1)
+    single, _ = train(config, make_dataset(num_train=512, num_test=128))
+    for output in outputs:
+        assert output["steps"] == single.steps == [4, 8, 12, 16]
+        for curve in ("train_loss", "val_loss", "val_accuracy", "train_accuracy"):
+            np.testing.assert_allclose(output[curve], getattr(single, curve), atol=TOLERANCE)
+    assert (tmp_path / "ckpt_0.msgpack").exists() and not (tmp_path / "ckpt_1.msgpack").exists()
