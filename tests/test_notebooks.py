@@ -17,3 +17,15 @@ def test_bn_state_tour_executes(mnist):  # `mnist` makes sure the data is cached
                       for output in cell.get("outputs", []))
     assert "running statistics still at their initial values: True" in outputs
     assert "ModifyScopeVariableError" in outputs
+
+
+@pytest.mark.slow
+def test_colab_notebook_executes_at_smoke_size(mnist, tmp_path, monkeypatch):
+    monkeypatch.setenv("BNJAX_SMOKE_STEPS", "20")
+    monkeypatch.setenv("BNJAX_OUT", str(tmp_path))
+    notebook = nbformat.read(ROOT / "notebooks" / "colab_tpu.ipynb", as_version=4)
+    NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+    assert len(list(tmp_path.glob("*.png"))) == 3
+    assert "| 0.01 | relu |" in (tmp_path / "summary.md").read_text()
+    shown = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.get("outputs", [])]
+    assert sum("image/png" in output.get("data", {}) for output in shown) == 3  # the curves, inline
