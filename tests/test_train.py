@@ -27,6 +27,8 @@ BAD_VALUES = [
     ("seed", -1, "seed must be a non-negative integer, got -1"),
     ("batch_norm", "yes", "batch_norm must be True or False, got 'yes'"),
     ("shuffle", 1, "shuffle must be True or False, got 1"),
+    ("num_devices", 0, "num_devices must be a positive integer or None, got 0"),
+    ("ghost_bn", "yes", "ghost_bn must be True or False, got 'yes'"),
 ]
 
 
@@ -125,3 +127,11 @@ def test_divergence_is_recorded_and_stops_the_run(tiny_data):
 def test_bad_data_is_rejected_before_training(tiny_data, change, message):
     with pytest.raises(ValueError, match=message):
         train(TrainConfig(max_steps=1), change(tiny_data))
+
+
+def test_more_devices_than_visible_is_an_error(tiny_data):
+    import jax
+
+    visible = jax.device_count()
+    with pytest.raises(ValueError, match=f"num_devices {visible + 63} asked for, but only {visible} devices are visible"):
+        train(TrainConfig(num_devices=visible + 63, max_steps=1), tiny_data)
