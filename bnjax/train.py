@@ -345,6 +345,13 @@ def train(
     # The whole data set goes to every device once, as uint8 (47 MB for MNIST);
     # batches are gathered and converted to float there, then split over devices.
     train_images, train_labels, test_images, test_labels = jax.device_put(tuple(data), replicated)
+    # XLA:CPU runs several CPU devices' programs on one shared thread pool; with
+    # hundreds of multi-device steps queued by asynchronous dispatch, some
+    # devices can wait in one step's all-reduce while the others cannot get
+    # threads, and XLA aborts after 40 s (seen with 8 simulated devices on 2
+    # cores at 300 queued steps, never when each step is awaited). So on CPU
+    # meshes each step is awaited; GPUs and TPUs keep dispatching ahead.
+    await_each_step = mesh.size > 1 and mesh.devices.flat[0].platform == "cpu"
 
     history = History()
     if checkpoint_path is not None and os.path.exists(checkpoint_path):
@@ -364,6 +371,8 @@ def train(
             state, metric_sums, train_images, train_labels, order,
             step_in_epoch * config.batch_size, batch_size=config.batch_size, mesh=mesh, ghost_bn=config.ghost_bn,
         )
+        if await_each_step:
+            jax.block_until_ready(state)
         step += 1
         steps_in_sums += 1
         if step % config.eval_every and step != total_steps:

@@ -25,14 +25,6 @@ from pathlib import Path  # noqa: E402
 import jax  # noqa: E402
 import matplotlib  # noqa: E402
 
-# XLA:CPU runs simulated devices' programs on a shared thread pool. With
-# asynchronous dispatch, ~100 queued steps (one evaluation interval) can leave
-# some devices waiting in one step's all-reduce while the others' threads are
-# busy elsewhere: seen here as a rendezvous timeout and abort after 40 s.
-# Dispatching one step at a time avoids it. It must be set before JAX creates
-# its CPU backend, and it does nothing on GPU/TPU.
-jax.config.update("jax_cpu_enable_async_dispatch", False)
-
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402

@@ -8,12 +8,8 @@ import sys
 
 import jax
 
-# See experiments/ghost_bn.py: simulated CPU devices can deadlock in an
-# all-reduce under asynchronous dispatch.
-jax.config.update("jax_cpu_enable_async_dispatch", False)
-
-from bnjax.train import TrainConfig, train  # noqa: E402
-from conftest import make_dataset  # noqa: E402
+from bnjax.train import TrainConfig, train
+from conftest import make_dataset
 
 
 def main():
