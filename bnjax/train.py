@@ -251,7 +251,7 @@ def _train_step_on_device_data(state, metric_sums, train_images, train_labels, e
                                batch_size, mesh, ghost_bn):
     """Gather batch `epoch_order[first:first + batch_size]` from the device-resident
     training set, take one data-parallel step over `mesh`, and add its metrics
-    to the running sums. One code path for 1 device or many."""
+    to the running sums. The same step body for 1 device or many."""
     batch_indices = jax.lax.dynamic_slice(epoch_order, (first,), (batch_size,))
     images, labels = to_float_images(train_images[batch_indices]), train_labels[batch_indices]
     if mesh.size == 1:  # the same step without collectives
