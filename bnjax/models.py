@@ -106,3 +106,32 @@ class ConvNet(nn.Module):
 
 def count_params(params) -> int:
     return sum(int(jnp.size(leaf)) for leaf in jax.tree_util.tree_leaves(params))
+
+
+class MLP(nn.Module):
+    """The BN paper's MNIST net (Ioffe & Szegedy 2015, section 4.1): 3 fully
+    connected hidden layers of 100 units and a 10-way output. With BN, each
+    hidden layer is Dense (no bias) -> BatchNorm -> activation, as in the paper
+    (BN right before the nonlinearity). (N, 28, 28, 1) or (N, 784) in, (N, 10)
+    logits out. The output layer keeps its bias and has no BN."""
+
+    batch_norm: bool = False
+    activation: str = "sigmoid"
+    hidden_units: tuple[int, ...] = (100, 100, 100)
+    kernel_init: str = "glorot_uniform"
+    bn_momentum: float = DEFAULT_MOMENTUM
+    bn_epsilon: float = DEFAULT_EPSILON
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        activation = get_activation(self.activation)
+        kernel_init = get_kernel_init(self.kernel_init)
+        x = x.reshape(x.shape[0], -1)  # (N, 784)
+        for units in self.hidden_units:
+            x = nn.Dense(units, use_bias=not self.batch_norm, kernel_init=kernel_init)(x)
+            if self.batch_norm:
+                x = BatchNorm(momentum=self.bn_momentum, epsilon=self.bn_epsilon)(x, train=train)
+            # The input to this layer's nonlinearity, which the paper's figure 1(b, c) tracks.
+            self.sow("intermediates", "sigmoid_input", x)
+            x = activation(x)
+        return nn.Dense(10, kernel_init=kernel_init)(x)

@@ -89,3 +89,54 @@ def test_unknown_activation_lists_allowed():
 def test_max_pool_2x2_equals_flax_max_pool(height_width):
     x = jax.random.normal(jax.random.key(2), (2, *height_width, 3))
     np.testing.assert_array_equal(max_pool_2x2(x), nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID"))
+
+
+def test_mlp_is_the_papers_net():
+    from bnjax.models import MLP
+
+    plain = MLP().init(jax.random.key(0), IMAGES[:1], train=False)
+    assert set(plain) == {"params"}
+    assert count_params(plain["params"]) == 784 * 100 + 100 + 2 * (100 * 100 + 100) + 100 * 10 + 10
+    bn = MLP(batch_norm=True).init(jax.random.key(0), IMAGES[:1], train=False)
+    assert [set(bn["params"][f"Dense_{i}"]) for i in range(4)] == [{"kernel"}] * 3 + [{"kernel", "bias"}]
+    logits, state = MLP(batch_norm=True).apply(bn, IMAGES, train=True, mutable=["batch_stats", "intermediates"])
+    assert logits.shape == (16, 10)
+    sigmoid_inputs = state["intermediates"]["sigmoid_input"]
+    assert len(sigmoid_inputs) == 3 and sigmoid_inputs[2].shape == (16, 100)
+    # Under BN in train mode, each unit's input to the sigmoid has batch mean `bias` (0 at init).
+    np.testing.assert_allclose(sigmoid_inputs[2].mean(axis=0), 0.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("model", ["convnet", "mlp"])
+def test_a_bias_right_before_bn_gets_exactly_zero_gradient(model):
+    """BN subtracts the batch mean, so a constant added before it cancels: the
+    gradient of the loss w.r.t. that bias is exactly zero (up to float round-off)."""
+    from bnjax.batchnorm import BatchNorm
+
+    class DenseBiasBN(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = x.reshape(x.shape[0], -1)
+            x = nn.Dense(32, use_bias=True, bias_init=nn.initializers.normal(1.0))(x)
+            x = nn.sigmoid(BatchNorm()(x, train=True))
+            return nn.Dense(10)(x)
+
+    class ConvBiasBN(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.Conv(8, (3, 3), use_bias=True, bias_init=nn.initializers.normal(1.0))(x)
+            x = nn.relu(BatchNorm()(x, train=True))
+            return nn.Dense(10)(x.reshape(x.shape[0], -1))
+
+    net = DenseBiasBN() if model == "mlp" else ConvBiasBN()
+    variables = net.init(jax.random.key(0), IMAGES)
+    labels = jnp.arange(16) % 10
+
+    def loss(params):
+        logits, _ = net.apply({**variables, "params": params}, IMAGES, mutable=["batch_stats"])
+        return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(16), labels])
+
+    grads = jax.grad(loss)(variables["params"])
+    first_layer = "Dense_0" if model == "mlp" else "Conv_0"
+    assert float(jnp.abs(grads[first_layer]["kernel"]).max()) > 1e-4  # the layer does learn
+    assert float(jnp.abs(grads[first_layer]["bias"]).max()) < 1e-6  # its bias does not
