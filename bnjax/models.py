@@ -121,6 +121,7 @@ class MLP(nn.Module):
     kernel_init: str = "glorot_uniform"
     bn_momentum: float = DEFAULT_MOMENTUM
     bn_epsilon: float = DEFAULT_EPSILON
+    bn_axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x, *, train: bool):
@@ -130,7 +131,8 @@ class MLP(nn.Module):
         for units in self.hidden_units:
             x = nn.Dense(units, use_bias=not self.batch_norm, kernel_init=kernel_init)(x)
             if self.batch_norm:
-                x = BatchNorm(momentum=self.bn_momentum, epsilon=self.bn_epsilon)(x, train=train)
+                x = BatchNorm(momentum=self.bn_momentum, epsilon=self.bn_epsilon,
+                              axis_name=self.bn_axis_name)(x, train=train)
             # The input to this layer's nonlinearity, which the paper's figure 1(b, c) tracks.
             self.sow("intermediates", "sigmoid_input", x)
             x = activation(x)

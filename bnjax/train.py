@@ -24,9 +24,10 @@ from flax.training import train_state
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from bnjax.checkpoint import restore_checkpoint, save_checkpoint
-from bnjax.models import ACTIVATIONS, KERNEL_INITS, ConvNet
+from bnjax.models import ACTIVATIONS, KERNEL_INITS, MLP, ConvNet
 
 OPTIMIZERS = ("adam", "sgd")
+MODELS = ("convnet", "mlp")  # the article's CNN; the BN paper's 3 x 100 MLP
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +37,7 @@ class TrainConfig:
 
     batch_norm: bool = False
     activation: str = "relu"
+    model: str = "convnet"
     learning_rate: float = 0.001
     optimizer: str = "adam"
     # Keras 2.0.8 Adam defaults. Keras adds epsilon to sqrt(v) *before* bias
@@ -63,6 +65,7 @@ class TrainConfig:
 
     def __post_init__(self):
         _check_choice("activation", self.activation, ACTIVATIONS)
+        _check_choice("model", self.model, MODELS)
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("kernel_init", self.kernel_init, KERNEL_INITS)
         for name in ("batch_norm", "shuffle", "ghost_bn"):
@@ -121,6 +124,7 @@ class History:
     total_wall_time_s: float = 0.0
     eval_time_s: float = 0.0
     diverged: bool = False
+    probes: list[dict] = dataclasses.field(default_factory=list)  # `probe(state)` at each evaluation, if given
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -129,10 +133,10 @@ class History:
 DATA_AXIS = "data"  # the mesh axis the batch is split along
 
 
-def make_model(config: TrainConfig, num_devices: int = 1) -> ConvNet:
+def make_model(config: TrainConfig, num_devices: int = 1) -> ConvNet | MLP:
     """The config's net. Over several devices with synchronized BN, every BN
     averages its statistics over DATA_AXIS: the statistics of the global batch."""
-    return ConvNet(
+    return (MLP if config.model == "mlp" else ConvNet)(
         batch_norm=config.batch_norm,
         activation=config.activation,
         kernel_init=config.kernel_init,
@@ -323,6 +327,7 @@ def train(
     data,
     on_eval: EvalCallback | None = None,
     checkpoint_path: str | None = None,
+    probe: Callable[[TrainState], dict] | None = None,
 ) -> tuple[History, TrainState]:
     """Train one model on `data` (a `bnjax.data.Dataset`) and evaluate it on the
     test set every `config.eval_every` steps and at the end.
@@ -335,6 +340,9 @@ def train(
     there after every evaluation, and a run started with an existing checkpoint
     resumes from it: an interrupted run reaches the same History as an
     uninterrupted one.
+
+    `probe(state) -> dict of floats`, if given, is measured at every evaluation
+    and kept in `history.probes` (e.g. percentiles of a unit's input).
     """
     check_dataset(data)
     steps_per_epoch, total_steps = resolve_steps(config, len(data.x_train))
@@ -395,6 +403,8 @@ def train(
         }
         for key, value in record.items():
             getattr(history, key).append(value)
+        if probe is not None:
+            history.probes.append(probe(state))
         history.diverged = not math.isfinite(record["train_loss"])
         history.total_wall_time_s = time.perf_counter() - start_time
         metric_sums, steps_in_sums = zero_sums(), 0
