@@ -13,7 +13,6 @@ resumes where it stopped. Full article grid on 2 CPU cores: about 25 minutes.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 from bnjax.data import SOURCES, DataError, load_mnist
 from bnjax.train import TrainConfig, resolve_steps, train
 from experiments import plot_article
-from experiments.results import load_results, run_key, save_results
+from experiments.results import add_run, load_results, unfinished
 
 # (learning_rate, activation) pairs.
 GRIDS = {
@@ -72,8 +71,7 @@ def main(argv=None) -> None:
     configs = sweep_configs(args.grid, args.seeds, args.epochs, args.max_steps)
     results_path = args.out / "results.json"
     results = load_results(results_path)
-    done = {run_key(run["config"]) for run in results["runs"]}
-    todo = [config for config in configs if run_key(dataclasses.asdict(config)) not in done]
+    todo = unfinished(results, configs)
     print(f"{len(configs)} runs in the {args.grid} grid; {len(configs) - len(todo)} already in {results_path}; "
           f"{len(todo)} to train", flush=True)
 
@@ -95,8 +93,7 @@ def main(argv=None) -> None:
             steps_done += resolve_steps(config, len(data.x_train))[1]
             if history.diverged:
                 print(f"{label} diverged (non-finite loss) at step {history.steps[-1]}; recorded, going on", flush=True)
-            results["runs"].append({"config": dataclasses.asdict(config), **history.to_dict()})
-            save_results(results_path, results)
+            add_run(results_path, results, config, history)
         print(f"sweep done: {len(todo)} runs in {(time.perf_counter() - sweep_start) / 60:.1f} min", flush=True)
 
     plot_article.plot_all(results_path)

@@ -33,7 +33,7 @@ from bnjax.atomic import atomic_write  # noqa: E402
 from bnjax.data import load_mnist  # noqa: E402
 from bnjax.train import TrainConfig, train  # noqa: E402
 from experiments.article import positive_int  # noqa: E402
-from experiments.results import load_results, run_key, save_results  # noqa: E402
+from experiments.results import add_run, load_results, unfinished  # noqa: E402
 
 # (label, num_devices, ghost_bn)
 VARIANTS = [
@@ -92,20 +92,19 @@ def main(argv=None) -> None:
 
     results_path = args.out / "results.json"
     results = load_results(results_path)
-    done = {run_key(run["config"]) for run in results["runs"]}
-    data = None
-    for label, num_devices, ghost_bn in VARIANTS:
-        for seed in range(args.seeds):
-            config = TrainConfig(batch_norm=True, activation="relu", learning_rate=0.01, epochs=args.epochs,
-                                 max_steps=args.max_steps, seed=seed, num_devices=num_devices, ghost_bn=ghost_bn)
-            if run_key(dataclasses.asdict(config)) in done:
-                continue
-            data = data if data is not None else load_mnist()
-            history, _ = train(config, data)
-            print(f"{label}, seed {seed}: final test accuracy {history.val_accuracy[-1]:.4f} "
-                  f"({history.total_wall_time_s:.0f} s)", flush=True)
-            results["runs"].append({"config": dataclasses.asdict(config), **history.to_dict()})
-            save_results(results_path, results)
+    configs = [
+        TrainConfig(batch_norm=True, activation="relu", learning_rate=0.01, epochs=args.epochs,
+                    max_steps=args.max_steps, seed=seed, num_devices=num_devices, ghost_bn=ghost_bn)
+        for _, num_devices, ghost_bn in VARIANTS
+        for seed in range(args.seeds)
+    ]
+    todo = unfinished(results, configs)
+    data = load_mnist() if todo else None
+    for config in todo:
+        history, _ = train(config, data)
+        print(f"{variant_label(dataclasses.asdict(config))}, seed {config.seed}: final test accuracy "
+              f"{history.val_accuracy[-1]:.4f} ({history.total_wall_time_s:.0f} s)", flush=True)
+        add_run(results_path, results, config, history)
     plot(results_path)
     print(f"wrote {args.out}/ghost_bn.png and summary.md", flush=True)
 

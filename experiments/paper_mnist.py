@@ -18,7 +18,6 @@ rest of bnjax). On 2 CPU cores the full study takes about 3 minutes.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from bnjax.atomic import atomic_write  # noqa: E402
 from bnjax.data import load_mnist  # noqa: E402
 from bnjax.train import TrainConfig, to_float_images, train  # noqa: E402
 from experiments.article import positive_int  # noqa: E402
-from experiments.results import load_results, run_key, save_results  # noqa: E402
+from experiments.results import add_run, load_results, unfinished  # noqa: E402
 
 PERCENTILES = (15, 50, 85)
 UNIT = 0  # which sigmoid of the last hidden layer to follow
@@ -100,19 +99,18 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     results_path = args.out / "results.json"
     results = load_results(results_path)
-    done = {run_key(run["config"]) for run in results["runs"]}
-    data = load_mnist()
-    probe = sigmoid_input_percentiles(to_float_images(jnp.asarray(data.x_test)))
-    for seed in range(args.seeds):
-        for batch_norm in (False, True):
-            config = paper_config(batch_norm, args.steps, seed, args.eval_every)
-            if run_key(dataclasses.asdict(config)) in done:
-                continue
-            history, _ = train(config, data, probe=probe)
-            print(f"{'BN   ' if batch_norm else 'plain'} seed {seed}: test accuracy {history.val_accuracy[-1]:.4f} "
-                  f"after {history.steps[-1]} steps ({history.total_wall_time_s:.0f} s)", flush=True)
-            results["runs"].append({"config": dataclasses.asdict(config), **history.to_dict()})
-            save_results(results_path, results)
+    configs = [paper_config(batch_norm, args.steps, seed, args.eval_every)
+               for seed in range(args.seeds) for batch_norm in (False, True)]
+    todo = unfinished(results, configs)
+    data = load_mnist() if todo else None
+    if todo:
+        probe = sigmoid_input_percentiles(to_float_images(jnp.asarray(data.x_test)))
+    for config in todo:
+        history, _ = train(config, data, probe=probe)
+        print(f"{'BN   ' if config.batch_norm else 'plain'} seed {config.seed}: test accuracy "
+              f"{history.val_accuracy[-1]:.4f} after {history.steps[-1]} steps "
+              f"({history.total_wall_time_s:.0f} s)", flush=True)
+        add_run(results_path, results, config, history)
     plot(results_path)
     print(f"wrote {args.out}/paper_mnist.png", flush=True)
 

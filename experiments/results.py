@@ -60,3 +60,15 @@ def load_results(path: Path) -> dict:
 def save_results(path: Path, results: dict) -> None:
     results["environment"] = environment()
     write_json(path, results)
+
+
+def unfinished(results: dict, configs: list[TrainConfig]) -> list[TrainConfig]:
+    """The configs whose runs are not saved in `results` yet, in order."""
+    done = {run_key(run["config"]) for run in results["runs"]}
+    return [config for config in configs if run_key(dataclasses.asdict(config)) not in done]
+
+
+def add_run(path: Path, results: dict, config: TrainConfig, history) -> None:
+    """Append one finished run (its config and History) and save the file atomically."""
+    results["runs"].append({"config": dataclasses.asdict(config), **history.to_dict()})
+    save_results(path, results)

@@ -1,7 +1,6 @@
 """MNIST loading: parsers on files made here, verification, the cache, and the real data."""
 
 import gzip
-import io
 import os
 import pickle
 
