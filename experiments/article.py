@@ -3,6 +3,7 @@
     python -m experiments.article                  # article grid, 3 seeds, 3 epochs
     python -m experiments.article --grid notebook  # lr {0.001, 0.01, 0.05} x {relu, sigmoid}
     python -m experiments.article --seeds 1 --max-steps 200 --out /tmp/smoke  # smoke run
+    python -m experiments.article --grid notebook --dataset fashion_mnist  # -> outputs/article_fashion_mnist
 
 Writes `<out>/results.json` after every run (atomically), then the figures and
 `summary.md` (see experiments/plot_article.py, which redraws them from the JSON
@@ -17,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from bnjax.data import SOURCES, DataError, load_mnist
+from bnjax.data import DATASETS, SOURCES, DataError, load_dataset
 from bnjax.train import TrainConfig, resolve_steps, train
 from experiments import plot_article
 from experiments.results import add_run, load_results, unfinished
@@ -59,11 +60,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=positive_int, default=3, help="seeds 0..N-1 per configuration (default 3)")
     parser.add_argument("--epochs", type=positive_int, default=3)
     parser.add_argument("--max-steps", type=positive_int, default=None, help="cap on steps per run (smoke runs)")
-    parser.add_argument("--out", type=Path, default=Path("outputs/article"))
-    parser.add_argument("--source", choices=SOURCES, default="auto", help="MNIST source (see bnjax/data.py)")
+    parser.add_argument("--dataset", choices=sorted(DATASETS), default="mnist")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output directory (default outputs/article, or outputs/article_<dataset> for other data sets)")
+    parser.add_argument("--source", choices=SOURCES, default="auto", help="data source (see bnjax/data.py)")
     parser.add_argument("--data-dir", default=None, help="IDX directory or TFDS data_dir")
-    parser.add_argument("--cache-dir", default=None, help="MNIST cache directory (default $BNJAX_CACHE_DIR or ~/.cache/bnjax)")
-    return parser.parse_args(argv)
+    parser.add_argument("--cache-dir", default=None, help="data cache directory (default $BNJAX_CACHE_DIR or ~/.cache/bnjax)")
+    args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = Path("outputs/article" if args.dataset == "mnist" else f"outputs/article_{args.dataset}")
+    return args
 
 
 def main(argv=None) -> None:
@@ -71,12 +77,18 @@ def main(argv=None) -> None:
     configs = sweep_configs(args.grid, args.seeds, args.epochs, args.max_steps)
     results_path = args.out / "results.json"
     results = load_results(results_path)
+    saved_dataset = results.setdefault("dataset", args.dataset)
+    if saved_dataset != args.dataset:
+        sys.exit(f"error: {results_path} holds {saved_dataset} runs, not {args.dataset}; pass another --out")
     todo = unfinished(results, configs)
     print(f"{len(configs)} runs in the {args.grid} grid; {len(configs) - len(todo)} already in {results_path}; "
           f"{len(todo)} to train", flush=True)
 
     if todo:
-        data = load_mnist(args.source, args.data_dir, args.cache_dir)
+        try:
+            data = load_dataset(args.dataset, args.source, args.data_dir, args.cache_dir)
+        except ValueError as error:  # e.g. a source that does not have this data set
+            sys.exit(f"error: {error}")
         total_steps = sum(resolve_steps(config, len(data.x_train))[1] for config in todo)
         steps_done, sweep_start = 0, time.perf_counter()
         for index, config in enumerate(todo, 1):

@@ -19,6 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bnjax.atomic import atomic_write  # noqa: E402
+from bnjax.data import DATASETS  # noqa: E402
 from experiments.results import load_results  # noqa: E402
 
 # Final validation accuracies logged in the article's notebook
@@ -64,7 +65,7 @@ def figure_name(setting: dict) -> str:
     return name + ".png"
 
 
-def plot_group(setting: dict, runs_by_bn: dict[bool, list[dict]], path: Path) -> None:
+def plot_group(setting: dict, runs_by_bn: dict[bool, list[dict]], path: Path, dataset: str = "MNIST") -> None:
     figure, axes = plt.subplots(figsize=(7, 4.5))
     for batch_norm, color in ((False, "tab:blue"), (True, "tab:red")):
         runs = runs_by_bn[batch_norm]
@@ -88,7 +89,7 @@ def plot_group(setting: dict, runs_by_bn: dict[bool, list[dict]], path: Path) ->
     axes.set_ylabel("accuracy")
     axes.set_ylim(0, 1.0)
     axes.grid(alpha=0.3)
-    axes.set_title(f"MNIST CNN, Adam lr={setting['learning_rate']:g}, {setting['activation']}, batch {setting['batch_size']}")
+    axes.set_title(f"{dataset} CNN, Adam lr={setting['learning_rate']:g}, {setting['activation']}, batch {setting['batch_size']}")
     axes.legend(loc="lower right", fontsize=8)
     figure.tight_layout()
     with atomic_write(path, "wb") as file:
@@ -120,9 +121,10 @@ def summary_cell(runs: list[dict]) -> str:
     return cell + (f", {diverged} diverged" if diverged else "")
 
 
-def summary_markdown(groups) -> str:
+def summary_markdown(groups, dataset: str = "mnist") -> str:
+    notebook = ARTICLE_NOTEBOOK_FINAL if dataset == "mnist" else {}  # the article ran MNIST only
     lines = [
-        "Final validation (test-set) accuracy, mean ± std over seeds; swing = mean over seeds of max − min "
+        f"Data set: {DATASETS[dataset].title}. Final validation (test-set) accuracy, mean ± std over seeds; swing = mean over seeds of max − min "
         "validation accuracy among the last epoch's evaluations.",
         "",
         "| lr | activation | epochs | plain | BN | article notebook plain / BN | plain swing | BN swing |",
@@ -130,7 +132,7 @@ def summary_markdown(groups) -> str:
     ]
     for key in sorted(groups, key=lambda k: (dict(k)["activation"], dict(k)["learning_rate"], dict(k)["epochs"])):
         setting, runs_by_bn = dict(key), groups[key]
-        article = ARTICLE_NOTEBOOK_FINAL.get((setting["learning_rate"], setting["activation"]))
+        article = notebook.get((setting["learning_rate"], setting["activation"]))
         full_length = setting["epochs"] == 3 and setting["max_steps"] is None
         article_cell = f"{article[0]:.4f} / {article[1]:.4f}" if article and full_length else "—"
         epochs = f"{setting['epochs']}" + (f" (max {setting['max_steps']} steps)" if setting["max_steps"] else "")
@@ -147,10 +149,11 @@ def plot_all(results_path: Path) -> None:
         raise SystemExit(f"error: {results_path} holds no runs to plot")
     groups = group_runs(results["runs"])
     out_dir = results_path.parent
+    dataset = results.get("dataset", "mnist")  # files from before --dataset existed hold MNIST runs
     for key, runs_by_bn in groups.items():
-        plot_group(dict(key), runs_by_bn, out_dir / figure_name(dict(key)))
+        plot_group(dict(key), runs_by_bn, out_dir / figure_name(dict(key)), DATASETS[dataset].title)
     with atomic_write(out_dir / "summary.md", "w") as file:
-        file.write(summary_markdown(groups))
+        file.write(summary_markdown(groups, dataset))
     print(f"wrote {len(groups)} figures and summary.md to {out_dir}", flush=True)
 
 

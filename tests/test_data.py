@@ -12,6 +12,8 @@ from bnjax.data import (
     DataError,
     Dataset,
     load_cache,
+    load_dataset,
+    load_fashion_mnist,
     load_idx_dir,
     load_mnist,
     parse_idx,
@@ -180,6 +182,61 @@ def test_bad_source_arguments():
         load_mnist("kaggle")
     with pytest.raises(ValueError, match="source='idx' needs data_dir"):
         load_mnist("idx")
+    with pytest.raises(ValueError, match="unknown Fashion-MNIST source 'pypi'; allowed: auto, tfds, idx"):
+        load_fashion_mnist("pypi")
+    with pytest.raises(ValueError, match="unknown dataset 'cifar10'; allowed: mnist, fashion_mnist"):
+        load_dataset("cifar10")
+
+
+def fashion_like(seed: int = 0) -> Dataset:
+    """Full-size data with Fashion-MNIST's class counts (6000 / 1000 per class)
+    and mean training pixel (72.94); random pixels, not the real images."""
+    rng = np.random.default_rng(seed)
+    images = lambda n: np.where(rng.random((n, 28, 28, 1)) < 0.9404, 73, 72).astype(np.uint8)  # noqa: E731
+    return Dataset(
+        x_train=images(60000), y_train=np.repeat(np.arange(10, dtype=np.int32), 6000),
+        x_test=images(10000), y_test=np.repeat(np.arange(10, dtype=np.int32), 1000),
+    )
+
+
+def test_fashion_mnist_from_idx_files_verified_and_cached(tmp_path, mnist, monkeypatch):
+    fashion = fashion_like()
+    idx_dir, cache_dir = tmp_path / "idx", tmp_path / "cache"
+    idx_dir.mkdir()
+    write_idx_dir(idx_dir, fashion, compress=True)
+    loaded = load_fashion_mnist("idx", data_dir=idx_dir, cache_dir=cache_dir)
+    np.testing.assert_array_equal(loaded.x_test, fashion.x_test)
+    np.testing.assert_array_equal(load_cache(cache_dir / "fashion_mnist.npz", "fashion_mnist").y_train, fashion.y_train)
+    assert not (cache_dir / "mnist.npz").exists()  # each data set has its own cache file
+
+    # "auto" finds an OS package's directory by itself (Debian's, here moved to tmp_path).
+    system = data_module.DATASETS["fashion_mnist"]._replace(idx_system_dirs=(str(idx_dir),))
+    monkeypatch.setitem(data_module.DATASETS, "fashion_mnist", system)
+    monkeypatch.setattr(data_module, "tfds_unavailable_reason", lambda: "tensorflow is not installed")
+    again = load_dataset("fashion_mnist", "auto", cache_dir=tmp_path / "fresh-cache")
+    np.testing.assert_array_equal(again.x_train, fashion.x_train)
+
+    # MNIST is not Fashion-MNIST, nor the other way round: the class counts tell them apart.
+    with pytest.raises(DataError, match="y_train class counts .* differ from Fashion-MNIST's"):
+        verify_mnist(mnist, "fashion_mnist")
+    with pytest.raises(DataError, match="differ from MNIST's"):
+        verify_mnist(fashion)
+    mnist_dir = tmp_path / "mnist-idx"
+    mnist_dir.mkdir()
+    write_idx_dir(mnist_dir, mnist, compress=False)
+    with pytest.raises(DataError, match="could not load Fashion-MNIST. Tried: idx: y_train class counts"):
+        load_fashion_mnist("idx", data_dir=mnist_dir, cache_dir=cache_dir)
+
+
+FASHION_DEBIAN_DIR = data_module.DATASETS["fashion_mnist"].idx_system_dirs[0]
+
+
+@pytest.mark.skipif(not os.path.isdir(FASHION_DEBIAN_DIR),
+                    reason=f"{FASHION_DEBIAN_DIR} absent: apt-get install dataset-fashion-mnist")
+def test_real_fashion_mnist_from_debian(tmp_path):
+    data = load_fashion_mnist("idx", data_dir=FASHION_DEBIAN_DIR, cache_dir=tmp_path)
+    assert abs(data.x_train.mean() / 255.0 - 0.2860) < 1e-4  # the value Fashion-MNIST's authors publish
+    assert data.x_test[0].sum() != 0 and not np.array_equal(data.x_train[0], data.x_train[1])
 
 
 @pytest.mark.slow
