@@ -30,6 +30,10 @@ ACTIVATIONS: dict[str, Callable] = {
     "gelu": nn.gelu,
 }
 
+# Where BN sits in a hidden unit: "before" the activation (the article and the
+# BN paper: layer -> BN -> activation) or "after" it (layer -> activation -> BN).
+BN_POSITIONS = ("before", "after")
+
 # Keras initializes kernels with glorot_uniform; Flax's own default is lecun_normal.
 KERNEL_INITS: dict[str, Callable] = {
     "glorot_uniform": nn.initializers.glorot_uniform(),
@@ -72,25 +76,36 @@ class ConvNet(nn.Module):
     bn_epsilon: float = DEFAULT_EPSILON
     bn_axis_name: str | None = None
     bn_unbiased_running_var: bool = False  # True only to mirror PyTorch (bnjax/convert.py)
+    # Ablations of the article's keypoints (experiments/ablations.py); the
+    # defaults are the article's BN net.
+    bn_position: str = "before"  # BN_POSITIONS; the output layer has no activation, so BN stays last there
+    bn_use_bias: bool = False    # True: Conv/Dense keep their bias under BN too
 
     @nn.compact
     def __call__(self, x, *, train: bool):
         activation = get_activation(self.activation)
         kernel_init = get_kernel_init(self.kernel_init)
+        if self.bn_position not in BN_POSITIONS:
+            raise ValueError(f"unknown bn_position {self.bn_position!r}; allowed: {', '.join(BN_POSITIONS)}")
 
         def linear_unit(layer: nn.Module, x, hidden: bool):
             # Plain: layer(+bias) -> activation. BN: layer(no bias) -> BN -> activation.
             x = layer(x)
-            if self.batch_norm:
-                x = BatchNorm(
-                    momentum=self.bn_momentum,
-                    epsilon=self.bn_epsilon,
-                    axis_name=self.bn_axis_name,
-                    unbiased_running_var=self.bn_unbiased_running_var,
-                )(x, train=train)
-            return activation(x) if hidden else x
+            if not self.batch_norm:
+                return activation(x) if hidden else x
+            batch_norm = BatchNorm(
+                momentum=self.bn_momentum,
+                epsilon=self.bn_epsilon,
+                axis_name=self.bn_axis_name,
+                unbiased_running_var=self.bn_unbiased_running_var,
+            )
+            if not hidden:
+                return batch_norm(x, train=train)
+            if self.bn_position == "after":
+                return batch_norm(activation(x), train=train)
+            return activation(batch_norm(x, train=train))
 
-        use_bias = not self.batch_norm
+        use_bias = not self.batch_norm or self.bn_use_bias
         conv = lambda features: nn.Conv(features, (3, 3), padding="VALID", use_bias=use_bias, kernel_init=kernel_init)
         dense = lambda features: nn.Dense(features, use_bias=use_bias, kernel_init=kernel_init)
 

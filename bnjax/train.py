@@ -24,7 +24,7 @@ from flax.training import train_state
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from bnjax.checkpoint import restore_checkpoint, save_checkpoint
-from bnjax.models import ACTIVATIONS, KERNEL_INITS, MLP, ConvNet
+from bnjax.models import ACTIVATIONS, BN_POSITIONS, KERNEL_INITS, MLP, ConvNet
 
 OPTIMIZERS = ("adam", "sgd")
 MODELS = ("convnet", "mlp")  # the article's CNN; the BN paper's 3 x 100 MLP
@@ -62,13 +62,20 @@ class TrainConfig:
     # True: "ghost BN", each device normalizes with the statistics of its own
     # slice of the batch: a different algorithm, not an approximation.
     ghost_bn: bool = False
+    # Ablations (convnet only): BN "before" or "after" the activation, and
+    # whether Conv/Dense keep their bias under BN (the article drops it).
+    bn_position: str = "before"
+    bn_use_bias: bool = False
 
     def __post_init__(self):
         _check_choice("activation", self.activation, ACTIVATIONS)
         _check_choice("model", self.model, MODELS)
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("kernel_init", self.kernel_init, KERNEL_INITS)
-        for name in ("batch_norm", "shuffle", "ghost_bn"):
+        _check_choice("bn_position", self.bn_position, BN_POSITIONS)
+        if self.model != "convnet" and (self.bn_position != "before" or self.bn_use_bias):
+            raise ValueError(f"bn_position and bn_use_bias apply to model 'convnet' only, not {self.model!r}")
+        for name in ("batch_norm", "shuffle", "ghost_bn", "bn_use_bias"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         for name in ("batch_size", "epochs", "eval_every", "eval_batch_size", "steps_per_epoch", "max_steps",
@@ -136,7 +143,7 @@ DATA_AXIS = "data"  # the mesh axis the batch is split along
 def make_model(config: TrainConfig, num_devices: int = 1) -> ConvNet | MLP:
     """The config's net. Over several devices with synchronized BN, every BN
     averages its statistics over DATA_AXIS: the statistics of the global batch."""
-    return (MLP if config.model == "mlp" else ConvNet)(
+    common = dict(
         batch_norm=config.batch_norm,
         activation=config.activation,
         kernel_init=config.kernel_init,
@@ -144,6 +151,9 @@ def make_model(config: TrainConfig, num_devices: int = 1) -> ConvNet | MLP:
         bn_epsilon=config.bn_epsilon,
         bn_axis_name=DATA_AXIS if num_devices > 1 and not config.ghost_bn else None,
     )
+    if config.model == "mlp":
+        return MLP(**common)
+    return ConvNet(**common, bn_position=config.bn_position, bn_use_bias=config.bn_use_bias)
 
 
 def make_mesh(config: TrainConfig) -> jax.sharding.Mesh:

@@ -140,3 +140,28 @@ def test_a_bias_right_before_bn_gets_exactly_zero_gradient(model):
     first_layer = "Dense_0" if model == "mlp" else "Conv_0"
     assert float(jnp.abs(grads[first_layer]["kernel"]).max()) > 1e-4  # the layer does learn
     assert float(jnp.abs(grads[first_layer]["bias"]).max()) < 1e-6  # its bias does not
+
+
+@pytest.mark.parametrize("position", ["before", "after"])
+def test_bn_position_puts_bn_before_or_after_the_activation(position):
+    """What BatchNorm_0 normalizes: the first conv's output ("before") or its
+    relu ("after"). At init scale = 1 and bias = 0, so BN's output is the
+    standardized input, which the test recomputes from the conv's output."""
+    model = ConvNet(batch_norm=True, bn_position=position, bn_use_bias=True)
+    variables = init(model)
+    _, state = model.apply(variables, IMAGES, train=True, mutable=["batch_stats", "intermediates"],
+                           capture_intermediates=True)
+    conv_out = state["intermediates"]["Conv_0"]["__call__"][0]
+    bn_out = state["intermediates"]["BatchNorm_0"]["__call__"][0]
+    normalized_input = conv_out if position == "before" else nn.relu(conv_out)
+    mean, var = normalized_input.mean(axis=(0, 1, 2)), normalized_input.var(axis=(0, 1, 2))
+    np.testing.assert_allclose(bn_out, (normalized_input - mean) / jnp.sqrt(var + 1e-3), atol=1e-4)
+    # The output layer has no activation: BN is its last layer in both placements.
+    assert set(variables["params"]["Dense_1"]) == {"kernel", "bias"}
+    assert "BatchNorm_4" in variables["params"]
+
+
+def test_bn_use_bias_adds_exactly_the_biases():
+    without = count_params(init(ConvNet(batch_norm=True))["params"])
+    with_bias = count_params(init(ConvNet(batch_norm=True, bn_use_bias=True))["params"])
+    assert with_bias - without == 32 + 64 + 64 + 64 + 10

@@ -12,9 +12,9 @@ README = (ROOT / "README.md").read_text()
 EXPECTED = {
     "bnjax/batchnorm.py:138": "running_mean.value, running_var.value = new_mean, new_var",
     "bnjax/batchnorm.py:46": "jax.lax.pmean((mean, mean_of_squares), axis_name)",
-    "bnjax/train.py:220": "grads, metrics = jax.lax.pmean((grads, metrics), axis_name)",
-    "bnjax/train.py:208-214": 'mutable=["batch_stats"]',
-    "bnjax/train.py:243-250": "train=False",
+    "bnjax/train.py:230": "grads, metrics = jax.lax.pmean((grads, metrics), axis_name)",
+    "bnjax/train.py:218-224": 'mutable=["batch_stats"]',
+    "bnjax/train.py:253-260": "train=False",
 }
 
 

@@ -30,7 +30,14 @@ BAD_VALUES = [
     ("num_devices", 0, "num_devices must be a positive integer or None, got 0"),
     ("ghost_bn", "yes", "ghost_bn must be True or False, got 'yes'"),
     ("model", "resnet", "unknown model 'resnet'; allowed: convnet, mlp"),
+    ("bn_position", "middle", "unknown bn_position 'middle'; allowed: after, before"),
+    ("bn_use_bias", "no", "bn_use_bias must be True or False, got 'no'"),
 ]
+
+
+def test_ablation_fields_are_for_the_convnet_only():
+    with pytest.raises(ValueError, match="bn_position and bn_use_bias apply to model 'convnet' only, not 'mlp'"):
+        TrainConfig(model="mlp", bn_position="after")
 
 
 @pytest.mark.parametrize("field, value, message", BAD_VALUES, ids=[f"{f}={v!r}" for f, v, _ in BAD_VALUES])
