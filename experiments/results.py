@@ -68,7 +68,8 @@ def unfinished(results: dict, configs: list[TrainConfig]) -> list[TrainConfig]:
     return [config for config in configs if run_key(dataclasses.asdict(config)) not in done]
 
 
-def add_run(path: Path, results: dict, config: TrainConfig, history) -> None:
-    """Append one finished run (its config and History) and save the file atomically."""
-    results["runs"].append({"config": dataclasses.asdict(config), **history.to_dict()})
+def add_run(path: Path, results: dict, config: TrainConfig, history, extra: dict | None = None) -> None:
+    """Append one finished run (its config, History and any `extra` measurements
+    of the final state) and save the file atomically."""
+    results["runs"].append({"config": dataclasses.asdict(config), **history.to_dict(), **(extra or {})})
     save_results(path, results)

@@ -1,0 +1,270 @@
+"""Train mode vs. test mode: why BN's test accuracy swings, and what fixes it.
+
+    python -m experiments.eval_modes [--seeds 2] [--epochs 1] [--out outputs/eval_modes]
+
+Trains the article's BN net (sigmoid, Adam lr 0.01, batch 32) for one epoch
+with BN momentum 0.9, 0.99 (the article's) and 0.999, and at lr 0.001 with
+momentum 0.99, evaluating the test set every 100 steps in three ways:
+
+  running   eval mode: BN normalizes with its running averages (what
+            `eval_step` and every curve of the article sweep report);
+  batch     train mode on test batches of 1000: each batch's own statistics;
+  precise   eval mode with statistics re-estimated for the current weights:
+            the equal-weight mean of the batch means and batch variances of
+            PRECISE_BATCHES training batches of 32 ("precise BN", Wu & Johnson 2021).
+
+At each evaluation it also measures, layer by layer, how far the running
+averages are from the precise statistics of the current weights: the mean
+gap in units of the precise standard deviation, and the ratio of the
+normalizers (running_var + eps) / (precise_var + eps). After training, the
+final weights are tested with batch statistics at test batch sizes 1, 2, 8,
+100 and 10000. On 2 CPU cores: about 90 s per run, 8 runs (2 seeds) ~12 min.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bnjax.atomic import atomic_write  # noqa: E402
+from bnjax.data import load_mnist  # noqa: E402
+from bnjax.train import TrainConfig, evaluate, make_model, to_float_images, train  # noqa: E402
+from experiments.article import positive_int  # noqa: E402
+from experiments.results import add_run, load_results, unfinished  # noqa: E402
+
+MOMENTA = (0.9, 0.99, 0.999)
+TEST_BATCH_SIZES = (1, 2, 8, 100, 10000)
+PRECISE_BATCHES = 200  # training batches of 32 whose statistics "precise BN" averages
+BATCH_STATS_TEST_BATCH = 1000  # test batch size of the "batch" curve
+
+
+def study_configs(seeds: int, epochs: int) -> list[TrainConfig]:
+    settings = [(0.01, momentum) for momentum in MOMENTA] + [(0.001, 0.99)]
+    return [TrainConfig(batch_norm=True, activation="sigmoid", learning_rate=learning_rate, bn_momentum=momentum,
+                        epochs=epochs, seed=seed)
+            for learning_rate, momentum in settings for seed in range(seeds)]
+
+
+def _variables(state, batch_stats=None):
+    return {"params": state.params, "batch_stats": state.batch_stats if batch_stats is None else batch_stats}
+
+
+@functools.partial(jax.jit, static_argnames="group_size")
+def batch_statistics_accuracy(state, images_uint8, labels, group_size: int):
+    """Test accuracy in train mode: the images are cut into groups of
+    `group_size` (a remainder is dropped), and each group is normalized with
+    its own statistics. The returned running averages are thrown away."""
+    n = labels.shape[0] // group_size * group_size
+    groups = to_float_images(images_uint8[:n]).reshape(-1, group_size, *images_uint8.shape[1:])
+
+    def logits_of(group):
+        logits, _ = state.apply_fn(_variables(state), group, train=True, mutable=["batch_stats"])
+        return logits
+
+    logits = jax.lax.map(logits_of, groups, batch_size=max(1, 1000 // group_size))
+    return jnp.mean(jnp.argmax(logits.reshape(n, -1), -1) == labels[:n])
+
+
+@functools.partial(jax.jit, static_argnames="model")
+def precise_statistics(model, state, batches):
+    """Precise BN: the mean over `batches` (K, B, H, W, C floats) of each batch's
+    BN statistics under the current weights. `model` is the config's net with
+    BN momentum 0, so the "updated running averages" it returns are exactly
+    the batch's mean and variance (see bnjax/batchnorm.py)."""
+
+    def statistics_of(batch):
+        _, updates = model.apply(_variables(state), batch, train=True, mutable=["batch_stats"])
+        return updates["batch_stats"]
+
+    return jax.tree_util.tree_map(lambda stat: stat.mean(axis=0), jax.lax.map(statistics_of, batches))
+
+
+def lag_by_layer(running: dict, precise: dict, epsilon: float) -> dict[str, float]:
+    """Per BN layer: mean over channels of |running mean - precise mean| / precise
+    std, and the geometric mean over channels of the normalizers' ratio."""
+    lag = {}
+    for layer in sorted(running):
+        running_mean, running_var = running[layer]["mean"], running[layer]["var"]
+        precise_mean, precise_var = precise[layer]["mean"], precise[layer]["var"]
+        gap = jnp.abs(running_mean - precise_mean) / jnp.sqrt(precise_var + epsilon)
+        ratio = jnp.exp(jnp.mean(jnp.log((running_var + epsilon) / (precise_var + epsilon))))
+        lag[f"{layer}/mean_gap"] = float(gap.mean())
+        lag[f"{layer}/var_ratio"] = float(ratio)
+    return lag
+
+
+class EvalModeProbe:
+    """The `probe` given to `train`: at each evaluation, the test accuracy with
+    batch statistics and with precise statistics, and the running averages' lag."""
+
+    def __init__(self, config: TrainConfig, data):
+        self.config = config
+        self.model = make_model(dataclasses.replace(config, bn_momentum=0.0))
+        rng = np.random.default_rng(12345)  # the same training batches for every run and evaluation
+        chosen = rng.permutation(len(data.x_train))[: PRECISE_BATCHES * config.batch_size]
+        self.precise_batches = to_float_images(jnp.asarray(data.x_train[chosen])).reshape(
+            PRECISE_BATCHES, config.batch_size, *data.x_train.shape[1:])
+        self.test_images, self.test_labels = jnp.asarray(data.x_test), jnp.asarray(data.y_test)
+
+    def precise(self, state):
+        return precise_statistics(self.model, state, self.precise_batches)
+
+    def __call__(self, state) -> dict[str, float]:
+        precise = self.precise(state)
+        record = {
+            "batch_accuracy": float(batch_statistics_accuracy(state, self.test_images, self.test_labels,
+                                                              BATCH_STATS_TEST_BATCH)),
+            "precise_accuracy": evaluate(state.replace(batch_stats=precise), self.test_images, self.test_labels)[
+                "accuracy"],
+        }
+        return record | lag_by_layer(state.batch_stats, precise, self.config.bn_epsilon)
+
+
+def final_measurements(probe: EvalModeProbe, state) -> dict:
+    """Test accuracy of the final weights at each test batch size (batch
+    statistics), and the wall time of one precise-BN re-estimation."""
+    by_batch_size = {str(size): float(batch_statistics_accuracy(state, probe.test_images, probe.test_labels, size))
+                     for size in TEST_BATCH_SIZES}
+    jax.block_until_ready(probe.precise(state))  # compiled already; time the work only
+    start = time.perf_counter()
+    jax.block_until_ready(probe.precise(state))
+    return {"batch_size_accuracy": by_batch_size, "precise_bn_s": time.perf_counter() - start}
+
+
+def label(config: dict) -> str:
+    return f"lr {config['learning_rate']:g}, momentum {config['bn_momentum']:g}"
+
+
+def grouped(runs: list[dict]) -> dict[str, list[dict]]:
+    groups: dict[str, list[dict]] = {}
+    for run in runs:
+        groups.setdefault(label(run["config"]), []).append(run)
+    return groups
+
+
+def probe_curve(runs: list[dict], key: str) -> np.ndarray:
+    return np.array([[probe[key] for probe in run["probes"]] for run in runs])
+
+
+def swing(values: np.ndarray, last: int = 5) -> float:
+    """Mean over seeds of max - min over the last `last` evaluations."""
+    tail = values[:, -last:]
+    return float(np.mean(tail.max(axis=1) - tail.min(axis=1)))
+
+
+def plot_and_summarize(results_path: Path) -> None:
+    runs = load_results(results_path)["runs"]
+    groups = grouped(runs)
+    out = results_path.parent
+
+    figure, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.8), sharey=True, squeeze=False)
+    for panel, (name, group) in zip(axes[0], groups.items()):
+        steps = np.array(group[0]["steps"])
+        curves = {"running averages (eval mode)": np.array([run["val_accuracy"] for run in group]),
+                  f"batch statistics (test batches of {BATCH_STATS_TEST_BATCH})": probe_curve(group, "batch_accuracy"),
+                  f"precise BN ({PRECISE_BATCHES} train batches)": probe_curve(group, "precise_accuracy")}
+        for (curve_name, values), color in zip(curves.items(), ("tab:red", "tab:green", "tab:purple")):
+            panel.plot(steps, values.mean(0), color=color, label=curve_name)
+            panel.fill_between(steps, values.min(0), values.max(0), color=color, alpha=0.2, linewidth=0)
+        panel.set_title(f"{name} ({len(group)} seeds)", fontsize=10)
+        panel.set_xlabel("training step")
+        panel.grid(alpha=0.3)
+    axes[0][0].set_ylabel("test accuracy")
+    axes[0][0].legend(fontsize=7, loc="lower right")
+    figure.suptitle("BN net, sigmoid, Adam: test accuracy by how BN gets its statistics (band: min-max over seeds)")
+    figure.tight_layout()
+    with atomic_write(out / "eval_modes.png", "wb") as file:
+        figure.savefig(file, format="png", dpi=100)
+    plt.close(figure)
+
+    layers = sorted({key.split("/")[0] for key in runs[0]["probes"][0] if "/" in key})
+    figure, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    lag_group = groups["lr 0.01, momentum 0.99"]
+    steps = np.array(lag_group[0]["steps"])
+    for layer in layers:
+        axes[0].plot(steps, probe_curve(lag_group, f"{layer}/mean_gap").mean(0), label=layer)
+        axes[1].plot(steps, probe_curve(lag_group, f"{layer}/var_ratio").mean(0), label=layer)
+    axes[0].set_title("|running mean - precise mean| / precise std", fontsize=10)
+    axes[1].set_title("(running var + eps) / (precise var + eps)", fontsize=10)
+    axes[1].set_yscale("log")
+    for panel in axes:
+        panel.set_xlabel("training step")
+        panel.grid(alpha=0.3)
+        panel.legend(fontsize=7)
+    figure.suptitle("How far the running averages lag the weights (lr 0.01, momentum 0.99, mean over seeds)")
+    figure.tight_layout()
+    with atomic_write(out / "running_average_lag.png", "wb") as file:
+        figure.savefig(file, format="png", dpi=100)
+    plt.close(figure)
+
+    lines = [
+        "Test accuracy (mean over seeds) of the BN net (sigmoid, Adam, batch 32). `running`: eval mode; "
+        f"`batch`: train mode on test batches of {BATCH_STATS_TEST_BATCH}; `precise`: eval mode with statistics "
+        f"re-estimated over {PRECISE_BATCHES} training batches. Swing: max - min over the last 5 evaluations "
+        "(100 steps apart), mean over seeds.",
+        "",
+        "| setting | seeds | running (final) | batch (final) | precise (final) | running swing | precise swing | "
+        + " | ".join(f"batch size {size}" for size in TEST_BATCH_SIZES) + " | precise BN time |",
+        "|---" * (8 + len(TEST_BATCH_SIZES)) + "|",
+    ]
+    for name, group in groups.items():
+        running = np.array([run["val_accuracy"] for run in group])
+        batch, precise = probe_curve(group, "batch_accuracy"), probe_curve(group, "precise_accuracy")
+        by_size = [np.mean([run["batch_size_accuracy"][str(size)] for run in group]) for size in TEST_BATCH_SIZES]
+        lines.append(f"| {name} | {len(group)} | {running[:, -1].mean():.4f} | {batch[:, -1].mean():.4f} | "
+                     f"{precise[:, -1].mean():.4f} | {swing(running):.4f} | {swing(precise):.4f} | "
+                     + " | ".join(f"{value:.4f}" for value in by_size)
+                     + f" | {np.mean([run['precise_bn_s'] for run in group]):.2f} s |")
+    lines += ["", "Lag of the running averages, layer by layer (lr 0.01, momentum 0.99, mean over seeds): "
+              "mean gap in precise standard deviations / normalizer ratio.", "",
+              "| step | " + " | ".join(layers) + " | running acc | precise acc |", "|---" * (len(layers) + 3) + "|"]
+    for index, step in enumerate(lag_group[0]["steps"]):
+        if step % 300 and step != lag_group[0]["steps"][-1]:
+            continue
+        cells = [f"{probe_curve(lag_group, f'{layer}/mean_gap')[:, index].mean():.2f} / "
+                 f"{probe_curve(lag_group, f'{layer}/var_ratio')[:, index].mean():.2f}" for layer in layers]
+        accuracy = np.mean([run["val_accuracy"][index] for run in lag_group])
+        lines.append(f"| {step} | " + " | ".join(cells) + f" | {accuracy:.4f} | "
+                     f"{probe_curve(lag_group, 'precise_accuracy')[:, index].mean():.4f} |")
+    with atomic_write(out / "summary.md", "w") as file:
+        file.write("\n".join(lines) + "\n")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="train mode vs. test mode of BN")
+    parser.add_argument("--seeds", type=positive_int, default=2)
+    parser.add_argument("--epochs", type=positive_int, default=1)
+    parser.add_argument("--max-steps", type=positive_int, default=None, help="cap on steps per run (smoke runs)")
+    parser.add_argument("--out", type=Path, default=Path("outputs/eval_modes"))
+    args = parser.parse_args(argv)
+    results_path = args.out / "results.json"
+    results = load_results(results_path)
+    configs = [dataclasses.replace(config, max_steps=args.max_steps) for config in study_configs(args.seeds, args.epochs)]
+    todo = unfinished(results, configs)
+    data = load_mnist() if todo else None
+    for index, config in enumerate(todo, 1):
+        probe = EvalModeProbe(config, data)
+        history, state = train(config, data, probe=probe)
+        extra = final_measurements(probe, state)
+        print(f"[{index}/{len(todo)}] {label(dataclasses.asdict(config))} seed {config.seed}: running "
+              f"{history.val_accuracy[-1]:.4f}, precise {history.probes[-1]['precise_accuracy']:.4f}, test batch "
+              f"1 / 10000: {extra['batch_size_accuracy']['1']:.4f} / {extra['batch_size_accuracy']['10000']:.4f} "
+              f"({history.total_wall_time_s:.0f} s)", flush=True)
+        add_run(results_path, results, config, history, extra)
+    plot_and_summarize(results_path)
+    print(f"wrote {args.out}/eval_modes.png, running_average_lag.png, summary.md", flush=True)
+
+
+if __name__ == "__main__":
+    main()
