@@ -1,0 +1,303 @@
+"""The article's keypoints, tested with seeds: each study trains the article's
+CNN for one epoch (Adam, batch 32 unless varied) and saves every run.
+
+    python -m experiments.ablations position   # BN before vs. after the activation
+    python -m experiments.ablations bias       # use_bias on vs. off under BN
+    python -m experiments.ablations lr_grid    # lr x activation heatmap, BN vs. plain
+    python -m experiments.ablations batch_size # BN vs. plain at batch 2 ... 256, same examples seen
+    python -m experiments.ablations all        # the four, in that order
+    options: --seeds N (default 3)  --out DIR (default outputs/ablations)  --max-steps N (smoke runs)
+
+Each study writes `<out>/<study>/results.json` after every run (resumable),
+then its figure and `summary.md`. Wall time on 2 CPU cores, 3 seeds:
+position ~5 min, bias ~3 min, lr_grid ~55 min (7 learning rates x 4
+activations x 2 nets x 20 s), batch_size ~25 min (`--examples` sets the
+examples seen per run; default one epoch, 60,000).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bnjax.atomic import atomic_write  # noqa: E402
+from bnjax.data import DataError, load_mnist  # noqa: E402
+from bnjax.train import TrainConfig, cross_entropy_loss, to_float_images, train  # noqa: E402
+from experiments.article import positive_int  # noqa: E402
+from experiments.results import add_run, load_results, unfinished  # noqa: E402
+
+ACTIVATIONS = ("sigmoid", "tanh", "relu", "elu")
+LEARNING_RATES = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)  # a half-decade log grid
+BATCH_SIZES = (2, 4, 8, 16, 32, 64, 128, 256)
+MNIST_TRAIN_SIZE = 60000
+
+
+def one_epoch(**fields) -> TrainConfig:
+    """The article's recipe for one epoch, evaluated 5 times (every 375 steps)."""
+    return TrainConfig(epochs=1, eval_every=375, **fields)
+
+
+def position_configs(seeds: int) -> list[TrainConfig]:
+    # "after": layer (+bias, which is not redundant there: the activation comes
+    # between it and BN) -> activation -> BN. "before": the article's net.
+    return [one_epoch(batch_norm=True, activation=activation, learning_rate=0.01, bn_position=position,
+                      bn_use_bias=position == "after", seed=seed)
+            for activation in ("relu", "sigmoid") for position in ("before", "after") for seed in range(seeds)]
+
+
+def bias_configs(seeds: int) -> list[TrainConfig]:
+    return [one_epoch(batch_norm=True, activation=activation, learning_rate=0.01, bn_use_bias=use_bias, seed=seed)
+            for activation in ("relu", "sigmoid") for use_bias in (False, True) for seed in range(seeds)]
+
+
+def lr_grid_configs(seeds: int) -> list[TrainConfig]:
+    # Evaluated once, at the end: the heatmap shows final accuracy only.
+    return [TrainConfig(epochs=1, eval_every=MNIST_TRAIN_SIZE, batch_norm=batch_norm, activation=activation,
+                        learning_rate=learning_rate, seed=seed)
+            for seed in range(seeds) for activation in ACTIVATIONS for learning_rate in LEARNING_RATES
+            for batch_norm in (False, True)]
+
+
+def batch_size_configs(seeds: int, examples: int = MNIST_TRAIN_SIZE) -> list[TrainConfig]:
+    configs = []
+    for seed in range(seeds):
+        for batch_size in BATCH_SIZES:
+            steps = examples // batch_size
+            for batch_norm in (False, True):
+                configs.append(TrainConfig(batch_norm=batch_norm, activation="relu", learning_rate=0.001,
+                                           batch_size=batch_size, epochs=1, steps_per_epoch=steps,
+                                           eval_every=max(1, steps // 4), seed=seed))
+    return configs
+
+
+def bias_gradients(config: TrainConfig, state, data) -> dict:
+    """Largest |gradient| of the loss w.r.t. the Conv/Dense biases and kernels
+    of the final state, on the first training batch; and the largest |bias|."""
+    images = to_float_images(jnp.asarray(data.x_train[: config.batch_size]))
+    labels = jnp.asarray(data.y_train[: config.batch_size])
+
+    def loss(params):
+        logits, _ = state.apply_fn({"params": params, "batch_stats": state.batch_stats}, images, train=True,
+                                   mutable=["batch_stats"])
+        return cross_entropy_loss(logits, labels)
+
+    grads = jax.grad(loss)(state.params)
+    layers = [name for name in grads if not name.startswith("BatchNorm")]
+    largest = lambda tree, kind: max(float(jnp.abs(tree[name][kind]).max()) for name in layers)  # noqa: E731
+    return {"bias_grad_max": largest(grads, "bias"), "kernel_grad_max": largest(grads, "kernel"),
+            "bias_abs_max": largest(state.params, "bias")}
+
+
+# ---------------------------------------------------------------- figures and summaries
+
+def final(run: dict) -> float:
+    return run["val_accuracy"][-1]
+
+
+def select(runs: list[dict], **fields) -> list[dict]:
+    return [run for run in runs if all(run["config"][key] == value for key, value in fields.items())]
+
+
+def mean_std(runs: list[dict]) -> str:
+    values = np.array([final(run) for run in runs])
+    return f"{values.mean():.4f} ± {values.std():.4f} (n={len(values)})" if len(values) else "—"
+
+
+def curve_panel(axes, runs: list[dict], label: str, color: str) -> None:
+    steps = np.array(runs[0]["steps"])
+    values = np.array([run["val_accuracy"] for run in runs])
+    axes.plot(steps, values.mean(0), color=color, label=f"{label} (mean of {len(runs)})")
+    axes.fill_between(steps, values.min(0), values.max(0), color=color, alpha=0.2, linewidth=0)
+
+
+def save_figure(figure, path: Path) -> None:
+    figure.tight_layout()
+    with atomic_write(path, "wb") as file:
+        figure.savefig(file, format="png", dpi=100)
+    plt.close(figure)
+
+
+def two_variant_study(runs: list[dict], field: str, variants: dict, title: str, out: Path, extra_columns=()) -> str:
+    """Curves (relu | sigmoid panels) and a table for a study of two variants of `field`."""
+    figure, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
+    lines = [f"| activation | {' | '.join(variants.values())} |" + "".join(f" {c} |" for c, _ in extra_columns),
+             "|---" * (1 + len(variants) + len(extra_columns)) + "|"]
+    for panel, activation in zip(axes, ("relu", "sigmoid")):
+        cells = []
+        for (value, name), color in zip(variants.items(), ("tab:red", "tab:orange")):
+            group = select(runs, activation=activation, **{field: value})
+            if group:
+                curve_panel(panel, group, name, color)
+            cells.append(mean_std(group))
+        for _, column in extra_columns:
+            cells.append(column(select(runs, activation=activation)))
+        lines.append(f"| {activation} | " + " | ".join(cells) + " |")
+        panel.set_title(f"BN net, {activation}, Adam lr 0.01", fontsize=10)
+        panel.set_xlabel("training step")
+        panel.grid(alpha=0.3)
+        panel.legend(fontsize=8, loc="lower right")
+    axes[0].set_ylabel("test accuracy (band: min-max over seeds)")
+    figure.suptitle(title)
+    save_figure(figure, out / f"{out.name}.png")
+    return "\n".join(lines)
+
+
+def summarize_position(runs: list[dict], out: Path) -> str:
+    table = two_variant_study(runs, "bn_position", {"before": "BN before activation (no bias)",
+                                                    "after": "BN after activation (+bias)"},
+                              "BN before vs. after the activation (1 epoch)", out)
+    return "Final test accuracy after one epoch, mean ± std over seeds.\n\n" + table
+
+
+def summarize_bias(runs: list[dict], out: Path) -> str:
+    def gradient_column(group):
+        with_bias = [run for run in group if run["config"]["bn_use_bias"]]
+        return (f"{max(run['bias_grad_max'] for run in with_bias):.1e} / "
+                f"{min(run['kernel_grad_max'] for run in with_bias):.1e}") if with_bias else "—"
+
+    def drift_column(group):
+        with_bias = [run for run in group if run["config"]["bn_use_bias"]]
+        return f"{max(run['bias_abs_max'] for run in with_bias):.2e}" if with_bias else "—"
+
+    table = two_variant_study(
+        runs, "bn_use_bias", {False: "no bias (article)", True: "with bias"},
+        "use_bias under BN (bias right before BN; 1 epoch)", out,
+        extra_columns=[("largest bias gradient / smallest largest-kernel gradient (final state)", gradient_column),
+                       ("largest final |bias| (init 0)", drift_column)])
+    return ("Final test accuracy after one epoch, mean ± std over seeds. Gradients: of the loss on one training "
+            "batch at the final state, max over layers and seeds.\n\n" + table)
+
+
+def summarize_lr_grid(runs: list[dict], out: Path) -> str:
+    learning_rates = sorted({run["config"]["learning_rate"] for run in runs})
+    figure, axes = plt.subplots(1, 3, figsize=(16, 3.9))
+    grids = {}
+    for batch_norm in (False, True):
+        grid = np.full((len(ACTIVATIONS), len(learning_rates)), np.nan)
+        for i, activation in enumerate(ACTIVATIONS):
+            for j, learning_rate in enumerate(learning_rates):
+                group = select(runs, batch_norm=batch_norm, activation=activation, learning_rate=learning_rate)
+                if group:
+                    grid[i, j] = np.mean([final(run) for run in group])
+        grids[batch_norm] = grid
+    panels = [(grids[False], "plain", "viridis", (0, 1)), (grids[True], "BN", "viridis", (0, 1)),
+              (grids[True] - grids[False], "BN - plain", "RdBu", (-1, 1))]
+    for panel, (grid, title, colormap, limits) in zip(axes, panels):
+        image = panel.imshow(grid, cmap=colormap, vmin=limits[0], vmax=limits[1], aspect="auto")
+        for i in range(grid.shape[0]):
+            for j in range(grid.shape[1]):
+                panel.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                           color="white" if title != "BN - plain" and grid[i, j] < 0.5 else "black")
+        panel.set_xticks(range(len(learning_rates)), [f"{lr:g}" for lr in learning_rates], fontsize=8)
+        panel.set_yticks(range(len(ACTIVATIONS)), ACTIVATIONS)
+        panel.set_xlabel("Adam learning rate")
+        panel.set_title(title)
+        figure.colorbar(image, ax=panel)
+    seeds = len({run["config"]["seed"] for run in runs})
+    figure.suptitle(f"Final test accuracy after one epoch (mean of {seeds} seeds)")
+    save_figure(figure, out / "lr_grid.png")
+    lines = [f"Final test accuracy after one epoch, plain / BN, mean over {seeds} seeds "
+             "(std in results.json).", "",
+             "| activation | " + " | ".join(f"lr {lr:g}" for lr in learning_rates) + " |",
+             "|---" * (1 + len(learning_rates)) + "|"]
+    for i, activation in enumerate(ACTIVATIONS):
+        lines.append(f"| {activation} | " + " | ".join(f"{grids[False][i, j]:.3f} / {grids[True][i, j]:.3f}"
+                                                     for j in range(len(learning_rates))) + " |")
+    return "\n".join(lines)
+
+
+def summarize_batch_size(runs: list[dict], out: Path) -> str:
+    sizes = sorted({run["config"]["batch_size"] for run in runs})
+    figure, axes = plt.subplots(figsize=(7, 4))
+    lines = ["| batch size | steps | plain | BN |", "|---|---|---|---|"]
+    for batch_norm, color in ((False, "tab:blue"), (True, "tab:red")):
+        values = [np.array([final(run) for run in select(runs, batch_norm=batch_norm, batch_size=size)])
+                  for size in sizes]
+        axes.plot(sizes, [v.mean() for v in values], "o-", color=color, label="BN" if batch_norm else "plain")
+        axes.fill_between(sizes, [v.min() for v in values], [v.max() for v in values], color=color, alpha=0.2,
+                          linewidth=0)
+    for size in sizes:
+        group = select(runs, batch_size=size)
+        lines.append(f"| {size} | {group[0]['steps'][-1]} | {mean_std(select(group, batch_norm=False))} | "
+                     f"{mean_std(select(group, batch_norm=True))} |")
+    examples = max(run["steps"][-1] * run["config"]["batch_size"] for run in runs)
+    axes.set_xscale("log", base=2)
+    axes.set_xlabel("batch size (BN statistics over this many examples)")
+    axes.set_ylabel("final test accuracy (band: min-max)")
+    axes.set_title(f"relu, Adam lr 0.001, {examples} training examples seen", fontsize=10)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    save_figure(figure, out / "batch_size.png")
+    return (f"Final test accuracy after {examples} training examples (one pass, fixed order), mean ± std over "
+            "seeds. The learning rate is not scaled with the batch size.\n\n" + "\n".join(lines))
+
+
+# ---------------------------------------------------------------- running
+
+STUDIES = {
+    # name: (configs(seeds, args), summarize(runs, out), measure final state?)
+    "position": (lambda args: position_configs(args.seeds), summarize_position, False),
+    "bias": (lambda args: bias_configs(args.seeds), summarize_bias, True),
+    "lr_grid": (lambda args: lr_grid_configs(args.seeds), summarize_lr_grid, False),
+    "batch_size": (lambda args: batch_size_configs(args.seeds, args.examples), summarize_batch_size, False),
+}
+
+
+def run_study(name: str, args, data_cache: dict) -> None:
+    make_configs, summarize, measure_state = STUDIES[name]
+    out = args.out / name
+    results_path = out / "results.json"
+    results = load_results(results_path)
+    configs = [dataclasses.replace(config, max_steps=args.max_steps) for config in make_configs(args)]
+    todo = unfinished(results, configs)
+    print(f"{name}: {len(configs)} runs, {len(todo)} to train", flush=True)
+    for index, config in enumerate(todo, 1):
+        if "mnist" not in data_cache:
+            data_cache["mnist"] = load_mnist()
+        data = data_cache["mnist"]
+        history, state = train(config, data)
+        extra = bias_gradients(config, state, data) if measure_state and config.bn_use_bias else None
+        print(f"{name} [{index}/{len(todo)}] {'BN' if config.batch_norm else 'plain'} {config.activation} "
+              f"lr {config.learning_rate:g} batch {config.batch_size} position {config.bn_position} "
+              f"bias {config.bn_use_bias} seed {config.seed}: {history.val_accuracy[-1]:.4f} "
+              f"({history.total_wall_time_s:.0f} s)", flush=True)
+        add_run(results_path, results, config, history, extra)
+    summary = summarize(results["runs"], out)
+    with atomic_write(out / "summary.md", "w") as file:
+        file.write(summary + "\n")
+    print(f"wrote {out}/{name}.png and summary.md", flush=True)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="the article's keypoints, tested")
+    parser.add_argument("study", choices=[*STUDIES, "all"])
+    parser.add_argument("--seeds", type=positive_int, default=3)
+    parser.add_argument("--examples", type=positive_int, default=MNIST_TRAIN_SIZE,
+                        help="training examples per run of the batch_size study (default one epoch)")
+    parser.add_argument("--max-steps", type=positive_int, default=None, help="cap on steps per run (smoke runs)")
+    parser.add_argument("--out", type=Path, default=Path("outputs/ablations"))
+    args = parser.parse_args(argv)
+    if args.examples < max(BATCH_SIZES) or args.examples > MNIST_TRAIN_SIZE:
+        parser.error(f"--examples {args.examples} must be in [{max(BATCH_SIZES)}, {MNIST_TRAIN_SIZE}]")
+    data_cache: dict = {}
+    for name in (STUDIES if args.study == "all" else [args.study]):
+        run_study(name, args, data_cache)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit("interrupted; finished runs are saved and will be skipped next time")
+    except DataError as error:
+        sys.exit(f"error: {error}")
