@@ -65,6 +65,8 @@ def batch_statistics_accuracy(state, images_uint8, labels, group_size: int):
     """Test accuracy in train mode: the images are cut into groups of
     `group_size` (a remainder is dropped), and each group is normalized with
     its own statistics. The returned running averages are thrown away."""
+    if not 1 <= group_size <= labels.shape[0]:
+        raise ValueError(f"test batch size {group_size} must be in [1, {labels.shape[0]}], the test set's size")
     n = labels.shape[0] // group_size * group_size
     groups = to_float_images(images_uint8[:n]).reshape(-1, group_size, *images_uint8.shape[1:])
 
@@ -123,8 +125,8 @@ class EvalModeProbe:
     def __call__(self, state) -> dict[str, float]:
         precise = self.precise(state)
         record = {
-            "batch_accuracy": float(batch_statistics_accuracy(state, self.test_images, self.test_labels,
-                                                              BATCH_STATS_TEST_BATCH)),
+            "batch_accuracy": float(batch_statistics_accuracy(
+                state, self.test_images, self.test_labels, min(BATCH_STATS_TEST_BATCH, len(self.test_labels)))),
             "precise_accuracy": evaluate(state.replace(batch_stats=precise), self.test_images, self.test_labels)[
                 "accuracy"],
         }
@@ -135,7 +137,7 @@ def final_measurements(probe: EvalModeProbe, state) -> dict:
     """Test accuracy of the final weights at each test batch size (batch
     statistics), and the wall time of one precise-BN re-estimation."""
     by_batch_size = {str(size): float(batch_statistics_accuracy(state, probe.test_images, probe.test_labels, size))
-                     for size in TEST_BATCH_SIZES}
+                     for size in TEST_BATCH_SIZES if size <= len(probe.test_labels)}
     jax.block_until_ready(probe.precise(state))  # compiled already; time the work only
     start = time.perf_counter()
     jax.block_until_ready(probe.precise(state))
