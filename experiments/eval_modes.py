@@ -176,8 +176,9 @@ def plot_and_summarize(results_path: Path) -> None:
         curves = {"running averages (eval mode)": np.array([run["val_accuracy"] for run in group]),
                   f"batch statistics (test batches of {BATCH_STATS_TEST_BATCH})": probe_curve(group, "batch_accuracy"),
                   f"precise BN ({PRECISE_BATCHES} train batches)": probe_curve(group, "precise_accuracy")}
-        for (curve_name, values), color in zip(curves.items(), ("tab:red", "tab:green", "tab:purple")):
-            panel.plot(steps, values.mean(0), color=color, label=curve_name)
+        for (curve_name, values), color, style in zip(curves.items(), ("tab:red", "tab:green", "tab:purple"),
+                                                      ("-", "-", "--")):
+            panel.plot(steps, values.mean(0), color=color, linestyle=style, label=curve_name)
             panel.fill_between(steps, values.min(0), values.max(0), color=color, alpha=0.2, linewidth=0)
         panel.set_title(f"{name} ({len(group)} seeds)", fontsize=10)
         panel.set_xlabel("training step")
