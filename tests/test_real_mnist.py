@@ -24,7 +24,7 @@ def test_short_bn_run_learns_mnist(mnist):
 
 @pytest.mark.slow
 def test_article_sweep_smoke_writes_results_and_resumes(tmp_path, mnist, monkeypatch, capsys):
-    monkeypatch.setattr(article, "load_mnist", lambda *args: mnist)
+    monkeypatch.setattr(article, "load_dataset", lambda *args: mnist)
     argv = ["--seeds", "1", "--max-steps", "20", "--out", str(tmp_path)]
     article.main(argv)
     results = json.loads((tmp_path / "results.json").read_text())
