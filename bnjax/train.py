@@ -260,9 +260,8 @@ def eval_step(state: TrainState, images, labels):
     return {"loss_sum": losses.sum(), "correct": jnp.sum(jnp.argmax(logits, -1) == labels)}
 
 
-@functools.partial(jax.jit, static_argnames=("batch_size", "mesh", "ghost_bn"), donate_argnames=("state", "metric_sums"))
-def _train_step_on_device_data(state, metric_sums, train_images, train_labels, epoch_order, first,
-                               batch_size, mesh, ghost_bn):
+def _step_on_device_data(state, metric_sums, train_images, train_labels, epoch_order, first, batch_size, mesh,
+                         ghost_bn):
     """Gather batch `epoch_order[first:first + batch_size]` from the device-resident
     training set, take one data-parallel step over `mesh`, and add its metrics
     to the running sums. The same step body for 1 device or many."""
@@ -273,6 +272,31 @@ def _train_step_on_device_data(state, metric_sums, train_images, train_labels, e
     else:
         state, metrics = data_parallel_step(mesh, ghost_bn)(state, images, labels)
     return state, jax.tree_util.tree_map(jnp.add, metric_sums, metrics)
+
+
+# One step per dispatch.
+_train_step_on_device_data = functools.partial(
+    jax.jit, static_argnames=("batch_size", "mesh", "ghost_bn"), donate_argnames=("state", "metric_sums")
+)(_step_on_device_data)
+
+
+@functools.partial(jax.jit, static_argnames=("length", "steps_per_epoch", "batch_size", "mesh", "ghost_bn", "unroll"),
+                   donate_argnames=("state", "metric_sums"))
+def _train_chunk_on_device_data(state, metric_sums, train_images, train_labels, epoch_orders, first_step, length,
+                                steps_per_epoch, batch_size, mesh, ghost_bn, unroll):
+    """`length` consecutive steps from global step `first_step`, in one dispatch
+    (a `lax.scan`). `epoch_orders` is (epochs, N): the order of every epoch, so
+    a chunk may cross an epoch boundary. Each step is `_step_on_device_data`."""
+
+    def one_step(carry, offset):
+        step = first_step + offset
+        epoch, step_in_epoch = step // steps_per_epoch, step % steps_per_epoch
+        carry = _step_on_device_data(*carry, train_images, train_labels, epoch_orders[epoch],
+                                     step_in_epoch * batch_size, batch_size, mesh, ghost_bn)
+        return carry, None
+
+    (state, metric_sums), _ = jax.lax.scan(one_step, (state, metric_sums), jnp.arange(length), unroll=unroll)
+    return state, metric_sums
 
 
 def evaluate(state: TrainState, images_uint8, labels, batch_size: int = 1000, mesh=None) -> dict[str, float]:
@@ -338,6 +362,7 @@ def train(
     on_eval: EvalCallback | None = None,
     checkpoint_path: str | None = None,
     probe: Callable[[TrainState], dict] | None = None,
+    strategy=None,
 ) -> tuple[History, TrainState]:
     """Train one model on `data` (a `bnjax.data.Dataset`) and evaluate it on the
     test set every `config.eval_every` steps and at the end.
@@ -353,10 +378,18 @@ def train(
 
     `probe(state) -> dict of floats`, if given, is measured at every evaluation
     and kept in `history.probes` (e.g. percentiles of a unit's input).
+
+    `strategy` (a `bnjax.engine.Strategy`; default: the fastest known for the
+    backend, `bnjax.engine.default_strategy`) sets how many steps run per
+    dispatch. It never changes what is computed, only how it is launched
+    (tests/test_engine.py holds every strategy to the per-step results).
     """
+    from bnjax.engine import default_strategy  # engine imports this module
+
     check_dataset(data)
     steps_per_epoch, total_steps = resolve_steps(config, len(data.x_train))
     mesh = make_mesh(config)
+    strategy = strategy or default_strategy(mesh.devices.flat[0].platform)
     replicated = NamedSharding(mesh, P())
     state = jax.device_put(create_train_state(config, jax.random.key(config.seed), mesh.size), replicated)
 
@@ -370,6 +403,10 @@ def train(
     # cores at 300 queued steps, never when each step is awaited). So on CPU
     # meshes each step is awaited; GPUs and TPUs keep dispatching ahead.
     await_each_step = mesh.size > 1 and mesh.devices.flat[0].platform == "cpu"
+    steps_per_dispatch = 1 if await_each_step else strategy.steps_per_dispatch
+    if steps_per_dispatch > 1:
+        epoch_orders = jax.device_put(np.stack([epoch_order(config, epoch, len(data.x_train))
+                                                for epoch in range(config.epochs)]), replicated)
 
     history = History()
     if checkpoint_path is not None and os.path.exists(checkpoint_path):
@@ -381,18 +418,29 @@ def train(
     start_time = time.perf_counter() - history.total_wall_time_s
     step, order_epoch = int(state.step), None
     while step < total_steps and not history.diverged:
-        epoch, step_in_epoch = divmod(step, steps_per_epoch)
-        if epoch != order_epoch:
-            order = jax.device_put(epoch_order(config, epoch, len(data.x_train)), replicated)
-            order_epoch = epoch
-        state, metric_sums = _train_step_on_device_data(
-            state, metric_sums, train_images, train_labels, order,
-            step_in_epoch * config.batch_size, batch_size=config.batch_size, mesh=mesh, ghost_bn=config.ghost_bn,
-        )
-        if await_each_step:
-            jax.block_until_ready(state)
-        step += 1
-        steps_in_sums += 1
+        if steps_per_dispatch > 1:  # up to the next evaluation, in chunks
+            next_eval = min(total_steps, (step // config.eval_every + 1) * config.eval_every)
+            length = min(steps_per_dispatch, next_eval - step)
+            state, metric_sums = _train_chunk_on_device_data(
+                state, metric_sums, train_images, train_labels, epoch_orders, step, length=length,
+                steps_per_epoch=steps_per_epoch, batch_size=config.batch_size, mesh=mesh, ghost_bn=config.ghost_bn,
+                unroll=strategy.unroll,
+            )
+            step += length
+            steps_in_sums += length
+        else:
+            epoch, step_in_epoch = divmod(step, steps_per_epoch)
+            if epoch != order_epoch:
+                order = jax.device_put(epoch_order(config, epoch, len(data.x_train)), replicated)
+                order_epoch = epoch
+            state, metric_sums = _train_step_on_device_data(
+                state, metric_sums, train_images, train_labels, order,
+                step_in_epoch * config.batch_size, batch_size=config.batch_size, mesh=mesh, ghost_bn=config.ghost_bn,
+            )
+            if await_each_step:
+                jax.block_until_ready(state)
+            step += 1
+            steps_in_sums += 1
         if step % config.eval_every and step != total_steps:
             continue
 

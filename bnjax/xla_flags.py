@@ -1,0 +1,48 @@
+"""XLA:CPU flags that make the article's nets train faster, set by the project
+itself (never asked of the user's shell).
+
+`--xla_cpu_experimental_ynn_fusion_type=-individual_convolution` sends every
+convolution to XLA:CPU's Eigen kernels instead of YNNPACK fusions, which are
+slower for these small 3x3 convolutions at batch 32 (measured with
+`python -m benchmarks.throughput`, README "Performance"). It changes which
+kernel computes a convolution, so float round-off differs from a run without
+it (curves agree to ~1e-6 over a few steps; chaotic runs drift apart later).
+
+XLA reads XLA_FLAGS once, when a backend initializes, and aborts on a flag it
+does not know; so the flag is added only for a jaxlib known to have it, and
+only if the user has not set that flag already. BNJAX_XLA_FLAGS=0 skips it.
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import metadata
+
+CPU_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=-individual_convolution",)
+MIN_JAXLIB = (0, 10)  # the oldest jaxlib these flags were checked with
+DISABLE_ENV_VAR = "BNJAX_XLA_FLAGS"
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    parts = []
+    for part in version.split(".")[:2]:
+        digits = "".join(c for c in part if c.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+def apply_cpu_flags() -> list[str]:
+    """Append CPU_FLAGS to XLA_FLAGS where safe; returns the flags added."""
+    if os.environ.get(DISABLE_ENV_VAR, "1") == "0":
+        return []
+    try:
+        jaxlib_version = _version_tuple(metadata.version("jaxlib"))
+    except metadata.PackageNotFoundError:
+        return []
+    if jaxlib_version < MIN_JAXLIB:
+        return []
+    current = os.environ.get("XLA_FLAGS", "")
+    added = [flag for flag in CPU_FLAGS if flag.split("=")[0] not in current]
+    if added:
+        os.environ["XLA_FLAGS"] = " ".join([current, *added]).strip()
+    return added

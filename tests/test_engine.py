@@ -1,0 +1,121 @@
+"""Every launch strategy gives the History of the simple per-step path (same
+config, same seed), within float round-off: stated per test."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from bnjax import xla_flags
+from bnjax.engine import Strategy, default_strategy, program_key, train_many
+from bnjax.train import TrainConfig, train
+
+# A different but equivalent compilation (a loop body, a vmapped convolution)
+# changes float32 round-off only. How far round-off then travels depends on
+# the run, not on the strategy: switching XLA:CPU's convolution kernels alone
+# (bnjax/xla_flags.py on vs. off, both one step per dispatch) moved the BN
+# relu net's test loss by 5e-2 after 60 steps at Adam lr 0.01 on MNIST, while
+# the plain sigmoid net stayed within 2e-6. So strategies are compared where
+# round-off stays round-off: Adam at lr 0.001 on the synthetic set, 20 steps
+# with sigmoid, 6 with relu (whose kinks and max-pool near-ties flip on round-
+# off sooner). Adam's first steps move a weight whose gradient is ~0 by up to
+# a learning rate on a round-off sign change (seen: the 16 entries of one
+# output channel off by up to 2e-4 of 18,432), so parameters must agree to
+# 1e-5 in 99.5% of entries and to one step (1e-3) in all.
+CURVE_TOLERANCE = 1e-5
+RELATIVE_TOLERANCE = 1e-5
+PARAM_TOLERANCE = 1e-5
+PARAM_SHARE_WITHIN = 0.995
+ONE_ADAM_STEP = 1e-3
+
+
+def assert_same_run(a, b, tolerance=CURVE_TOLERANCE):
+    (history_a, state_a), (history_b, state_b) = a, b
+    assert history_a.steps == history_b.steps
+    assert history_a.diverged == history_b.diverged
+    for key in ("val_accuracy", "val_loss", "train_accuracy", "train_loss"):
+        np.testing.assert_allclose(getattr(history_a, key), getattr(history_b, key), atol=tolerance,
+                                   rtol=RELATIVE_TOLERANCE, err_msg=key)
+    for tree in ("params", "batch_stats"):
+        leaves_a = jax.tree_util.tree_leaves(getattr(state_a, tree))
+        leaves_b = jax.tree_util.tree_leaves(getattr(state_b, tree))
+        assert len(leaves_a) == len(leaves_b)
+        differences = np.concatenate([np.abs(np.asarray(a) - np.asarray(b)).ravel()
+                                      for a, b in zip(leaves_a, leaves_b)])
+        assert np.mean(differences <= PARAM_TOLERANCE) >= PARAM_SHARE_WITHIN, (tree, np.sort(differences)[-20:])
+        assert differences.max() <= ONE_ADAM_STEP, (tree, differences.max())
+
+
+# 8 steps per epoch on the 256-image synthetic set: 20 steps cross two epoch
+# boundaries, with evaluations every 6 steps and at the end, reshuffled each epoch.
+BASE = TrainConfig(batch_norm=True, activation="sigmoid", epochs=3, max_steps=20, eval_every=6, shuffle=True,
+                   eval_batch_size=32)
+RELU = dataclasses.replace(BASE, activation="relu", max_steps=6, eval_every=4)
+PER_STEP = Strategy(steps_per_dispatch=1)
+
+
+@pytest.mark.parametrize("config, strategy", [
+    (BASE, Strategy(steps_per_dispatch=4)),
+    (BASE, Strategy(steps_per_dispatch=100)),
+    (BASE, Strategy(steps_per_dispatch=4, unroll=True)),
+    (RELU, Strategy(steps_per_dispatch=4)),
+    (dataclasses.replace(BASE, batch_norm=False), Strategy(steps_per_dispatch=4)),
+], ids=["bn-sigmoid-scan4", "bn-sigmoid-scan-to-eval", "bn-sigmoid-scan4-unrolled", "bn-relu-scan4", "plain-scan4"])
+def test_steps_per_dispatch_gives_the_per_step_history(tiny_data, strategy, config):
+    reference = train(config, tiny_data, strategy=PER_STEP)
+    assert reference[0].steps == ([6, 12, 18, 20] if config.max_steps == 20 else [4, 6])
+    assert_same_run(train(config, tiny_data, strategy=strategy), reference)
+
+
+def test_vmapped_programs_give_each_runs_history(tiny_data):
+    configs = [dataclasses.replace(BASE, seed=seed, learning_rate=learning_rate)
+               for learning_rate in (0.001, 0.0005) for seed in (0, 1)]
+    configs.append(dataclasses.replace(RELU, seed=3))  # another program
+    strategy = Strategy(steps_per_dispatch=5, models_per_program=3)  # 4 BN runs -> programs of 3 and 1
+    seen = []
+    together = train_many(configs, tiny_data, strategy=strategy, on_done=lambda c, h, s: seen.append(c))
+    assert sorted(seen, key=configs.index) == configs
+    for config, result in zip(configs, together):
+        assert_same_run(result, train(config, tiny_data, strategy=PER_STEP))
+    assert together[0][0].val_loss != together[1][0].val_loss  # seeds differ: not one run copied
+
+
+def test_a_diverging_run_stops_its_history_where_train_stops(tiny_data):
+    configs = [dataclasses.replace(BASE, batch_norm=False, activation="sigmoid", learning_rate=lr, optimizer="sgd",
+                                   max_steps=18) for lr in (0.1, 1e38)]
+    together = train_many(configs, tiny_data, strategy=Strategy(steps_per_dispatch=6, models_per_program=2))
+    alone = [train(config, tiny_data, strategy=PER_STEP) for config in configs]
+    assert alone[1][0].diverged and alone[1][0].steps == together[1][0].steps
+    assert not together[0][0].diverged and together[0][0].steps == [6, 12, 18]
+    np.testing.assert_allclose(together[0][0].val_accuracy, alone[0][0].val_accuracy, atol=CURVE_TOLERANCE,
+                               rtol=RELATIVE_TOLERANCE)
+
+
+def test_programs_group_by_everything_but_seed_and_learning_rate():
+    assert program_key(TrainConfig(seed=1, learning_rate=0.1)) == program_key(TrainConfig(seed=2))
+    assert program_key(TrainConfig(batch_norm=True)) != program_key(TrainConfig())
+
+
+def test_strategy_values_are_checked_and_cpu_runs_one_step_per_dispatch():
+    with pytest.raises(ValueError, match="steps_per_dispatch must be a positive integer, got 0"):
+        Strategy(steps_per_dispatch=0)
+    with pytest.raises(ValueError, match="unroll must be True or False, got 'yes'"):
+        Strategy(unroll="yes")
+    assert default_strategy("cpu") == Strategy(1, False, 1)
+    assert default_strategy("gpu").steps_per_dispatch > 1 and default_strategy("tpu").models_per_program > 1
+
+
+def test_xla_cpu_flags_are_added_once_and_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    added = xla_flags.apply_cpu_flags()
+    assert added == list(xla_flags.CPU_FLAGS)
+    import os
+
+    assert os.environ["XLA_FLAGS"].startswith("--xla_force_host_platform_device_count=2 ")
+    assert xla_flags.apply_cpu_flags() == []  # already there: not twice
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")  # the user's own value wins
+    assert xla_flags.apply_cpu_flags() == []
+    monkeypatch.setenv("XLA_FLAGS", "")
+    monkeypatch.setenv("BNJAX_XLA_FLAGS", "0")
+    assert xla_flags.apply_cpu_flags() == [] and os.environ["XLA_FLAGS"] == ""
