@@ -178,7 +178,20 @@ def summarize_bias(runs: list[dict], out: Path) -> str:
             "batch at the final state, max over layers and seeds.\n\n" + table)
 
 
+def complete_seeds(runs: list[dict], grid_size: int) -> list[dict]:
+    """The runs of the seeds that cover the whole grid (an interrupted study
+    leaves its last seed partial, which would give cells unequal weight)."""
+    by_seed: dict[int, list[dict]] = {}
+    for run in runs:
+        by_seed.setdefault(run["config"]["seed"], []).append(run)
+    return [run for seed_runs in by_seed.values() if len(seed_runs) == grid_size for run in seed_runs]
+
+
 def summarize_lr_grid(runs: list[dict], out: Path) -> str:
+    partial = len(runs)
+    runs = complete_seeds(runs, len(LEARNING_RATES) * len(ACTIVATIONS) * 2)
+    if not runs:
+        raise SystemExit(f"error: no seed of the lr grid is complete yet ({partial} runs saved)")
     learning_rates = sorted({run["config"]["learning_rate"] for run in runs})
     figure, axes = plt.subplots(1, 3, figsize=(16, 3.9))
     grids = {}
@@ -207,7 +220,7 @@ def summarize_lr_grid(runs: list[dict], out: Path) -> str:
     figure.suptitle(f"Final test accuracy after one epoch (mean of {seeds} seeds)")
     save_figure(figure, out / "lr_grid.png")
     lines = [f"Final test accuracy after one epoch, plain / BN, mean over {seeds} seeds "
-             "(std in results.json).", "",
+             f"(std in results.json; {partial - len(runs)} runs of an incomplete seed left out).", "",
              "| activation | " + " | ".join(f"lr {lr:g}" for lr in learning_rates) + " |",
              "|---" * (1 + len(learning_rates)) + "|"]
     for i, activation in enumerate(ACTIVATIONS):
