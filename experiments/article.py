@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 
 from bnjax.data import DATASETS, SOURCES, DataError, load_dataset
-from bnjax.train import TrainConfig, resolve_steps, train
+from bnjax.engine import train_many
+from bnjax.train import TrainConfig, resolve_steps
 from experiments import plot_article
 from experiments.results import add_run, load_results, unfinished
 
@@ -90,22 +91,27 @@ def main(argv=None) -> None:
         except ValueError as error:  # e.g. a source that does not have this data set
             sys.exit(f"error: {error}")
         total_steps = sum(resolve_steps(config, len(data.x_train))[1] for config in todo)
-        steps_done, sweep_start = 0, time.perf_counter()
-        for index, config in enumerate(todo, 1):
-            label = f"[{index}/{len(todo)}] {describe(config)}"
+        sweep_start = time.perf_counter()
+        labels = {id(config): f"[{index}/{len(todo)}] {describe(config)}" for index, config in enumerate(todo, 1)}
+        steps_seen: dict[int, int] = {}
 
-            def show_progress(step, run_steps, record):
-                elapsed = time.perf_counter() - sweep_start
-                rate = (steps_done + step) / elapsed
-                eta_s = (total_steps - steps_done - step) / rate
-                print(f"{label} step {step}/{run_steps} val_acc {record['val_accuracy']:.4f} "
-                      f"train_loss {record['train_loss']:.4f} | sweep ETA {eta_s / 60:.1f} min", flush=True)
+        def show_progress(config, step, run_steps, record):
+            steps_seen[id(config)] = step
+            elapsed = time.perf_counter() - sweep_start
+            done = sum(steps_seen.values())
+            eta_s = (total_steps - done) * elapsed / done
+            print(f"{labels[id(config)]} step {step}/{run_steps} val_acc {record['val_accuracy']:.4f} "
+                  f"train_loss {record['train_loss']:.4f} | sweep ETA {eta_s / 60:.1f} min", flush=True)
 
-            history, _ = train(config, data, on_eval=show_progress)
-            steps_done += resolve_steps(config, len(data.x_train))[1]
+        def save_run(config, history, state):
             if history.diverged:
-                print(f"{label} diverged (non-finite loss) at step {history.steps[-1]}; recorded, going on", flush=True)
+                print(f"{labels[id(config)]} diverged (non-finite loss) at step {history.steps[-1]}; recorded, "
+                      "going on", flush=True)
             add_run(results_path, results, config, history)
+
+        # The engine picks the launch strategy for this backend (bnjax/engine.py):
+        # one run at a time on CPU, many runs per vmapped program on GPU/TPU.
+        train_many(todo, data, on_eval=show_progress, on_done=save_run)
         print(f"sweep done: {len(todo)} runs in {(time.perf_counter() - sweep_start) / 60:.1f} min", flush=True)
 
     plot_article.plot_all(results_path)

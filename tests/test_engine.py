@@ -20,13 +20,14 @@ from bnjax.train import TrainConfig, train
 # round-off stays round-off: Adam at lr 0.001 on the synthetic set, 20 steps
 # with sigmoid, 6 with relu (whose kinks and max-pool near-ties flip on round-
 # off sooner). Adam's first steps move a weight whose gradient is ~0 by up to
-# a learning rate on a round-off sign change (seen: the 16 entries of one
-# output channel off by up to 2e-4 of 18,432), so parameters must agree to
-# 1e-5 in 99.5% of entries and to one step (1e-3) in all.
+# a learning rate on a round-off sign change (seen: up to 1% of the entries
+# off by 1e-5 to 2e-4 in a vmapped program), so parameters must agree to 1e-5
+# in 98% of entries and to one step (1e-3) in all. A wrong batch, step count
+# or learning rate moves nearly every entry by far more than 1e-5.
 CURVE_TOLERANCE = 1e-5
 RELATIVE_TOLERANCE = 1e-5
 PARAM_TOLERANCE = 1e-5
-PARAM_SHARE_WITHIN = 0.995
+PARAM_SHARE_WITHIN = 0.98
 ONE_ADAM_STEP = 1e-3
 
 
@@ -34,13 +35,21 @@ def assert_same_run(a, b, tolerance=CURVE_TOLERANCE):
     (history_a, state_a), (history_b, state_b) = a, b
     assert history_a.steps == history_b.steps
     assert history_a.diverged == history_b.diverged
-    for key in ("val_accuracy", "val_loss", "train_accuracy", "train_loss"):
+    for key in ("val_loss", "train_loss"):
         np.testing.assert_allclose(getattr(history_a, key), getattr(history_b, key), atol=tolerance,
                                    rtol=RELATIVE_TOLERANCE, err_msg=key)
+    # An example whose two top logits are within round-off may change its
+    # argmax: accuracies may differ by one example of the 64 test images
+    # (or of the 192 training images between evaluations).
+    for key in ("val_accuracy", "train_accuracy"):
+        np.testing.assert_allclose(getattr(history_a, key), getattr(history_b, key), atol=1 / 64 + 1e-9,
+                                   err_msg=key)
     for tree in ("params", "batch_stats"):
         leaves_a = jax.tree_util.tree_leaves(getattr(state_a, tree))
         leaves_b = jax.tree_util.tree_leaves(getattr(state_b, tree))
         assert len(leaves_a) == len(leaves_b)
+        if not leaves_a:  # the plain net has no batch_stats
+            continue
         differences = np.concatenate([np.abs(np.asarray(a) - np.asarray(b)).ravel()
                                       for a, b in zip(leaves_a, leaves_b)])
         assert np.mean(differences <= PARAM_TOLERANCE) >= PARAM_SHARE_WITHIN, (tree, np.sort(differences)[-20:])

@@ -1,0 +1,215 @@
+"""Training throughput of bnjax, side by side with Keras 3 (TensorFlow) and PyTorch.
+
+    python -m benchmarks.throughput                 # bnjax: plain and BN train steps/s, compile, eval
+    python -m benchmarks.throughput --peers         # + Keras 3 on TF and PyTorch, same model, same run
+    python -m benchmarks.throughput --sweep         # + the article sweep end to end (bnjax vs. Keras)
+    python -m benchmarks.throughput --json          # one JSON object instead of the table
+
+Steady-state steps/s: each measurement trains a short run (WARMUP steps) and a
+long one (WARMUP + --steps) from scratch and divides the extra steps by the
+extra training time, so compilation and graph building cancel out. The
+implementations take turns, --repeats times, so all see the same machine
+noise; medians are reported. Batch 32, the article's CNN, relu, Adam 0.001.
+These machines are noisy: compare figures from one run only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import numpy as np
+
+from bnjax.data import load_mnist
+from bnjax.engine import default_strategy, train_many
+from bnjax.train import TrainConfig, create_train_state, evaluate, train, train_step
+from benchmarks import peers
+
+WARMUP = 50
+FP32_FLOP_PER_CYCLE_PER_CORE = 32  # AVX-512 / AVX2 with two FMA pipes: 2 x 8 fp32 FMAs = 32 FLOP per cycle
+
+
+def cpu_peak_gflops() -> tuple[float | None, str]:
+    """Nominal fp32 peak of this CPU: cores x clock x FLOP/cycle, and how it was got."""
+    try:
+        with open("/proc/cpuinfo") as file:
+            mhz = [float(line.split(":")[1]) for line in file if line.startswith("cpu MHz")]
+    except OSError:
+        return None, "no /proc/cpuinfo"
+    if not mhz:
+        return None, "no clock in /proc/cpuinfo"
+    cores = os.cpu_count() or 1
+    peak = cores * max(mhz) / 1000 * FP32_FLOP_PER_CYCLE_PER_CORE
+    return peak, f"{cores} cores x {max(mhz) / 1000:.2f} GHz (/proc/cpuinfo) x {FP32_FLOP_PER_CYCLE_PER_CORE} fp32 FLOP/cycle"
+
+
+def train_step_flops(batch_norm: bool) -> float:
+    """FLOPs of one train step (forward + backward + Adam), from XLA's cost analysis."""
+    config = TrainConfig(batch_norm=batch_norm)
+    state = create_train_state(config, jax.random.key(0))
+    images, labels = np.zeros((32, 28, 28, 1), np.float32), np.zeros((32,), np.int32)
+    cost = train_step.lower(state, images, labels).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float(cost.get("flops", 0.0))
+
+
+def bnjax_seconds(batch_norm: bool, data, steps: int) -> float:
+    config = TrainConfig(batch_norm=batch_norm, activation="relu", max_steps=steps, eval_every=10**9)
+    history, _ = train(config, data)
+    return history.total_wall_time_s - history.eval_time_s
+
+
+def rate(seconds_of, steps: int) -> tuple[float, float]:
+    """(steady steps/s, seconds of the short run beyond its steady share: compile + setup)."""
+    short = seconds_of(WARMUP)
+    long = seconds_of(WARMUP + steps)
+    steps_per_s = steps / (long - short)
+    return steps_per_s, short - WARMUP / steps_per_s
+
+
+def eval_seconds(data) -> float:
+    state = create_train_state(TrainConfig(batch_norm=True), jax.random.key(0))
+    test_images, test_labels = jax.device_put((data.x_test, data.y_test))
+    evaluate(state, test_images, test_labels)  # compile
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        evaluate(state, test_images, test_labels)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def sweep_seconds(data, epochs: int) -> dict:
+    """The article grid (3 settings x plain/BN, 1 seed), curves every 100 steps, end to end."""
+    from experiments.article import sweep_configs
+
+    configs = sweep_configs("article", seeds=1, epochs=epochs, max_steps=None)
+    start = time.perf_counter()
+    train_many(configs, data)
+    return {"runs": len(configs), "epochs": epochs, "seconds": time.perf_counter() - start}
+
+
+def keras_sweep_seconds(data, epochs: int) -> dict:
+    from experiments.article import GRIDS
+
+    start = time.perf_counter()
+    for learning_rate, activation in GRIDS["article"]:
+        for batch_norm in (False, True):
+            peers.keras_run(data.x_train, data.y_train, data.x_test, data.y_test, batch_norm, activation,
+                            learning_rate, epochs)
+    return {"runs": 2 * len(GRIDS["article"]), "epochs": epochs, "seconds": time.perf_counter() - start}
+
+
+def measure(args) -> dict:
+    data = load_mnist()
+    device = jax.devices()[0]
+    implementations = {"bnjax": lambda bn: (lambda steps: bnjax_seconds(bn, data, steps))}
+    skipped = {}
+    if args.peers:
+        for peer, reason in peers.available().items():
+            if reason:
+                skipped[peer] = reason
+            elif peer == "keras-tf":
+                implementations[peer] = lambda bn: (lambda steps: peers.keras_train_seconds(
+                    peers.keras_model(bn), data.x_train, data.y_train, steps))
+            else:
+                implementations[peer] = lambda bn: (lambda steps: peers.torch_train_seconds(
+                    peers.torch_model(bn), data.x_train, data.y_train, steps))
+    rates = {name: {False: [], True: []} for name in implementations}
+    compile_s = {False: [], True: []}
+    for _ in range(args.repeats):
+        for name, seconds_for in implementations.items():
+            for batch_norm in (False, True):
+                steps_per_s, overhead = rate(seconds_for(batch_norm), args.steps)
+                rates[name][batch_norm].append(steps_per_s)
+                if name == "bnjax":
+                    compile_s[batch_norm].append(overhead)
+    median = lambda values: statistics.median(values)  # noqa: E731
+    peak, peak_how = cpu_peak_gflops() if device.platform == "cpu" else (None, "not a CPU")
+    flops = {bn: train_step_flops(bn) for bn in (False, True)}
+    result = {
+        "device": f"{device.device_kind} ({device.platform})",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
+        "jax": jax.__version__,
+        "strategy": dataclasses.asdict(default_strategy(device.platform)),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "batch_size": 32,
+        "plain_steps_per_s": median(rates["bnjax"][False]),
+        "bn_steps_per_s": median(rates["bnjax"][True]),
+        "compile_s": median(compile_s[False] + compile_s[True]),
+        "eval_10k_s": eval_seconds(data),
+        "train_step_gflop": {"plain": flops[False] / 1e9, "bn": flops[True] / 1e9},
+        "cpu_peak_gflops": peak,
+        "cpu_peak_how": peak_how,
+        "repeats": args.repeats,
+        "steps": args.steps,
+        "all_steps_per_s": {name: {"plain": r[False], "bn": r[True]} for name, r in rates.items()},
+        "peers_skipped": skipped,
+    }
+    for name in implementations:
+        if name != "bnjax":
+            result[f"{name}_plain_steps_per_s"] = median(rates[name][False])
+            result[f"{name}_bn_steps_per_s"] = median(rates[name][True])
+    if peak:
+        result["share_of_peak"] = {kind: result[f"{kind}_steps_per_s"] * flops[bn] / 1e9 / peak
+                                   for kind, bn in (("plain", False), ("bn", True))}
+    if args.sweep:
+        result["sweep"] = {"bnjax": sweep_seconds(data, args.sweep_epochs)}
+        if "keras-tf" in implementations:
+            result["sweep"]["keras-tf"] = keras_sweep_seconds(data, args.sweep_epochs)
+    return result
+
+
+def print_table(result: dict) -> None:
+    print(f"device: {result['device']}; {result['machine']}; jax {result['jax']}; strategy {result['strategy']}")
+    print(f"XLA_FLAGS: {result['xla_flags'] or '(none)'}")
+    print(f"train steps/s, batch 32, median of {result['repeats']} (steady state, {result['steps']} steps):")
+    names = list(result["all_steps_per_s"])
+    print(f"  {'':10s} {'plain':>8s} {'BN':>8s}   bnjax is ... x faster (plain / BN)")
+    for name in names:
+        plain, bn = (statistics.median(result["all_steps_per_s"][name][k]) for k in ("plain", "bn"))
+        ratio = "" if name == "bnjax" else (f"   {result['plain_steps_per_s'] / plain:.2f} / "
+                                            f"{result['bn_steps_per_s'] / bn:.2f}")
+        print(f"  {name:10s} {plain:8.1f} {bn:8.1f}{ratio}")
+    for peer, reason in result["peers_skipped"].items():
+        print(f"  {peer:10s} skipped: {reason}")
+    print(f"compile + setup: {result['compile_s']:.1f} s; evaluating 10,000 test images: {result['eval_10k_s']:.2f} s")
+    gflop = result["train_step_gflop"]
+    print(f"one train step: {gflop['plain']:.3f} GFLOP plain, {gflop['bn']:.3f} GFLOP BN (XLA cost analysis)")
+    if result.get("share_of_peak"):
+        share = result["share_of_peak"]
+        print(f"CPU fp32 peak {result['cpu_peak_gflops']:.0f} GFLOP/s ({result['cpu_peak_how']}): "
+              f"plain {share['plain']:.0%}, BN {share['bn']:.0%} of it")
+    for name, sweep in result.get("sweep", {}).items():
+        print(f"article sweep ({sweep['runs']} runs x {sweep['epochs']} epochs), {name}: {sweep['seconds']:.0f} s")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=500, help="steps per steady-state measurement (default 500)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--peers", action="store_true", help="also time Keras 3 on TF and PyTorch if installed")
+    parser.add_argument("--sweep", action="store_true", help="also time the article sweep end to end")
+    parser.add_argument("--sweep-epochs", type=int, default=3)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    for name in ("steps", "repeats", "sweep_epochs"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    result = measure(args)
+    if args.json:
+        json.dump(result, sys.stdout, indent=1)
+        print()
+    else:
+        print_table(result)
+
+
+if __name__ == "__main__":
+    main()
