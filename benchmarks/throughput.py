@@ -20,6 +20,7 @@ import dataclasses
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -162,9 +163,20 @@ def measure(args) -> dict:
                                    for kind, bn in (("plain", False), ("bn", True))}
     if args.sweep:
         result["sweep"] = {"bnjax": sweep_seconds(data, args.sweep_epochs)}
+        result["sweep"]["bnjax"].update(memory_figures(device))
         if "keras-tf" in implementations:
             result["sweep"]["keras-tf"] = keras_sweep_seconds(data, args.sweep_epochs)
     return result
+
+
+def memory_figures(device) -> dict:
+    """Peak host memory of this process so far (Linux: ru_maxrss in KiB) and, where
+    the backend reports it (GPU, TPU), peak device memory."""
+    figures = {"peak_host_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and "peak_bytes_in_use" in stats:
+        figures["peak_device_memory_mb"] = stats["peak_bytes_in_use"] / 2**20
+    return figures
 
 
 def print_table(result: dict) -> None:
@@ -188,7 +200,8 @@ def print_table(result: dict) -> None:
         print(f"CPU fp32 peak {result['cpu_peak_gflops']:.0f} GFLOP/s ({result['cpu_peak_how']}): "
               f"plain {share['plain']:.0%}, BN {share['bn']:.0%} of it")
     for name, sweep in result.get("sweep", {}).items():
-        print(f"article sweep ({sweep['runs']} runs x {sweep['epochs']} epochs), {name}: {sweep['seconds']:.0f} s")
+        memory = "".join(f", {key.replace('_', ' ')} {value:.0f}" for key, value in sweep.items() if key.endswith("_mb"))
+        print(f"article sweep ({sweep['runs']} runs x {sweep['epochs']} epochs), {name}: {sweep['seconds']:.0f} s{memory}")
 
 
 def main(argv=None) -> None:
