@@ -1,0 +1,32 @@
+"""The benchmark's own arithmetic (never its timings) and its argument checks."""
+
+import pytest
+
+from benchmarks import peers, throughput
+
+
+def test_train_step_flops_come_from_xla_and_match_the_model():
+    # By hand: forward MACs of the convs and dense layers at batch 32 are
+    # 32 * (26*26*9*32 + 11*11*288*64 + 3*3*576*64 + 576*64 + 64*10) = 0.0894e9;
+    # forward + backward ~ 3x, 2 FLOP per MAC: ~0.54 GFLOP (XLA counts 0.539 plain, 0.557 BN).
+    flops = throughput.train_step_flops(batch_norm=True)
+    assert 0.45e9 < flops < 0.7e9
+
+
+def test_cpu_peak_is_cores_times_clock_times_flop_per_cycle():
+    peak, how = throughput.cpu_peak_gflops()
+    if peak is None:
+        pytest.skip(how)
+    assert "cores x" in how and peak > 1
+
+
+def test_bad_arguments_get_one_line_errors(capsys):
+    with pytest.raises(SystemExit):
+        throughput.main(["--steps", "0"])
+    assert "--steps must be a positive integer, got 0" in capsys.readouterr().err
+
+
+def test_peers_report_why_they_are_unavailable():
+    reasons = peers.available()
+    assert set(reasons) == {"keras-tf", "pytorch"}
+    assert all(reason is None or "not installed" in reason for reason in reasons.values())
