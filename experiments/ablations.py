@@ -229,10 +229,18 @@ def summarize_lr_grid(runs: list[dict], out: Path) -> str:
     return "\n".join(lines)
 
 
+def last_full_interval(run: dict, key: str) -> float:
+    """`key` over the last evaluation interval of a full `eval_every` steps (the
+    final interval may be a short remainder)."""
+    steps = [0] + run["steps"]
+    full = [i for i in range(1, len(steps)) if steps[i] - steps[i - 1] == run["config"]["eval_every"]]
+    return run[key][full[-1] - 1]
+
+
 def summarize_batch_size(runs: list[dict], out: Path) -> str:
     sizes = sorted({run["config"]["batch_size"] for run in runs})
     figure, axes = plt.subplots(figsize=(7, 4))
-    lines = ["| batch size | steps | plain | BN |", "|---|---|---|---|"]
+    lines = ["| batch size | steps | plain | BN | BN training accuracy (train mode, last interval) |", "|---|---|---|---|---|"]
     for batch_norm, color in ((False, "tab:blue"), (True, "tab:red")):
         values = [np.array([final(run) for run in select(runs, batch_norm=batch_norm, batch_size=size)])
                   for size in sizes]
@@ -241,8 +249,9 @@ def summarize_batch_size(runs: list[dict], out: Path) -> str:
                           linewidth=0)
     for size in sizes:
         group = select(runs, batch_size=size)
+        bn_train = np.mean([last_full_interval(run, "train_accuracy") for run in select(group, batch_norm=True)])
         lines.append(f"| {size} | {group[0]['steps'][-1]} | {mean_std(select(group, batch_norm=False))} | "
-                     f"{mean_std(select(group, batch_norm=True))} |")
+                     f"{mean_std(select(group, batch_norm=True))} | {bn_train:.4f} |")
     examples = max(run["steps"][-1] * run["config"]["batch_size"] for run in runs)
     axes.set_xscale("log", base=2)
     axes.set_xlabel("batch size (BN statistics over this many examples)")
@@ -252,7 +261,9 @@ def summarize_batch_size(runs: list[dict], out: Path) -> str:
     axes.legend()
     save_figure(figure, out / "batch_size.png")
     return (f"Final test accuracy after {examples} training examples (one pass, fixed order), mean ± std over "
-            "seeds. The learning rate is not scaled with the batch size.\n\n" + "\n".join(lines))
+            "seeds (eval mode: running averages). The learning rate is not scaled with the batch size. Last "
+            "column: mean training accuracy over the last full evaluation interval, in train mode (batch "
+            "statistics), mean over seeds.\n\n" + "\n".join(lines))
 
 
 # ---------------------------------------------------------------- running
