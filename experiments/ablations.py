@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 from pathlib import Path
 
 import jax
@@ -31,10 +30,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bnjax.atomic import atomic_write  # noqa: E402
-from bnjax.data import DataError, load_mnist  # noqa: E402
+from bnjax.data import load_mnist  # noqa: E402
 from bnjax.train import TrainConfig, cross_entropy_loss, to_float_images, train  # noqa: E402
 from experiments.article import positive_int  # noqa: E402
-from experiments.results import add_run, load_results, unfinished  # noqa: E402
+from experiments.results import add_run, load_results, run_resumable, unfinished  # noqa: E402
 
 ACTIVATIONS = ("sigmoid", "tanh", "relu", "elu")
 LEARNING_RATES = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)  # a half-decade log grid
@@ -319,9 +318,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:
-        sys.exit("interrupted; finished runs are saved and will be skipped next time")
-    except DataError as error:
-        sys.exit(f"error: {error}")
+    run_resumable(main)

@@ -18,11 +18,11 @@ import sys
 import time
 from pathlib import Path
 
-from bnjax.data import DATASETS, SOURCES, DataError, load_dataset
+from bnjax.data import DATASETS, SOURCES, load_dataset
 from bnjax.engine import train_many
 from bnjax.train import TrainConfig, resolve_steps
 from experiments import plot_article
-from experiments.results import add_run, load_results, unfinished
+from experiments.results import add_run, load_results, run_resumable, unfinished
 
 # (learning_rate, activation) pairs.
 GRIDS = {
@@ -118,9 +118,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:
-        sys.exit("interrupted; finished runs are saved and will be skipped next time")
-    except DataError as error:
-        sys.exit(f"error: {error}")
+    run_resumable(main)

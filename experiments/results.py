@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import platform
+import sys
 from pathlib import Path
 
 import flax
@@ -13,6 +14,7 @@ import numpy as np
 import optax
 
 from bnjax.atomic import write_json
+from bnjax.data import DataError
 from bnjax.train import TrainConfig
 
 
@@ -73,3 +75,14 @@ def add_run(path: Path, results: dict, config: TrainConfig, history, extra: dict
     of the final state) and save the file atomically."""
     results["runs"].append({"config": dataclasses.asdict(config), **history.to_dict(), **(extra or {})})
     save_results(path, results)
+
+
+def run_resumable(main) -> None:
+    """Run a study's `main()` from the command line: an interrupt or a data
+    error ends it with one line (its finished runs are already saved)."""
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit("interrupted; finished runs are saved and will be skipped next time")
+    except DataError as error:
+        sys.exit(f"error: {error}")
