@@ -13,6 +13,9 @@ A `Strategy` never changes what is computed, only how it is launched:
   * models_per_program: `train_many` trains up to this many runs that share
     an architecture (they may differ in seed and learning rate) as one
     `vmap`ped program.
+  * eval_chunk: evaluate each test batch as a `lax.map` over pieces of this
+    many images (None: the whole batch at once). Eval mode treats each
+    example alone, so only the loss sum's round-off can change.
 
 `default_strategy(platform)` is the fastest measured per backend (README,
 "Performance"): on CPU one step per dispatch and one model per program (a
@@ -24,6 +27,7 @@ per dispatch and many models per program.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from typing import Callable
@@ -54,12 +58,16 @@ class Strategy:
     steps_per_dispatch: int = 1
     unroll: bool = False
     models_per_program: int = 1
+    eval_chunk: int | None = None
 
     def __post_init__(self):
         for name in ("steps_per_dispatch", "models_per_program"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        chunk = self.eval_chunk
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+            raise ValueError(f"eval_chunk must be a positive integer or None, got {chunk!r}")
         if not isinstance(self.unroll, bool):
             raise ValueError(f"unroll must be True or False, got {self.unroll!r}")
 
@@ -68,8 +76,8 @@ def default_strategy(platform: str | None = None) -> Strategy:
     """The fastest strategy known for `platform` ("cpu", "gpu", "tpu"; default: JAX's default backend)."""
     platform = platform or jax.default_backend()
     if platform == "cpu":
-        return Strategy(steps_per_dispatch=1, unroll=False, models_per_program=1)
-    return Strategy(steps_per_dispatch=100, unroll=False, models_per_program=64)
+        return Strategy(steps_per_dispatch=1, unroll=False, models_per_program=1, eval_chunk=200)
+    return Strategy(steps_per_dispatch=100, unroll=False, models_per_program=64, eval_chunk=None)
 
 
 # Fields that may differ between the runs of one vmapped program.
@@ -128,10 +136,10 @@ _many_steps_jit = jax.jit(_many_steps, static_argnames=("length", "steps_per_epo
                           donate_argnames=("state", "metric_sums"))
 
 
-@jax.jit
-def _evaluate_many(state, test_images, test_labels):
+@functools.partial(jax.jit, static_argnames=("chunk",))
+def _evaluate_many(state, test_images, test_labels, chunk):
     """Summed loss and correct count of every model over one test batch."""
-    return jax.vmap(eval_step, in_axes=(0, None, None))(state, test_images, test_labels)
+    return jax.vmap(functools.partial(eval_step, chunk=chunk), in_axes=(0, None, None))(state, test_images, test_labels)
 
 
 def _train_program(configs: list[TrainConfig], data, strategy: Strategy, on_eval=None) -> list[tuple]:
@@ -162,7 +170,8 @@ def _train_program(configs: list[TrainConfig], data, strategy: Strategy, on_eval
         loss_sums, correct = np.zeros(len(configs)), np.zeros(len(configs), np.int64)
         for first in range(0, len(test_labels), config.eval_batch_size):
             batch = slice(first, first + config.eval_batch_size)
-            totals = _evaluate_many(state, to_float_images(test_images[batch]), test_labels[batch])
+            totals = _evaluate_many(state, to_float_images(test_images[batch]), test_labels[batch],
+                                    chunk=strategy.eval_chunk)
             loss_sums, correct = loss_sums + np.asarray(totals["loss_sum"]), correct + np.asarray(totals["correct"])
         eval_time = time.perf_counter() - eval_start
         for index, history in enumerate(histories):

@@ -249,15 +249,31 @@ def data_parallel_step(mesh: jax.sharding.Mesh, ghost_bn: bool = False):
 train_step = jax.jit(train_step_body, static_argnames=("axis_name", "ghost_bn"))
 
 
-@jax.jit
-def eval_step(state: TrainState, images, labels):
-    """Summed loss and number correct on a batch, in eval mode (nothing mutable)."""
+def _eval_totals(state: TrainState, images, labels):
     variables = {"params": state.params}
     if state.batch_stats is not None:
         variables["batch_stats"] = state.batch_stats
     logits = state.apply_fn(variables, images, train=False)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     return {"loss_sum": losses.sum(), "correct": jnp.sum(jnp.argmax(logits, -1) == labels)}
+
+
+@functools.partial(jax.jit, static_argnames=("chunk",))
+def eval_step(state: TrainState, images, labels, chunk: int | None = None):
+    """Summed loss and number correct on a batch, in eval mode (nothing mutable).
+
+    With `chunk` (dividing the batch size), the batch goes through the net as a
+    `lax.map` over pieces of `chunk` images, in one dispatch. Eval mode treats
+    every example alone, so only the loss sum's float round-off can differ; on
+    XLA:CPU pieces of ~200 images stay in cache and run ~1.8x faster than 1000
+    at once (README, "Performance").
+    """
+    batch = labels.shape[0]
+    if chunk is None or chunk >= batch or batch % chunk:
+        return _eval_totals(state, images, labels)
+    pieces = (images.reshape(batch // chunk, chunk, *images.shape[1:]), labels.reshape(batch // chunk, chunk))
+    totals = jax.lax.map(lambda piece: _eval_totals(state, *piece), pieces)
+    return jax.tree_util.tree_map(lambda per_piece: per_piece.sum(0), totals)
 
 
 def _step_on_device_data(state, metric_sums, train_images, train_labels, epoch_order, first, batch_size, mesh,
@@ -299,10 +315,12 @@ def _train_chunk_on_device_data(state, metric_sums, train_images, train_labels, 
     return state, metric_sums
 
 
-def evaluate(state: TrainState, images_uint8, labels, batch_size: int = 1000, mesh=None) -> dict[str, float]:
+def evaluate(state: TrainState, images_uint8, labels, batch_size: int = 1000, mesh=None,
+             chunk: int | None = None) -> dict[str, float]:
     """Mean loss and accuracy over a whole (device-resident) set, in eval mode.
     With a `mesh`, each batch is split over its devices (eval is per example,
-    so no statistics need to cross devices)."""
+    so no statistics need to cross devices). `chunk`: see `eval_step` (one
+    device only)."""
     loss_sum, correct = 0.0, 0
     split = NamedSharding(mesh, P(DATA_AXIS)) if mesh is not None and mesh.size > 1 else None
     for first in range(0, len(labels), batch_size):
@@ -310,7 +328,9 @@ def evaluate(state: TrainState, images_uint8, labels, batch_size: int = 1000, me
         images, batch_labels = to_float_images(images_uint8[batch]), labels[batch]
         if split is not None and len(batch_labels) % mesh.size == 0:
             images, batch_labels = jax.device_put((images, batch_labels), split)
-        totals = eval_step(state, images, batch_labels)
+            totals = eval_step(state, images, batch_labels)
+        else:
+            totals = eval_step(state, images, batch_labels, chunk=chunk)
         loss_sum, correct = loss_sum + totals["loss_sum"], correct + totals["correct"]
     return {"loss": float(loss_sum) / len(labels), "accuracy": float(correct) / len(labels)}
 
@@ -449,7 +469,7 @@ def train(
         train_accuracy = float(metric_sums["accuracy"]) / steps_in_sums
         train_loss = float(metric_sums["loss"]) / steps_in_sums
         eval_start = time.perf_counter()
-        val = evaluate(state, test_images, test_labels, config.eval_batch_size, mesh)
+        val = evaluate(state, test_images, test_labels, config.eval_batch_size, mesh, strategy.eval_chunk)
         history.eval_time_s += time.perf_counter() - eval_start
         record = {
             "steps": step,

@@ -70,7 +70,10 @@ PER_STEP = Strategy(steps_per_dispatch=1)
     (BASE, Strategy(steps_per_dispatch=4, unroll=True)),
     (RELU, Strategy(steps_per_dispatch=4)),
     (dataclasses.replace(BASE, batch_norm=False), Strategy(steps_per_dispatch=4)),
-], ids=["bn-sigmoid-scan4", "bn-sigmoid-scan-to-eval", "bn-sigmoid-scan4-unrolled", "bn-relu-scan4", "plain-scan4"])
+    (BASE, Strategy(steps_per_dispatch=1, eval_chunk=8)),
+    (BASE, default_strategy("cpu")),
+], ids=["bn-sigmoid-scan4", "bn-sigmoid-scan-to-eval", "bn-sigmoid-scan4-unrolled", "bn-relu-scan4", "plain-scan4",
+        "bn-sigmoid-eval-in-chunks-of-8", "cpu-default"])
 def test_steps_per_dispatch_gives_the_per_step_history(tiny_data, strategy, config):
     reference = train(config, tiny_data, strategy=PER_STEP)
     assert reference[0].steps == ([6, 12, 18, 20] if config.max_steps == 20 else [4, 6])
@@ -81,7 +84,8 @@ def test_vmapped_programs_give_each_runs_history(tiny_data):
     configs = [dataclasses.replace(BASE, seed=seed, learning_rate=learning_rate)
                for learning_rate in (0.001, 0.0005) for seed in (0, 1)]
     configs.append(dataclasses.replace(RELU, seed=3))  # another program
-    strategy = Strategy(steps_per_dispatch=5, models_per_program=3)  # 4 BN runs -> programs of 3 and 1
+    # 4 BN runs -> programs of 3 and 1; test batches of 32 evaluated in pieces of 16
+    strategy = Strategy(steps_per_dispatch=5, models_per_program=3, eval_chunk=16)
     seen = []
     together = train_many(configs, tiny_data, strategy=strategy, on_done=lambda c, h, s: seen.append(c))
     assert sorted(seen, key=configs.index) == configs
@@ -111,7 +115,9 @@ def test_strategy_values_are_checked_and_cpu_runs_one_step_per_dispatch():
         Strategy(steps_per_dispatch=0)
     with pytest.raises(ValueError, match="unroll must be True or False, got 'yes'"):
         Strategy(unroll="yes")
-    assert default_strategy("cpu") == Strategy(1, False, 1)
+    with pytest.raises(ValueError, match="eval_chunk must be a positive integer or None, got 0"):
+        Strategy(eval_chunk=0)
+    assert default_strategy("cpu") == Strategy(1, False, 1, eval_chunk=200)
     assert default_strategy("gpu").steps_per_dispatch > 1 and default_strategy("tpu").models_per_program > 1
 
 

@@ -92,6 +92,21 @@ def test_eval_step_changes_nothing(tiny_data):
     jax.tree_util.tree_map(np.testing.assert_array_equal, before, state.batch_stats)
 
 
+def test_eval_step_in_chunks_counts_the_same_examples(tiny_data):
+    state = create_train_state(TrainConfig(batch_norm=True), jax.random.key(0))
+    for _ in range(3):
+        state, _ = train_step(state, *batch(tiny_data))
+    images, labels = batch(tiny_data, 64)
+    whole = eval_step(state, images, labels)
+    # Per-example predictions: the count is exact, the loss sum differs by round-off only.
+    for chunk in (8, 16, 48, 64, None):  # 48 does not divide 64: the batch runs whole
+        pieces = eval_step(state, images, labels, chunk=chunk)
+        assert int(pieces["correct"]) == int(whole["correct"])
+        np.testing.assert_allclose(float(pieces["loss_sum"]), float(whole["loss_sum"]), rtol=1e-6)
+    wrong_labels = (labels + 1) % 10
+    assert int(eval_step(state, images, wrong_labels, chunk=8)["correct"]) != int(whole["correct"])
+
+
 def test_same_config_and_seed_give_identical_history(tiny_data):
     config = TrainConfig(batch_norm=True, max_steps=12, eval_every=4, batch_size=16, shuffle=True)
     first, _ = train(config, tiny_data)
