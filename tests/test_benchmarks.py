@@ -1,5 +1,7 @@
 """The benchmark's own arithmetic (never its timings) and its argument checks."""
 
+import os
+
 import pytest
 
 from benchmarks import peers, throughput
@@ -13,11 +15,14 @@ def test_train_step_flops_come_from_xla_and_match_the_model():
     assert 0.45e9 < flops < 0.7e9
 
 
-def test_cpu_peak_is_cores_times_clock_times_flop_per_cycle():
+def test_cpu_peak_is_measured_on_every_core_and_bounds_xla(monkeypatch):
+    monkeypatch.setattr(throughput, "FMA_PEAK_ITERATIONS", 20_000_000)
     peak, how = throughput.cpu_peak_gflops()
     if peak is None:
         pytest.skip(how)
-    assert "cores x" in how and peak > 1
+    assert how.count("+") == len(os.sched_getaffinity(0)) - 1  # one figure per core
+    # No fp32 code beats FMAs alone; some slack, as the two run at different times on a noisy machine.
+    assert peak > 0.5 * throughput.xla_matmul_gflops(size=512)
 
 
 def test_bad_arguments_get_one_line_errors(capsys):
