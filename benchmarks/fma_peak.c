@@ -1,9 +1,11 @@
 /* fp32 FMA throughput of one core: 12 independent chains of vector FMAs
  * (enough to fill two FMA pipes of 4-cycle latency), nothing else in the loop.
  * Built with -O3 -march=native by benchmarks/throughput.py, one copy per core at
- * once; prints GFLOP/s. The best any fp32 code can do on this core, clock
+ * once: `fma_peak ITERATIONS CORE` runs on core CORE; prints GFLOP/s. The best any fp32 code can do on this core, clock
  * boost included. */
+#define _GNU_SOURCE
 #include <immintrin.h>
+#include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <time.h>
@@ -28,6 +30,12 @@ typedef __m256 vec;
 
 int main(int argc, char **argv) {
     long iterations = argc > 1 ? atol(argv[1]) : 100000000L;
+    if (argc > 2) {
+        cpu_set_t cores;
+        CPU_ZERO(&cores);
+        CPU_SET(atoi(argv[2]), &cores);
+        if (sched_setaffinity(0, sizeof cores, &cores)) { perror("sched_setaffinity"); return 1; }
+    }
     vec acc[CHAINS];
     vec b = SET1(0.9999999f), c = SET1(1e-7f);
     for (int i = 0; i < CHAINS; i++) acc[i] = SET1((float)i);

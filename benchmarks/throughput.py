@@ -57,8 +57,8 @@ def cpu_peak_gflops() -> tuple[float | None, str]:
         if build.returncode:
             return None, f"benchmarks/fma_peak.c did not build: {(build.stderr.strip().splitlines() or ['?'])[-1]}"
         cores = sorted(os.sched_getaffinity(0))
-        runs = [subprocess.Popen([binary, str(FMA_PEAK_ITERATIONS)], stdout=subprocess.PIPE, text=True,
-                                 preexec_fn=lambda core=core: os.sched_setaffinity(0, {core})) for core in cores]
+        runs = [subprocess.Popen([binary, str(FMA_PEAK_ITERATIONS), str(core)], stdout=subprocess.PIPE, text=True)
+                for core in cores]
         outputs = [run.communicate()[0].split() for run in runs]
     per_core = [float(output[0]) for output in outputs]
     return sum(per_core), (f"benchmarks/fma_peak.c, {outputs[0][1]}-bit FMAs on {len(cores)} cores at once: "
