@@ -16,6 +16,10 @@ A `Strategy` never changes what is computed, only how it is launched:
   * eval_chunk: evaluate each test batch as a `lax.map` over pieces of this
     many images (None: the whole batch at once). Eval mode treats each
     example alone, so only the loss sum's round-off can change.
+  * parallel_runs: `train_many` trains up to this many runs (or programs) at
+    once, each in its own worker process pinned to one CPU core. On a small
+    CPU a batch-32 step cannot keep every core busy, so two runs on one core
+    each get more done than two runs one after the other on both.
 
 `default_strategy(platform)` is the fastest measured per backend (README,
 "Performance"): on CPU one step per dispatch and one model per program (a
@@ -29,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 import time
 from typing import Callable
 
@@ -51,6 +56,7 @@ from bnjax.train import (
     train,
     train_step_body,
 )
+from bnjax.workers import WorkerPool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,9 +65,10 @@ class Strategy:
     unroll: bool = False
     models_per_program: int = 1
     eval_chunk: int | None = None
+    parallel_runs: int = 1
 
     def __post_init__(self):
-        for name in ("steps_per_dispatch", "models_per_program"):
+        for name in ("steps_per_dispatch", "models_per_program", "parallel_runs"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -76,7 +83,8 @@ def default_strategy(platform: str | None = None) -> Strategy:
     """The fastest strategy known for `platform` ("cpu", "gpu", "tpu"; default: JAX's default backend)."""
     platform = platform or jax.default_backend()
     if platform == "cpu":
-        return Strategy(steps_per_dispatch=1, unroll=False, models_per_program=1, eval_chunk=200)
+        return Strategy(steps_per_dispatch=1, unroll=False, models_per_program=1, eval_chunk=200,
+                        parallel_runs=len(os.sched_getaffinity(0)))
     return Strategy(steps_per_dispatch=100, unroll=False, models_per_program=64, eval_chunk=None)
 
 
@@ -196,6 +204,65 @@ def _train_program(configs: list[TrainConfig], data, strategy: Strategy, on_eval
     return results
 
 
+def _train_group(configs: list[TrainConfig], data, strategy: Strategy, on_eval=None) -> list[tuple]:
+    """One run through `train`, or several as one vmapped program."""
+    if len(configs) == 1:
+        config = configs[0]
+        progress = None if on_eval is None else (lambda step, total, record: on_eval(config, step, total, record))
+        return [train(config, data, on_eval=progress, strategy=strategy)]
+    return _train_program(configs, data, strategy, on_eval)
+
+
+# Worker processes (Strategy.parallel_runs, bnjax/workers.py) train whole
+# groups and send back plain arrays: a TrainState holds functions (apply_fn,
+# the optimizer), so this process rebuilds it.
+
+def _train_group_in_worker(data, progress, indices: list[int], configs: list[TrainConfig],
+                           strategy: Strategy) -> list[tuple]:
+    def on_eval(config, step, total, record):
+        progress((next(i for i, c in zip(indices, configs) if c is config), step, total, record))
+
+    outcomes = _train_group(configs, data, strategy, on_eval)
+    return [(history, jax.device_get((state.step, state.params, state.batch_stats,
+                                      jax.tree_util.tree_leaves(state.opt_state))))
+            for history, state in outcomes]
+
+
+def _rebuilt_state(config: TrainConfig, arrays, vmapped: bool) -> TrainState:
+    step, params, batch_stats, opt_leaves = arrays
+    if vmapped:  # the layout _train_program returns: one model's slice of a stacked state
+        state = jax.tree_util.tree_map(lambda leaf: leaf[0], _stacked_states([config]))
+    else:
+        state = create_train_state(config, jax.random.key(config.seed))
+    opt_state = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(state.opt_state),
+                                             [jnp.asarray(leaf) for leaf in opt_leaves])
+    return state.replace(step=jnp.asarray(step), params=jax.tree_util.tree_map(jnp.asarray, params),
+                         batch_stats=jax.tree_util.tree_map(jnp.asarray, batch_stats), opt_state=opt_state)
+
+
+def _run_groups_in_workers(groups: list[list[int]], configs, data, strategy: Strategy, on_eval, finish) -> None:
+    available = sorted(os.sched_getaffinity(0))
+    cores = [available[worker % len(available)] for worker in range(min(strategy.parallel_runs, len(groups)))]
+    one_process = dataclasses.replace(strategy, parallel_runs=1)
+    # Longest first (more steps, then BN, the slower net), so that no worker is
+    # left with a long run at the end while the others idle.
+    longest_first = lambda group: (-resolve_steps(configs[group[0]], len(data.x_train))[1],  # noqa: E731
+                                   not configs[group[0]].batch_norm)
+    groups = sorted(groups, key=longest_first)
+    tasks = [(group, [configs[i] for i in group], one_process) for group in groups]
+
+    def on_progress(task_index, message):
+        index, step, total, record = message
+        if on_eval is not None:
+            on_eval(configs[index], step, total, record)
+
+    with WorkerPool(cores, shared=data) as pool:
+        for task_index, outcomes in pool.run(_train_group_in_worker, tasks, on_progress):
+            group = groups[task_index]
+            for index, (history, arrays) in zip(group, outcomes):
+                finish(index, history, _rebuilt_state(configs[index], arrays, vmapped=len(group) > 1))
+
+
 def train_many(
     configs: list[TrainConfig],
     data,
@@ -208,9 +275,12 @@ def train_many(
     Runs that share a `program_key` (all fields but seed and learning rate)
     train together as one vmapped program of up to
     `strategy.models_per_program` runs; with 1, or on several devices, each
-    run goes through `train` alone. `on_eval(config, step, total_steps,
-    record)` after each evaluation of a run; `on_done(config, history, state)`
-    when a run (or its program) finishes, so callers can save as they go.
+    run goes through `train` alone. With `strategy.parallel_runs` > 1 (CPU),
+    up to that many of these runs or programs train at once in worker
+    processes, one core each. `on_eval(config, step, total_steps, record)`
+    after each evaluation of a run; `on_done(config, history, state)` when a
+    run (or its program) finishes, so callers can save as they go. Both are
+    called in this process, with the caller's own config objects.
 
     The states of vmapped runs keep their optimizer with the learning rate in
     its state (`optax.inject_hyperparams`), and every run of a program reports
@@ -222,21 +292,26 @@ def train_many(
     first_platform = jax.devices()[0].platform
     strategy = strategy or default_strategy(first_platform)
     results: dict[int, tuple] = {}
-    groups: dict[tuple, list[int]] = {}
+    by_key: dict[tuple, list[int]] = {}
+    multi_device = False
     for index, config in enumerate(configs):
         alone = strategy.models_per_program == 1 or make_mesh(config).size > 1
-        groups.setdefault(("alone", index) if alone else program_key(config), []).append(index)
-    for key, indices in groups.items():
-        for start in range(0, len(indices), strategy.models_per_program):
-            chunk = indices[start:start + strategy.models_per_program]
-            if key[0] == "alone" or len(chunk) == 1:
-                config = configs[chunk[0]]
-                progress = None if on_eval is None else (lambda step, total, record, c=config: on_eval(c, step, total, record))
-                outcomes = [train(config, data, on_eval=progress, strategy=strategy)]
-            else:
-                outcomes = _train_program([configs[i] for i in chunk], data, strategy, on_eval)
-            for index, (history, state) in zip(chunk, outcomes):
-                results[index] = (history, state)
-                if on_done is not None:
-                    on_done(configs[index], history, state)
+        multi_device = multi_device or make_mesh(config).size > 1
+        by_key.setdefault(("alone", index) if alone else program_key(config), []).append(index)
+    groups = [indices[start:start + strategy.models_per_program]
+              for indices in by_key.values() for start in range(0, len(indices), strategy.models_per_program)]
+
+    def finish(index, history, state):
+        results[index] = (history, state)
+        if on_done is not None:
+            on_done(configs[index], history, state)
+
+    # Worker processes only for one-device CPU runs, and only when two or more can overlap.
+    if strategy.parallel_runs > 1 and len(groups) > 1 and first_platform == "cpu" and not multi_device:
+        _run_groups_in_workers(groups, configs, data, strategy, on_eval, finish)
+    else:
+        for group in groups:
+            for index, (history, state) in zip(group, _train_group([configs[i] for i in group], data, strategy,
+                                                                   on_eval)):
+                finish(index, history, state)
     return [results[index] for index in range(len(configs))]

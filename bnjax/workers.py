@@ -1,0 +1,128 @@
+"""Worker processes, one CPU core each, for runs that can train side by side.
+
+    with WorkerPool(cores=[0, 1], shared=data) as pool:
+        for task_index, result in pool.run(function, [args_0, args_1, ...], on_progress):
+            ...
+
+Each worker is a fresh `python -c` process (never a fork of a process that
+runs JAX, and never a re-import of the caller's `__main__`, so a script
+without an `if __name__ == "__main__":` guard works), pins itself to its core
+before JAX starts, and receives `shared` (the data set) once. A task calls
+`function(shared, progress, *args)` there, where `progress(message)` sends a
+message back at once; its return value (or exception) comes back to `run`.
+Messages are pickles on the worker's stdin and stdout; the worker's own
+prints go to stderr.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import queue
+import subprocess
+import sys
+import threading
+from typing import Any, Callable, Iterator
+
+_WORKER_MAIN = "from bnjax.workers import worker_main; worker_main()"
+
+
+def worker_main() -> None:
+    """The loop of one worker process: init, then tasks until stdin closes."""
+    channel = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # anything printed goes to stderr, never into the pickles
+    inbox = sys.stdin.buffer
+
+    def send(message) -> None:
+        pickle.dump(message, channel)
+        channel.flush()
+
+    core, shared = pickle.load(inbox)
+    os.sched_setaffinity(0, {core})
+    while True:
+        try:
+            task_index, function, args = pickle.load(inbox)
+        except EOFError:
+            return
+        try:
+            result = function(shared, lambda message: send(("progress", task_index, message)), *args)
+            send(("done", task_index, result))
+        except Exception as error:  # noqa: BLE001 - handed to the caller, who re-raises it
+            try:
+                pickle.dumps(error)
+            except Exception:  # noqa: BLE001
+                error = RuntimeError(f"{type(error).__name__}: {error}")
+            send(("error", task_index, error))
+
+
+class WorkerPool:
+    """One worker process per entry of `cores` (a core may appear twice)."""
+
+    def __init__(self, cores: list[int], shared: Any):
+        self._messages: queue.Queue = queue.Queue()
+        self._workers = []
+        for worker_index, core in enumerate(cores):
+            process = subprocess.Popen([sys.executable, "-c", _WORKER_MAIN], stdin=subprocess.PIPE,
+                                       stdout=subprocess.PIPE)
+            pickle.dump((core, shared), process.stdin)
+            process.stdin.flush()
+            threading.Thread(target=self._read, args=(worker_index, process.stdout), daemon=True).start()
+            self._workers.append(process)
+
+    def _read(self, worker_index: int, stream) -> None:
+        while True:
+            try:
+                message = pickle.load(stream)
+            except (EOFError, OSError, pickle.UnpicklingError):
+                self._messages.put(("exit", None, None, worker_index))
+                return
+            self._messages.put((*message, worker_index))
+
+    def run(self, function: Callable, tasks: list[tuple], on_progress: Callable[[int, Any], None] | None = None
+            ) -> Iterator[tuple[int, Any]]:
+        """Yield (task index, result) as tasks finish; each idle worker takes the next task."""
+        waiting = list(range(len(tasks)))
+        busy: dict[int, int] = {}  # worker -> task
+
+        def hand_out(worker_index: int) -> None:
+            if waiting:
+                task_index = waiting.pop(0)
+                busy[worker_index] = task_index
+                stdin = self._workers[worker_index].stdin
+                pickle.dump((task_index, function, tasks[task_index]), stdin)
+                stdin.flush()
+
+        for worker_index in range(len(self._workers)):
+            hand_out(worker_index)
+        while busy:
+            kind, task_index, payload, worker_index = self._messages.get()
+            if kind == "progress":
+                if on_progress is not None:
+                    on_progress(task_index, payload)
+                continue
+            if kind == "exit":
+                code = self._workers[worker_index].wait()
+                raise RuntimeError(f"worker process {worker_index} exited (code {code}) during task "
+                                   f"{busy.get(worker_index)}; its stderr is above")
+            del busy[worker_index]
+            if kind == "error":
+                raise payload
+            yield task_index, payload
+            hand_out(worker_index)
+
+    def close(self) -> None:
+        for process in self._workers:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+            for stream in (process.stdin, process.stdout):
+                try:
+                    stream.close()
+                except OSError:
+                    pass
+
+    def __enter__(self) -> "WorkerPool":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
