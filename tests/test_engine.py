@@ -96,30 +96,21 @@ def test_vmapped_programs_give_each_runs_history(tiny_data):
 
 
 def test_runs_in_worker_processes_give_each_runs_history_and_state(tiny_data):
-    # Two workers, one core each: two runs alone, then a vmapped program of two beside a run alone.
-    configs = [dataclasses.replace(BASE, seed=seed) for seed in (0, 1)]
-    configs += [dataclasses.replace(BASE, seed=seed, learning_rate=lr) for seed, lr in ((2, 0.001), (3, 0.0005))]
-    configs.append(dataclasses.replace(RELU, seed=4))
+    # Two workers, one core each: a vmapped program of two runs beside a run alone.
+    configs = [dataclasses.replace(BASE, seed=0), dataclasses.replace(BASE, seed=1, learning_rate=0.0005),
+               dataclasses.replace(RELU, seed=4)]
     seen = []
-    strategy = Strategy(parallel_runs=2, eval_chunk=16)
-    in_workers = train_many(configs[:2], tiny_data, strategy=strategy,
+    strategy = Strategy(parallel_runs=2, models_per_program=2, steps_per_dispatch=2, eval_chunk=16)
+    in_workers = train_many(configs, tiny_data, strategy=strategy,
                             on_eval=lambda c, step, total, record: seen.append((configs.index(c), step)))
-    in_workers += train_many(configs[2:], tiny_data, strategy=dataclasses.replace(strategy, models_per_program=2,
-                                                                                 steps_per_dispatch=2))
-    assert sorted(seen) == [(0, 6), (0, 12), (0, 18), (0, 20), (1, 6), (1, 12), (1, 18), (1, 20)]
+    assert sorted(seen) == [(0, 6), (0, 12), (0, 18), (0, 20), (1, 6), (1, 12), (1, 18), (1, 20), (2, 4), (2, 6)]
     assert len(in_workers) == len(configs)
     for config, result in zip(configs, in_workers):
         assert_same_run(result, train(config, tiny_data, strategy=PER_STEP))
         history, state = result
-        # The rebuilt state trains on like the worker's own.
+        # The state rebuilt from the worker's arrays is whole: step, optimizer state.
         assert int(state.step) == history.steps[-1]
         jax.tree_util.tree_map(lambda leaf: np.testing.assert_array_equal(np.isfinite(leaf), True), state.opt_state)
-
-
-def test_an_error_in_a_worker_reaches_the_caller(tiny_data):
-    bad = dataclasses.replace(BASE, batch_size=10_000)  # more than the 256 training images
-    with pytest.raises(ValueError, match="batch_size"):
-        train_many([BASE, bad], tiny_data, strategy=Strategy(parallel_runs=2))
 
 
 def test_a_diverging_run_stops_its_history_where_train_stops(tiny_data):

@@ -1,0 +1,52 @@
+"""bnjax.workers: tasks run in pinned worker processes; results, progress,
+errors and crashes come back to the caller."""
+
+import os
+
+import pytest
+
+from bnjax.workers import WorkerPool
+
+
+def where_am_i(shared, progress, task):
+    print("a worker's print goes to stderr, not into the results")
+    progress(f"task {task} started")
+    return task, shared["offset"] + task, sorted(os.sched_getaffinity(0))
+
+
+def fail(shared, progress, message):
+    raise ValueError(message)
+
+
+def crash(shared, progress):
+    os._exit(3)
+
+
+@pytest.fixture
+def importable_here(monkeypatch):
+    # Workers are fresh processes: they import this test module by name.
+    here = os.path.dirname(os.path.abspath(__file__))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")])))
+
+
+def test_each_task_runs_once_on_a_pinned_worker_and_reports_progress(importable_here):
+    progress = []
+    with WorkerPool(cores=[0, 0], shared={"offset": 100}) as pool:
+        results = dict(pool.run(where_am_i, [(task,) for task in range(5)],
+                                lambda task_index, message: progress.append((task_index, message))))
+    assert sorted(results) == [0, 1, 2, 3, 4]
+    for task_index, (task, value, cores) in results.items():
+        assert task == task_index and value == 100 + task and cores == [0]
+    assert sorted(progress) == [(task, f"task {task} started") for task in range(5)]
+
+
+def test_an_error_in_a_task_reaches_the_caller_as_itself(importable_here):
+    with WorkerPool(cores=[0], shared=None) as pool:
+        with pytest.raises(ValueError, match="^batch_size 7 is wrong$"):
+            list(pool.run(fail, [("batch_size 7 is wrong",)]))
+
+
+def test_a_crashed_worker_is_reported_not_waited_for(importable_here):
+    with WorkerPool(cores=[0], shared=None) as pool:
+        with pytest.raises(RuntimeError, match=r"worker process 0 exited \(code 3\) during task 0"):
+            list(pool.run(crash, [()]))
