@@ -119,9 +119,11 @@ def sweep_seconds(data, epochs: int) -> dict:
     from experiments.article import sweep_configs
 
     configs = sweep_configs("article", seeds=1, epochs=epochs, max_steps=None)
+    strategy = default_strategy(jax.devices()[0].platform)
     start = time.perf_counter()
-    train_many(configs, data)
-    return {"runs": len(configs), "epochs": epochs, "seconds": time.perf_counter() - start}
+    results = train_many(configs, data, strategy=strategy)
+    return {"runs": len(configs), "epochs": epochs, "seconds": time.perf_counter() - start,
+            "points_per_curve": len(results[0][0].steps), "parallel_runs": strategy.parallel_runs}
 
 
 def keras_sweep_seconds(data, epochs: int) -> dict:
@@ -132,7 +134,8 @@ def keras_sweep_seconds(data, epochs: int) -> dict:
         for batch_norm in (False, True):
             peers.keras_run(data.x_train, data.y_train, data.x_test, data.y_test, batch_norm, activation,
                             learning_rate, epochs)
-    return {"runs": 2 * len(GRIDS["article"]), "epochs": epochs, "seconds": time.perf_counter() - start}
+    return {"runs": 2 * len(GRIDS["article"]), "epochs": epochs, "seconds": time.perf_counter() - start,
+            "points_per_curve": epochs}
 
 
 def measure(args) -> dict:
@@ -198,9 +201,12 @@ def measure(args) -> dict:
 
 
 def memory_figures(device) -> dict:
-    """Peak host memory of this process so far (Linux: ru_maxrss in KiB) and, where
-    the backend reports it (GPU, TPU), peak device memory."""
-    figures = {"peak_host_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    """Peak host memory of this process so far (Linux: ru_maxrss in KiB), of
+    the largest finished child process (the engine's worker processes, one
+    per run trained side by side) and, where the backend reports it (GPU,
+    TPU), peak device memory."""
+    figures = {"peak_host_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+               "peak_worker_memory_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     if stats and "peak_bytes_in_use" in stats:
         figures["peak_device_memory_mb"] = stats["peak_bytes_in_use"] / 2**20
@@ -230,7 +236,11 @@ def print_table(result: dict) -> None:
     print(f"for scale: a 2048 x 2048 fp32 matrix product through XLA runs at {result['xla_matmul_2048_gflops']:.0f} GFLOP/s")
     for name, sweep in result.get("sweep", {}).items():
         memory = "".join(f", {key.replace('_', ' ')} {value:.0f}" for key, value in sweep.items() if key.endswith("_mb"))
-        print(f"article sweep ({sweep['runs']} runs x {sweep['epochs']} epochs), {name}: {sweep['seconds']:.0f} s{memory}")
+        print(f"article sweep ({sweep['runs']} runs x {sweep['epochs']} epochs, {sweep['points_per_curve']} points per "
+              f"curve), {name}: {sweep['seconds']:.0f} s{memory}")
+    if {"bnjax", "keras-tf"} <= set(result.get("sweep", {})):
+        print(f"  bnjax is {result['sweep']['keras-tf']['seconds'] / result['sweep']['bnjax']['seconds']:.2f}x "
+              "faster than Keras on the sweep")
 
 
 def main(argv=None) -> None:
