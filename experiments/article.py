@@ -110,7 +110,8 @@ def main(argv=None) -> None:
             add_run(results_path, results, config, history)
 
         # The engine picks the launch strategy for this backend (bnjax/engine.py):
-        # one run at a time on CPU, many runs per vmapped program on GPU/TPU.
+        # on CPU one run per core side by side, in worker processes; on GPU/TPU
+        # many runs per vmapped program.
         train_many(todo, data, on_eval=show_progress, on_done=save_run)
         print(f"sweep done: {len(todo)} runs in {(time.perf_counter() - sweep_start) / 60:.1f} min", flush=True)
 
