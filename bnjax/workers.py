@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import pickle
 import queue
+import signal
 import subprocess
 import sys
 import threading
@@ -37,6 +38,9 @@ def worker_main() -> None:
         pickle.dump(message, channel)
         channel.flush()
 
+    # Ctrl-C reaches the whole process group: the caller handles it and
+    # closes the pool, so a worker does not print a traceback of its own.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     core, shared = pickle.load(inbox)
     os.sched_setaffinity(0, {core})
     while True:
