@@ -20,12 +20,12 @@ import dataclasses
 import json
 import os
 import platform
-import resource
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import jax
@@ -120,10 +120,13 @@ def sweep_seconds(data, epochs: int) -> dict:
 
     configs = sweep_configs("article", seeds=1, epochs=epochs, max_steps=None)
     strategy = default_strategy(jax.devices()[0].platform)
-    start = time.perf_counter()
-    results = train_many(configs, data, strategy=strategy)
-    return {"runs": len(configs), "epochs": epochs, "seconds": time.perf_counter() - start,
-            "points_per_curve": len(results[0][0].steps), "parallel_runs": strategy.parallel_runs}
+    with HostMemorySampler() as memory:
+        start = time.perf_counter()
+        results = train_many(configs, data, strategy=strategy)
+        seconds = time.perf_counter() - start
+    return {"runs": len(configs), "epochs": epochs, "seconds": seconds,
+            "points_per_curve": len(results[0][0].steps), "parallel_runs": strategy.parallel_runs,
+            "peak_host_memory_mb": memory.peak_mb}
 
 
 def keras_sweep_seconds(data, epochs: int) -> dict:
@@ -141,6 +144,9 @@ def keras_sweep_seconds(data, epochs: int) -> dict:
 def measure(args) -> dict:
     data = load_mnist()
     device = jax.devices()[0]
+    # The bnjax sweep first, while this process holds no TensorFlow or PyTorch,
+    # so that its memory figure is bnjax's own.
+    sweep = {"bnjax": {**sweep_seconds(data, args.sweep_epochs), **device_memory_figures(device)}} if args.sweep else {}
     implementations = {"bnjax": lambda bn: (lambda steps: bnjax_seconds(bn, data, steps))}
     skipped = {}
     if args.peers:
@@ -193,24 +199,59 @@ def measure(args) -> dict:
         result["share_of_peak"] = {kind: result[f"{kind}_steps_per_s"] * flops[bn] / 1e9 / peak
                                    for kind, bn in (("plain", False), ("bn", True))}
     if args.sweep:
-        result["sweep"] = {"bnjax": sweep_seconds(data, args.sweep_epochs)}
-        result["sweep"]["bnjax"].update(memory_figures(device))
+        result["sweep"] = sweep
         if "keras-tf" in implementations:
             result["sweep"]["keras-tf"] = keras_sweep_seconds(data, args.sweep_epochs)
     return result
 
 
-def memory_figures(device) -> dict:
-    """Peak host memory of this process so far (Linux: ru_maxrss in KiB), of
-    the largest finished child process (the engine's worker processes, one
-    per run trained side by side) and, where the backend reports it (GPU,
-    TPU), peak device memory."""
-    figures = {"peak_host_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-               "peak_worker_memory_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+class HostMemorySampler:
+    """Peak resident memory of this process plus its child processes (the
+    engine's workers), sampled from /proc every `interval_s` while active.
+    (ru_maxrss cannot tell: a child's high-water mark starts from its parent's
+    size at fork and survives exec.)"""
+
+    def __init__(self, interval_s: float = 0.2):
+        self.interval_s, self.peak_mb = interval_s, 0.0
+        self._stop = threading.Event()
+
+    @staticmethod
+    def _rss_mb(pid: int | str) -> float:
+        try:
+            with open(f"/proc/{pid}/status") as status:
+                return next(float(line.split()[1]) / 1024 for line in status if line.startswith("VmRSS:"))
+        except (OSError, StopIteration):
+            return 0.0
+
+    def _children(self) -> list[str]:
+        try:
+            with open(f"/proc/{os.getpid()}/task/{os.getpid()}/children") as children:
+                return children.read().split()
+        except OSError:
+            return []
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            total = self._rss_mb(os.getpid()) + sum(self._rss_mb(child) for child in self._children())
+            self.peak_mb = max(self.peak_mb, total)
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> "HostMemorySampler":
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def device_memory_figures(device) -> dict:
+    """Peak device memory, where the backend reports it (GPU, TPU)."""
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     if stats and "peak_bytes_in_use" in stats:
-        figures["peak_device_memory_mb"] = stats["peak_bytes_in_use"] / 2**20
-    return figures
+        return {"peak_device_memory_mb": stats["peak_bytes_in_use"] / 2**20}
+    return {}
 
 
 def print_table(result: dict) -> None:
