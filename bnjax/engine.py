@@ -27,8 +27,9 @@ to the per-step History within stated round-off):
 "Performance"): on CPU one step per dispatch, one model per program (a
 vmapped program ran 2-3x slower per model on 2 cores; the scan without unroll
 ~10x slower, unrolled no faster in steps/s and 3-5x slower to compile),
-evaluation in pieces of 200 images (1.8x faster than 1000 at once) and one
-run per core side by side (1.3x the runs per hour of one run on both cores).
+evaluation in pieces of 200 images (1.7x faster than 1000 at once) and one
+run per core side by side (two pinned runs did 1.4x the steps of one run on
+both cores; the 6-run article sweep took 0.9x the time of one process).
 On GPU and TPU, dispatch dominates at batch 32, so many steps per dispatch and
 many models per program (reasoned, not yet measured: no GPU was lent to us).
 """

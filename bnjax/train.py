@@ -265,7 +265,7 @@ def eval_step(state: TrainState, images, labels, chunk: int | None = None):
     With `chunk` (dividing the batch size), the batch goes through the net as a
     `lax.map` over pieces of `chunk` images, in one dispatch. Eval mode treats
     every example alone, so only the loss sum's float round-off can differ; on
-    XLA:CPU pieces of ~200 images stay in cache and run ~1.8x faster than 1000
+    XLA:CPU pieces of ~200 images stay in cache and run ~1.7x faster than 1000
     at once (README, "Performance").
     """
     batch = labels.shape[0]

@@ -14,12 +14,13 @@ resumes where it stopped. Full article grid on 2 CPU cores: about 25 minutes.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
 
 from bnjax.data import DATASETS, SOURCES, load_dataset
-from bnjax.engine import train_many
+from bnjax.engine import default_strategy, train_many
 from bnjax.train import TrainConfig, resolve_steps
 from experiments import plot_article
 from experiments.results import add_run, load_results, run_resumable, unfinished
@@ -67,6 +68,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--source", choices=SOURCES, default="auto", help="data source (see bnjax/data.py)")
     parser.add_argument("--data-dir", default=None, help="IDX directory or TFDS data_dir")
     parser.add_argument("--cache-dir", default=None, help="data cache directory (default $BNJAX_CACHE_DIR or ~/.cache/bnjax)")
+    parser.add_argument("--parallel-runs", type=positive_int, default=None,
+                        help="runs trained side by side, one CPU core each (default: the engine's choice, "
+                             "all cores on CPU); 1 = one run at a time in this process")
     args = parser.parse_args(argv)
     if args.out is None:
         args.out = Path("outputs/article" if args.dataset == "mnist" else f"outputs/article_{args.dataset}")
@@ -112,7 +116,10 @@ def main(argv=None) -> None:
         # The engine picks the launch strategy for this backend (bnjax/engine.py):
         # on CPU one run per core side by side, in worker processes; on GPU/TPU
         # many runs per vmapped program.
-        train_many(todo, data, on_eval=show_progress, on_done=save_run)
+        strategy = default_strategy()
+        if args.parallel_runs is not None:
+            strategy = dataclasses.replace(strategy, parallel_runs=args.parallel_runs)
+        train_many(todo, data, strategy=strategy, on_eval=show_progress, on_done=save_run)
         print(f"sweep done: {len(todo)} runs in {(time.perf_counter() - sweep_start) / 60:.1f} min", flush=True)
 
     plot_article.plot_all(results_path)

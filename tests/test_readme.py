@@ -14,7 +14,7 @@ EXPECTED = {
     "bnjax/batchnorm.py:46": "jax.lax.pmean((mean, mean_of_squares), axis_name)",
     "bnjax/train.py:230": "grads, metrics = jax.lax.pmean((grads, metrics), axis_name)",
     "bnjax/train.py:218-224": 'mutable=["batch_stats"]',
-    "bnjax/train.py:253-260": "train=False",
+    "bnjax/train.py:252-258": "train=False",
 }
 
 
