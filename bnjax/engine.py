@@ -301,8 +301,9 @@ def train_many(
     by_key: dict[tuple, list[int]] = {}
     multi_device = False
     for index, config in enumerate(configs):
-        alone = strategy.models_per_program == 1 or make_mesh(config).size > 1
-        multi_device = multi_device or make_mesh(config).size > 1
+        several_devices = make_mesh(config).size > 1
+        multi_device = multi_device or several_devices
+        alone = strategy.models_per_program == 1 or several_devices
         by_key.setdefault(("alone", index) if alone else program_key(config), []).append(index)
     groups = [indices[start:start + strategy.models_per_program]
               for indices in by_key.values() for start in range(0, len(indices), strategy.models_per_program)]
