@@ -46,7 +46,7 @@ def cpu_peak_gflops() -> tuple[float | None, str]:
     vector FMAs) built for this CPU and run on every core at once, summed. A
     nominal cores x clock x FLOP/cycle needs the number of FMA pipes and the
     boost clock, which /proc/cpuinfo does not tell (on our 2-core Xeon it says
-    2.6 GHz while the cores run FMAs at ~3.7 GHz, 64 FLOP/cycle)."""
+    2.6 GHz while the cores run FMAs at 3.5-3.7 GHz, 64 FLOP/cycle)."""
     compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         return None, "no C compiler to build benchmarks/fma_peak.c"
@@ -212,7 +212,8 @@ class HostMemorySampler:
     """Peak resident memory of this process plus its child processes (the
     engine's workers), sampled from /proc every `interval_s` while active.
     (ru_maxrss cannot tell: a child's high-water mark starts from its parent's
-    size at fork and survives exec.)"""
+    size at fork and survives exec.) Linux only; a kernel without
+    /proc/PID/task/PID/children lists gives this process's memory alone."""
 
     def __init__(self, interval_s: float = 0.2):
         self.interval_s, self.peak_mb = interval_s, 0.0
