@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
 import json
 import os
 import platform
@@ -228,11 +229,15 @@ class HostMemorySampler:
             return 0.0
 
     def _children(self) -> list[str]:
-        try:
-            with open(f"/proc/{os.getpid()}/task/{os.getpid()}/children") as children:
-                return children.read().split()
-        except OSError:
-            return []
+        """Child PIDs of every thread of this process (a child belongs to the thread that started it)."""
+        children = []
+        for thread in glob.glob(f"/proc/{os.getpid()}/task/*/children"):
+            try:
+                with open(thread) as listing:
+                    children += listing.read().split()
+            except OSError:
+                pass
+        return children
 
     def _sample(self) -> None:
         while not self._stop.is_set():

@@ -401,8 +401,9 @@ def train(
 
     `strategy` (a `bnjax.engine.Strategy`; default: the fastest known for the
     backend, `bnjax.engine.default_strategy`) sets how many steps run per
-    dispatch. It never changes what is computed, only how it is launched
-    (tests/test_engine.py holds every strategy to the per-step results).
+    dispatch and the pieces each test batch is evaluated in. It never changes
+    what is computed, only how it is launched (tests/test_engine.py holds
+    every strategy to the per-step results).
     """
     from bnjax.engine import default_strategy  # engine imports this module
 
