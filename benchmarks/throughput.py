@@ -160,8 +160,10 @@ def measure(args) -> dict:
                 implementations[peer] = lambda bn: (lambda steps: peers.keras_train_seconds(
                     peers.keras_model(bn), data.x_train, data.y_train, steps))
             else:
+                # PyTorch on the same kind of device as bnjax (its eager GPU path when JAX has a GPU).
+                torch_device = "cuda" if device.platform == "gpu" else "cpu"
                 implementations[peer] = lambda bn: (lambda steps: peers.torch_train_seconds(
-                    peers.torch_model(bn), data.x_train, data.y_train, steps))
+                    peers.torch_model(bn), data.x_train, data.y_train, steps, device=torch_device))
     rates = {name: {False: [], True: []} for name in implementations}
     compile_s = {False: [], True: []}
     for _ in range(args.repeats):
