@@ -16,6 +16,10 @@ TOLERANCE = 1e-5  # absolute, plus 1e-5 relative where values exceed 1 (float32 
 # times over; float32 round-off in those statistics (different summation orders
 # in PyTorch, Keras and XLA) reaches ~2e-5 in the logits, so they get 1e-4.
 TRAIN_LOGITS_TOLERANCE = 1e-4
+# Loss gradients through train-mode BN (values up to ~0.5): float32 sums in
+# another order than PyTorch's. Measured largest difference: 1.5e-5 with
+# jaxlib 0.7.1 (the dependency floor), below 1e-5 with jaxlib 0.10.
+GRADIENT_TOLERANCE = 3e-5
 FIXTURE = np.load(Path(__file__).parent / "fixtures" / "conversion.npz")
 IMAGES = FIXTURE["images"]  # (16, 28, 28, 1) NHWC
 LABELS = FIXTURE["labels"]
@@ -65,7 +69,7 @@ def test_torch_bn_train_step_logits_stats_and_gradients():
     torch_grads = {**torch_state("torch_bn", "state_after_train"), **torch_state("torch_bn", "grad")}
     expected_grads = convert.convnet_from_torch(torch_grads, batch_norm=True)["params"]
     for ours, theirs in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(expected_grads)):
-        np.testing.assert_allclose(ours, theirs, atol=TOLERANCE, rtol=TOLERANCE)
+        np.testing.assert_allclose(ours, theirs, atol=GRADIENT_TOLERANCE, rtol=TOLERANCE)
 
 
 @pytest.mark.parametrize(

@@ -22,17 +22,24 @@ from bnjax.train import TrainConfig, train
 # with sigmoid, 6 with relu (whose kinks and max-pool near-ties flip on round-
 # off sooner). Adam's first steps move a weight whose gradient is ~0 by up to
 # a learning rate on a round-off sign change (seen: up to 1% of the entries
-# off by 1e-5 to 2e-4 in a vmapped program), so parameters must agree to 1e-5
-# in 98% of entries and to one step (1e-3) in all. A wrong batch, step count
-# or learning rate moves nearly every entry by far more than 1e-5.
+# off by 1e-5 to 2e-4 in a vmapped program; 2.1% on an AMD EPYC VM), so parameters must agree to 1e-5 in 97% of entries and to one
+# step (1e-3) in all. Losses agree to 1e-5 plus 5e-5 relative (seen on the AMD
+# VM: a worker's training loss 2.3e-5 relative off). A wrong batch, step count
+# or learning rate moves nearly every entry by far more than 1e-5 and the
+# losses by ~1e-2.
 CURVE_TOLERANCE = 1e-5
-RELATIVE_TOLERANCE = 1e-5
+RELATIVE_TOLERANCE = 5e-5
 PARAM_TOLERANCE = 1e-5
-PARAM_SHARE_WITHIN = 0.98
+PARAM_SHARE_WITHIN = 0.97
 ONE_ADAM_STEP = 1e-3
+# A worker computes on one core, so XLA:CPU splits its kernels for one thread:
+# more sums in another order than a vmapped program in this process. Seen on
+# an AMD EPYC VM: 6.3% of the parameter entries off by more than 1e-5, all
+# within 8e-4 (one Adam step bounds them all).
+WORKER_PARAM_SHARE_WITHIN = 0.9
 
 
-def assert_same_run(a, b, tolerance=CURVE_TOLERANCE):
+def assert_same_run(a, b, tolerance=CURVE_TOLERANCE, param_share_within=PARAM_SHARE_WITHIN):
     (history_a, state_a), (history_b, state_b) = a, b
     assert history_a.steps == history_b.steps
     assert history_a.diverged == history_b.diverged
@@ -53,7 +60,7 @@ def assert_same_run(a, b, tolerance=CURVE_TOLERANCE):
             continue
         differences = np.concatenate([np.abs(np.asarray(a) - np.asarray(b)).ravel()
                                       for a, b in zip(leaves_a, leaves_b)])
-        assert np.mean(differences <= PARAM_TOLERANCE) >= PARAM_SHARE_WITHIN, (tree, np.sort(differences)[-20:])
+        assert np.mean(differences <= PARAM_TOLERANCE) >= param_share_within, (tree, np.sort(differences)[-20:])
         assert differences.max() <= ONE_ADAM_STEP, (tree, differences.max())
 
 
@@ -106,7 +113,8 @@ def test_runs_in_worker_processes_give_each_runs_history_and_state(tiny_data):
     assert sorted(seen) == [(0, 6), (0, 12), (0, 18), (0, 20), (1, 6), (1, 12), (1, 18), (1, 20), (2, 4), (2, 6)]
     assert len(in_workers) == len(configs)
     for config, result in zip(configs, in_workers):
-        assert_same_run(result, train(config, tiny_data, strategy=PER_STEP))
+        assert_same_run(result, train(config, tiny_data, strategy=PER_STEP),
+                        param_share_within=WORKER_PARAM_SHARE_WITHIN)
         history, state = result
         # The state rebuilt from the worker's arrays is whole: step, optimizer state.
         assert int(state.step) == history.steps[-1]
@@ -141,11 +149,12 @@ def test_strategy_values_are_checked_and_cpu_runs_one_step_per_dispatch():
 
 
 def test_xla_cpu_flags_are_added_once_and_can_be_turned_off(monkeypatch):
+    monkeypatch.setattr(xla_flags.metadata, "version", lambda package: "0.7.1")  # older than the flags
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    assert xla_flags.apply_cpu_flags() == [] and os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2"
+    monkeypatch.setattr(xla_flags.metadata, "version", lambda package: "0.10.2")
     added = xla_flags.apply_cpu_flags()
     assert added == list(xla_flags.CPU_FLAGS)
-    import os
-
     assert os.environ["XLA_FLAGS"].startswith("--xla_force_host_platform_device_count=2 ")
     assert xla_flags.apply_cpu_flags() == []  # already there: not twice
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")  # the user's own value wins

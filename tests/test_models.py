@@ -138,8 +138,11 @@ def test_a_bias_right_before_bn_gets_exactly_zero_gradient(model):
 
     grads = jax.grad(loss)(variables["params"])
     first_layer = "Dense_0" if model == "mlp" else "Conv_0"
-    assert float(jnp.abs(grads[first_layer]["kernel"]).max()) > 1e-4  # the layer does learn
-    assert float(jnp.abs(grads[first_layer]["bias"]).max()) < 1e-6  # its bias does not
+    # Measured: kernel gradients up to 0.12 (conv) / 0.05 (dense); bias gradients
+    # 3.6e-7 (jaxlib 0.10) and 1.5e-6 (jaxlib 0.7.1, the floor): round-off of a
+    # sum over 16 x 26 x 26 positions that cancels exactly in real arithmetic.
+    assert float(jnp.abs(grads[first_layer]["kernel"]).max()) > 1e-2  # the layer does learn
+    assert float(jnp.abs(grads[first_layer]["bias"]).max()) < 1e-5  # its bias does not
 
 
 @pytest.mark.parametrize("position", ["before", "after"])

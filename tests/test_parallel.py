@@ -12,8 +12,16 @@ import pytest
 
 TESTS = Path(__file__).resolve().parent
 # Float32 reductions split over devices sum in another order; after 32 Adam
-# steps the curves of 1, 2 and 8 devices agree to this (measured: see README).
-TOLERANCE = 1e-4
+# steps the loss curves (values ~2) of 1, 2 and 8 devices agree to this
+# (measured: at most 2.3e-5 in an earlier session, 4.5e-4 on an AMD EPYC VM).
+TOLERANCE = 1e-3
+# Ghost BN is another algorithm: its loss curves move by more than this.
+GHOST_DIFFERENCE = 1e-2
+# An example whose two top logits are within round-off may change its argmax:
+# accuracies may differ by two of the 128 test images (seen on an AMD EPYC VM,
+# 8 devices: two flipped) or, in training accuracy, of the 128 images between
+# evaluations.
+ACCURACY_TOLERANCE = 2 / 128 + 1e-9
 
 
 @pytest.fixture(scope="module")
@@ -26,11 +34,17 @@ def histories():
     return json.loads(result.stdout)
 
 
-CURVES = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
+LOSSES = ("train_loss", "val_loss")
+ACCURACIES = ("train_accuracy", "val_accuracy")
 
 
-def max_curve_difference(a, b):
-    return max(float(np.max(np.abs(np.array(a[key]) - np.array(b[key])))) for key in CURVES)
+def max_curve_difference(a, b, keys):
+    return max(float(np.max(np.abs(np.array(a[key]) - np.array(b[key])))) for key in keys)
+
+
+def assert_same_curves(a, b, name):
+    assert max_curve_difference(a, b, LOSSES) < TOLERANCE, name
+    assert max_curve_difference(a, b, ACCURACIES) <= ACCURACY_TOLERANCE, name
 
 
 @pytest.mark.slow
@@ -39,13 +53,13 @@ def test_synced_bn_on_1_2_and_8_devices_trains_the_same_model(histories):
     assert one["steps"] == [4, 8, 12, 16, 20, 24, 28, 32] and one["final_step"] == 32
     for name in ("sync_2", "sync_8"):
         assert histories[name]["steps"] == one["steps"]
-        assert max_curve_difference(histories[name], one) < TOLERANCE, name
-    assert max_curve_difference(histories["plain_8"], histories["plain_1"]) < TOLERANCE
+        assert_same_curves(histories[name], one, name)
+    assert_same_curves(histories["plain_8"], histories["plain_1"], "plain")
 
 
 @pytest.mark.slow
 def test_ghost_bn_is_a_different_algorithm(histories):
-    assert max_curve_difference(histories["ghost_8"], histories["sync_8"]) > 100 * TOLERANCE
+    assert max_curve_difference(histories["ghost_8"], histories["sync_8"], LOSSES) > GHOST_DIFFERENCE
 
 
 @pytest.mark.slow
