@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import jax
 import nbformat
 import pytest
 from nbclient import NotebookClient
@@ -29,3 +30,5 @@ def test_colab_notebook_executes_at_smoke_size(mnist, tmp_path, monkeypatch):
     assert "| 0.01 | relu |" in (tmp_path / "summary.md").read_text()
     shown = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.get("outputs", [])]
     assert sum("image/png" in output.get("data", {}) for output in shown) == 3  # the curves, inline
+    printed = "".join(output.get("text", "") for output in shown)
+    assert f"jax      {jax.__version__}" in printed and "flax     " in printed  # the versions it ended up with
