@@ -21,9 +21,10 @@ from pathlib import Path
 
 from bnjax.data import DATASETS, SOURCES, load_dataset
 from bnjax.engine import default_strategy, train_many
+from bnjax.provenance import describe_environment, environment, same_setup
 from bnjax.train import TrainConfig, resolve_steps
 from experiments import plot_article
-from experiments.results import add_run, load_results, run_resumable, unfinished
+from experiments.results import add_run, load_results, run_key, run_resumable, unfinished
 
 # (learning_rate, activation) pairs.
 GRIDS = {
@@ -77,6 +78,44 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def explain_nothing_trained(args: argparse.Namespace, results: dict, results_path: Path,
+                            configs: list[TrainConfig]) -> None:
+    """Every run is saved already (e.g. a fresh clone's committed results): say
+    where they came from and how to train afresh, show the table, touch nothing."""
+    saved, here = results.get("environment", {}), environment()
+    print(f"Nothing was trained. The saved runs were made on: {describe_environment(saved)}.")
+    if not same_setup(saved, here):
+        print(f"This machine differs: {describe_environment(here)}.")
+    summary = args.out / "summary.md"
+    if summary.exists():
+        print(f"\n{summary.read_text().strip()}\n")
+    wanted = {run_key(dataclasses.asdict(config)) for config in configs}
+    run_minutes = sum(run.get("total_wall_time_s", 0.0) for run in results["runs"]
+                      if run_key(run["config"]) in wanted) / 60
+    fresh = " ".join(["python -m experiments.article", *argv_without_out(args), "--out", "runs/article"])
+    print(f"The figures and summary in {args.out}/ are left as they were "
+          f"(python -m experiments.plot_article {results_path} redraws them).")
+    print(f"To train these {len(configs)} runs afresh here: {fresh}  "
+          f"(the saved runs' training times add up to {run_minutes:.0f} minutes "
+          f"where they were made).")
+
+
+def argv_without_out(args: argparse.Namespace) -> list[str]:
+    """The options of this invocation that define the sweep, as command-line words."""
+    words = []
+    if args.grid != "article":
+        words += ["--grid", args.grid]
+    if args.seeds != 3:
+        words += ["--seeds", str(args.seeds)]
+    if args.epochs != 3:
+        words += ["--epochs", str(args.epochs)]
+    if args.max_steps is not None:
+        words += ["--max-steps", str(args.max_steps)]
+    if args.dataset != "mnist":
+        words += ["--dataset", args.dataset]
+    return words
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     configs = sweep_configs(args.grid, args.seeds, args.epochs, args.max_steps)
@@ -89,6 +128,9 @@ def main(argv=None) -> None:
     print(f"{len(configs)} runs in the {args.grid} grid; {len(configs) - len(todo)} already in {results_path}; "
           f"{len(todo)} to train", flush=True)
 
+    if not todo:
+        explain_nothing_trained(args, results, results_path, configs)
+        return
     if todo:
         try:
             data = load_dataset(args.dataset, args.source, args.data_dir, args.cache_dir)

@@ -4,34 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import platform
 import sys
 from pathlib import Path
 
-import flax
-import jax
-import numpy as np
-import optax
-
 from bnjax.atomic import write_json
 from bnjax.data import DataError
+from bnjax.provenance import environment
 from bnjax.train import TrainConfig
-
-
-def environment() -> dict:
-    """Library versions and the device that produced a result."""
-    device = jax.devices()[0]
-    return {
-        "jax": jax.__version__,
-        "flax": flax.__version__,
-        "optax": optax.__version__,
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-        "platform": device.platform,
-        "device": device.device_kind,
-        "device_count": jax.device_count(),
-        "machine": platform.machine(),
-    }
 
 
 def run_key(config: dict) -> str:

@@ -2,6 +2,8 @@
 and the article sweep writes complete, resumable results."""
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -37,11 +39,34 @@ def test_article_sweep_smoke_writes_results_and_resumes(tmp_path, mnist, monkeyp
     assert len(pngs) == 3 and "sigmoid_lr0.01_epochs3_max20.png" in pngs
     assert "| 0.01 | sigmoid |" in (tmp_path / "summary.md").read_text()
 
+    assert results["environment"]["bnjax_commit"]  # this test runs inside a git checkout
+
     capsys.readouterr()
-    article.main(argv)  # everything is saved: nothing retrains
+    written = {path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in tmp_path.iterdir()}
+    article.main(argv)  # everything is saved: nothing retrains, nothing is rewritten
     output = capsys.readouterr().out
     assert "6 already in" in output and "0 to train" in output
-    assert len(json.loads((tmp_path / "results.json").read_text())["runs"]) == 6
+    assert "Nothing was trained" in output and "This machine differs" not in output  # made right here
+    assert "| 0.01 | sigmoid |" in output  # the summary table, shown
+    assert "python -m experiments.article --seeds 1 --max-steps 20 --out runs/article" in output
+    assert {path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in tmp_path.iterdir()} == written
+
+
+def test_committed_results_explain_where_they_came_from_and_stay_untouched(tmp_path, capsys):
+    # A fresh clone's main job: the committed article results, another machine's.
+    committed = Path(__file__).resolve().parents[1] / "outputs" / "article"
+    for name in ("results.json", "summary.md"):
+        shutil.copy(committed / name, tmp_path / name)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    saved["environment"]["cpu"] = "some other CPU"
+    (tmp_path / "results.json").write_text(json.dumps(saved))
+    written = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    article.main(["--out", str(tmp_path)])
+    output = capsys.readouterr().out
+    assert "0 to train" in output and "Nothing was trained. The saved runs were made on: some other CPU" in output
+    assert "This machine differs" in output
+    assert "python -m experiments.article --out runs/article" in output
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == written  # no figure drawn either
 
 
 def test_bad_cli_values_get_one_line_errors(capsys):

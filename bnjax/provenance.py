@@ -1,0 +1,76 @@
+"""Where a result came from: library versions, the machine and the bnjax commit,
+recorded beside every saved result (results.json, `python -m bnjax --save`)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import flax
+import jax
+import numpy as np
+import optax
+
+REPOSITORY = Path(__file__).resolve().parents[1]  # the checkout bnjax/ sits in, if any
+
+
+def bnjax_commit() -> str | None:
+    """The bnjax commit this code is at ("+changes" when bnjax/ or experiments/
+    differ from it), or None outside a git checkout."""
+    def git(*args):
+        return subprocess.run(["git", "-C", str(REPOSITORY), *args], capture_output=True, text=True, timeout=30)
+    try:
+        head = git("rev-parse", "--short=12", "HEAD")
+        changes = git("status", "--porcelain", "--", "bnjax", "experiments")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode:
+        return None
+    return head.stdout.strip() + ("+changes" if changes.stdout.strip() else "")
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def environment() -> dict:
+    """Library versions, the machine and the bnjax commit that produced a result."""
+    device = jax.devices()[0]
+    return {
+        "jax": jax.__version__,
+        "flax": flax.__version__,
+        "optax": optax.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "platform": device.platform,
+        "device": device.device_kind,
+        "device_count": jax.device_count(),
+        "machine": platform.machine(),
+        "cpu": cpu_model(),
+        "cpu_cores": len(os.sched_getaffinity(0)),
+        "bnjax_commit": bnjax_commit(),
+    }
+
+
+# What makes two environments "the same setup" for the purpose of saying where results came from.
+SETUP_FIELDS = ("jax", "flax", "optax", "platform", "device", "device_count", "machine", "cpu", "cpu_cores")
+
+
+def describe_environment(env: dict) -> str:
+    """One line: the machine and library versions an `environment()` records (older files record fewer)."""
+    cpu = env.get("cpu") or env.get("machine", "?")
+    cores = f", {env['cpu_cores']} cores" if env.get("cpu_cores") else ""
+    device = cpu + cores if env.get("platform") == "cpu" else f"{env.get('device', '?')} x{env.get('device_count', 1)}"
+    commit = f", bnjax {env['bnjax_commit']}" if env.get("bnjax_commit") else ""
+    return (f"{device}; jax {env.get('jax', '?')}, flax {env.get('flax', '?')}, optax {env.get('optax', '?')}"
+            f"{commit}")
+
+
+def same_setup(saved: dict, here: dict) -> bool:
+    return all(saved.get(field) == here.get(field) for field in SETUP_FIELDS)
