@@ -1,36 +1,70 @@
-"""The README's pointers into the code point at the lines they describe."""
+"""The README and docs/ pages point at code and files that exist and still say
+what the pages describe."""
 
+import ast
 import re
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-README = (ROOT / "README.md").read_text()
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
-# (reference as written in the README, text that line range must contain)
+# (reference as written on the pages: file::function or file::Class.method,
+#  text that definition must contain)
 EXPECTED = {
-    "bnjax/batchnorm.py:138": "running_mean.value, running_var.value = new_mean, new_var",
-    "bnjax/batchnorm.py:46": "jax.lax.pmean((mean, mean_of_squares), axis_name)",
-    "bnjax/train.py:230": "grads, metrics = jax.lax.pmean((grads, metrics), axis_name)",
-    "bnjax/train.py:218-224": 'mutable=["batch_stats"]',
-    "bnjax/train.py:252-258": "train=False",
+    "bnjax/batchnorm.py::BatchNorm.__call__": "running_mean.value, running_var.value = new_mean, new_var",
+    "bnjax/batchnorm.py::batch_statistics": "jax.lax.pmean((mean, mean_of_squares), axis_name)",
+    "bnjax/batchnorm.py::batch_norm_train": "momentum",
+    "bnjax/train.py::train_step_body": 'mutable=["batch_stats"]',
+    "bnjax/train.py::_eval_totals": "train=False",
 }
+REFERENCE = re.compile(r"`((?:bnjax|experiments|benchmarks)/\w+\.py)::([\w.]+)`")
+LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
 
 
-def lines_of(reference: str) -> str:
-    path, _, span = reference.partition(":")
-    first, _, last = span.partition("-")
-    lines = (ROOT / path).read_text().splitlines()
-    return "\n".join(lines[int(first) - 1 : int(last or first)])
+def definition_source(path: str, qualified_name: str) -> str | None:
+    """The source of `qualified_name` (a function, class or Class.method) in `path`, or None."""
+    source = (ROOT / path).read_text()
+    scope = ast.parse(source).body
+    node = None
+    for name in qualified_name.split("."):
+        node = next((n for n in scope if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name == name), None)
+        if node is None:
+            return None
+        scope = node.body
+    return ast.get_source_segment(source, node)
+
+
+def references() -> set[str]:
+    return {f"{path}::{name}" for page in PAGES for path, name in REFERENCE.findall(page.read_text())}
 
 
 @pytest.mark.parametrize("reference", sorted(EXPECTED))
-def test_reference_points_at_its_line(reference):
-    assert reference in README
-    assert EXPECTED[reference] in lines_of(reference)
+def test_reference_names_code_that_says_what_the_pages_describe(reference):
+    assert reference in references()
+    path, _, name = reference.partition("::")
+    source = definition_source(path, name)
+    assert source is not None, f"{name} is not defined in {path}"
+    assert EXPECTED[reference] in source
 
 
-def test_every_line_reference_is_checked():
-    found = set(re.findall(r"`(bnjax/\w+\.py:\d+(?:-\d+)?)`", README))
-    assert found == set(EXPECTED)
+def test_every_code_reference_is_checked():
+    assert references() == set(EXPECTED)
+
+
+def test_no_page_points_at_line_numbers():
+    for page in PAGES:
+        assert not re.findall(r"`bnjax/\w+\.py:\d+", page.read_text()), page.name
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda page: page.name)
+def test_relative_links_and_images_exist(page):
+    targets = [target for target in LINK.findall(page.read_text()) if "://" not in target]
+    missing = [target for target in targets if not (page.parent / target).exists()]
+    assert not missing, f"{page.name} links to files that do not exist: {missing}"
+
+
+def test_definition_lookup_can_fail():
+    assert definition_source("bnjax/train.py", "no_such_function") is None
+    assert definition_source("bnjax/batchnorm.py", "BatchNorm.no_such_method") is None
