@@ -1,0 +1,121 @@
+"""Train one run from the command line, any `TrainConfig` field set by name.
+
+    python -m bnjax                                           # the article's BN-less net, 3 epochs
+    python -m bnjax --set batch_norm=true --set learning_rate=0.01 --set max_steps=200
+    python -m bnjax --set batch_norm=true --set activation=sigmoid --save runs/one.json
+    python -m bnjax --fields                                  # every field, its default and type
+
+Values are read by the field's type: true/false for booleans, integers,
+numbers, names, and `none` for the optional integers. Progress goes to stdout
+at each evaluation, then the final test accuracy; `--save` writes the config,
+the environment and the History as one JSON file (atomically). A bad field or
+value ends with one line naming it and what is allowed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+
+from bnjax.atomic import write_json
+from bnjax.data import DATASETS, SOURCES, DataError, load_dataset
+from bnjax.provenance import environment
+from bnjax.train import TrainConfig, train
+
+FIELDS = {field.name: field for field in dataclasses.fields(TrainConfig)}
+FIELD_TYPES = typing.get_type_hints(TrainConfig)
+
+
+def parse_value(name: str, text: str):
+    """`text` as a value of TrainConfig field `name`; ValueError names what is allowed."""
+    kind = FIELD_TYPES[name]
+    optional = type(None) in typing.get_args(kind)
+    base = next((arg for arg in typing.get_args(kind) if arg is not type(None)), kind)
+    if optional and text.lower() == "none":
+        return None
+    if base is bool:
+        if text.lower() in ("true", "1", "yes"):
+            return True
+        if text.lower() in ("false", "0", "no"):
+            return False
+        raise ValueError(f"{name} must be true or false, got {text!r}")
+    if base is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"{name} must be an integer{' or none' if optional else ''}, got {text!r}") from None
+    if base is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"{name} must be a number, got {text!r}") from None
+    return text
+
+
+def config_from_settings(settings: list[str]) -> TrainConfig:
+    """TrainConfig from ["field=value", ...]; ValueError on an unknown field or a bad value."""
+    values = {}
+    for setting in settings:
+        name, equals, text = setting.partition("=")
+        name = name.strip()
+        if not equals:
+            raise ValueError(f"--set needs FIELD=VALUE, got {setting!r}")
+        if name not in FIELDS:
+            raise ValueError(f"unknown TrainConfig field {name!r}; fields: {', '.join(FIELDS)}")
+        values[name] = parse_value(name, text.strip())
+    return TrainConfig(**values)  # its own checks name any value out of range
+
+
+def describe_fields() -> str:
+    defaults = TrainConfig()
+    return "\n".join(f"  {name:16s} {getattr(defaults, name)!r:18} "
+                     f"{getattr(FIELD_TYPES[name], '__name__', FIELD_TYPES[name])}" for name in FIELDS)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bnjax", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="set one TrainConfig field (repeatable)")
+    parser.add_argument("--save", default=None, metavar="PATH", help="write config, environment and History as JSON")
+    parser.add_argument("--fields", action="store_true", help="list the TrainConfig fields and their defaults")
+    parser.add_argument("--dataset", choices=sorted(DATASETS), default="mnist")
+    parser.add_argument("--source", choices=SOURCES, default="auto", help="data source (docs/data.md)")
+    parser.add_argument("--data-dir", default=None, help="IDX directory or TFDS data_dir")
+    args = parser.parse_args(argv)
+    if args.fields:
+        print(describe_fields())
+        return
+    try:
+        config = config_from_settings(args.set)
+    except ValueError as error:
+        parser.exit(2, f"error: {error}\n")
+    changed = {name: getattr(config, name) for name in FIELDS if getattr(config, name) != FIELDS[name].default}
+    print(f"training one run: {changed or 'the defaults (the article plain net)'}", flush=True)
+    try:
+        data = load_dataset(args.dataset, args.source, args.data_dir)
+    except (DataError, ValueError) as error:
+        parser.exit(1, f"error: {error}\n")
+
+    def show(step, total_steps, record):
+        print(f"step {step}/{total_steps} val_accuracy {record['val_accuracy']:.4f} "
+              f"train_loss {record['train_loss']:.4f}", flush=True)
+
+    try:
+        history, _ = train(config, data, on_eval=show)
+    except KeyboardInterrupt:
+        parser.exit(130, "interrupted; nothing saved\n")
+    except ValueError as error:  # e.g. a batch that does not divide over the devices
+        parser.exit(2, f"error: {error}\n")
+    outcome = "diverged (non-finite loss)" if history.diverged else "done"
+    print(f"{outcome}: final test accuracy {history.val_accuracy[-1]:.4f} after {history.steps[-1]} steps, "
+          f"{history.total_wall_time_s:.1f} s", flush=True)
+    if args.save:
+        write_json(args.save, {"config": dataclasses.asdict(config), "environment": environment(),
+                               **history.to_dict()})
+        print(f"saved {args.save}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""`python -m bnjax`: one run from the command line, any TrainConfig field by name."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import bnjax.__main__ as cli
+from conftest import make_dataset
+
+
+def test_a_short_run_prints_progress_and_saves_its_history(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "load_dataset", lambda *args: make_dataset())
+    saved = tmp_path / "run.json"
+    cli.main(["--set", "batch_norm=true", "--set", "learning_rate=0.01", "--set", "max_steps=6",
+              "--set", "eval_every=3", "--set", "eval_batch_size=32", "--set", "num_devices=none",
+              "--save", str(saved)])
+    output = capsys.readouterr().out
+    assert "'batch_norm': True" in output and "'learning_rate': 0.01" in output
+    assert "step 3/6 val_accuracy" in output and "step 6/6 val_accuracy" in output
+    assert "done: final test accuracy" in output
+    result = json.loads(saved.read_text())
+    assert result["config"]["batch_norm"] is True and result["config"]["learning_rate"] == 0.01
+    assert result["steps"] == [3, 6] and len(result["val_accuracy"]) == 2
+    assert {"jax", "flax", "bnjax_commit"} <= set(result["environment"])
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("batchnorm=true", "error: unknown TrainConfig field 'batchnorm'; fields: batch_norm, activation,"),
+    ("batch_norm=maybe", "error: batch_norm must be true or false, got 'maybe'"),
+    ("max_steps=ten", "error: max_steps must be an integer or none, got 'ten'"),
+    ("learning_rate=-1", "error: learning_rate must be a positive finite number, got -1.0"),
+    ("activation=swish", "error: unknown activation 'swish'; allowed: elu, gelu, relu, sigmoid, tanh"),
+    ("seed", "error: --set needs FIELD=VALUE, got 'seed'"),
+])
+def test_bad_input_ends_with_one_line_naming_it(setting, message):
+    # A real process: the user sees exactly this, and no traceback.
+    result = subprocess.run([sys.executable, "-m", "bnjax", "--set", setting], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.startswith(message) and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_fields_lists_every_field_with_its_default(capsys):
+    cli.main(["--fields"])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(cli.FIELDS)
+    assert any(line.split()[:2] == ["bn_momentum", "0.99"] for line in lines)
