@@ -83,12 +83,6 @@ DATASETS = {
     ),
 }
 
-# MNIST's facts under their old names (used by tests and older code).
-TRAIN_CLASS_COUNTS = DATASETS["mnist"].train_class_counts
-TEST_CLASS_COUNTS = DATASETS["mnist"].test_class_counts
-TRAIN_MEAN_PIXEL = DATASETS["mnist"].train_mean_pixel
-CACHE_FILE_NAME = "mnist.npz"
-
 IDX_FILE_NAMES = {
     "x_train": "train-images-idx3-ubyte",
     "y_train": "train-labels-idx1-ubyte",

@@ -9,14 +9,13 @@ import numpy as np
 import pytest
 
 from bnjax.train import TrainConfig, create_train_state, make_model, to_float_images, train
+from conftest import make_dataset
 from experiments import ablations, eval_modes
 
 
 @pytest.fixture(scope="module")
 def trained(request):
     """A BN net trained for 20 steps on the synthetic data (not MNIST)."""
-    from tests.conftest import make_dataset
-
     data = make_dataset(num_train=640, num_test=64)
     config = TrainConfig(batch_norm=True, activation="sigmoid", learning_rate=0.01, epochs=1, max_steps=20,
                          eval_every=20)

@@ -5,6 +5,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from bnjax.train import TrainConfig, create_train_state, eval_step, resolve_steps, train, train_step
@@ -83,13 +84,21 @@ def test_plain_state_has_no_batch_stats(tiny_data):
     assert new_state.batch_stats is None
 
 
-def test_eval_step_changes_nothing(tiny_data):
+def test_eval_step_counts_with_the_running_statistics_and_changes_nothing(tiny_data):
     state = create_train_state(TrainConfig(batch_norm=True), jax.random.key(0))
     state, _ = train_step(state, *batch(tiny_data))
     before = jax.tree_util.tree_map(np.asarray, state.batch_stats)
-    totals = eval_step(state, *batch(tiny_data, 64))
-    assert 0 <= int(totals["correct"]) <= 64
+    images, labels = batch(tiny_data, 64)
+    totals = eval_step(state, images, labels)
+    # By hand: eval mode with the state's own running statistics, nothing mutable.
+    logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, images, train=False)
+    assert int(totals["correct"]) == int(np.sum(np.argmax(logits, -1) == np.asarray(labels)))
+    np.testing.assert_allclose(float(totals["loss_sum"]),
+                               float(optax.softmax_cross_entropy_with_integer_labels(logits, labels).sum()), rtol=1e-6)
     jax.tree_util.tree_map(np.testing.assert_array_equal, before, state.batch_stats)
+    # It reads the running statistics (not the batch's): other statistics, other loss.
+    shifted = state.replace(batch_stats=jax.tree_util.tree_map(lambda leaf: leaf + 1.0, state.batch_stats))
+    assert abs(float(eval_step(shifted, images, labels)["loss_sum"]) - float(totals["loss_sum"])) > 1e-3
 
 
 def test_eval_step_in_chunks_counts_the_same_examples(tiny_data):
