@@ -15,7 +15,11 @@ from bnjax.train import TrainConfig, train
 from conftest import make_dataset
 
 TESTS = Path(__file__).resolve().parent
-TOLERANCE = 1e-4  # as for simulated devices: float32 sums in another order
+# As for simulated devices (tests/test_parallel.py): float32 sums in another
+# order, grown by 16 Adam steps of a BN net. Measured: losses within 1e-4 with
+# jaxlib 0.10, 1.0e-3 with jaxlib 0.7.1 (the floor) on an AMD EPYC VM.
+LOSS_TOLERANCE = 5e-3
+ACCURACY_TOLERANCE = 4 / 128 + 1e-9  # four of the 128 test (or training) images
 
 
 def free_port() -> int:
@@ -44,6 +48,8 @@ def test_two_processes_train_like_one_device(tmp_path):
     single, _ = train(config, make_dataset(num_train=512, num_test=128))
     for output in outputs:
         assert output["steps"] == single.steps == [4, 8, 12, 16]
-        for curve in ("train_loss", "val_loss", "val_accuracy", "train_accuracy"):
-            np.testing.assert_allclose(output[curve], getattr(single, curve), atol=TOLERANCE)
+        for curve in ("train_loss", "val_loss"):
+            np.testing.assert_allclose(output[curve], getattr(single, curve), atol=LOSS_TOLERANCE, err_msg=curve)
+        for curve in ("val_accuracy", "train_accuracy"):
+            np.testing.assert_allclose(output[curve], getattr(single, curve), atol=ACCURACY_TOLERANCE, err_msg=curve)
     assert (tmp_path / "ckpt_0.msgpack").exists() and not (tmp_path / "ckpt_1.msgpack").exists()

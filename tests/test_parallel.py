@@ -11,27 +11,17 @@ import numpy as np
 import pytest
 
 TESTS = Path(__file__).resolve().parent
-# Float32 reductions split over devices sum in another order; after 32 Adam
-# steps the loss curves (values ~2) of 1, 2 and 8 devices agree to this
-# (measured: at most 2.3e-5 in an earlier session, 4.5e-4 on an AMD EPYC VM).
-TOLERANCE = 1e-3
-# Ghost BN is another algorithm: its loss curves move by more than this.
-GHOST_DIFFERENCE = 1e-2
+# Float32 reductions split over devices sum in another order, and 32 Adam steps
+# of the BN net grow that round-off. Measured (loss values ~2.2-2.7): at most
+# 2.3e-5 in an earlier session, 4.5e-4 with jaxlib 0.10 and 1.6e-3 with jaxlib
+# 0.7.1 (the floor) on an AMD EPYC VM, where the plain net stayed within 1.7e-5.
+TOLERANCE = 5e-3
 # An example whose two top logits are within round-off may change its argmax:
-# accuracies may differ by two of the 128 test images (seen on an AMD EPYC VM,
-# 8 devices: two flipped) or, in training accuracy, of the 128 images between
-# evaluations.
-ACCURACY_TOLERANCE = 2 / 128 + 1e-9
-
-
-@pytest.fixture(scope="module")
-def histories():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run([sys.executable, str(TESTS / "multidevice_run.py")], capture_output=True, text=True,
-                            env=env, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout)
+# accuracies may differ by a few of the 128 test images (three at the floor on
+# the AMD VM) or of the 128 training images between evaluations.
+ACCURACY_TOLERANCE = 4 / 128 + 1e-9
+# Ghost BN is another algorithm: its loss curves move by far more (0.43 measured).
+GHOST_DIFFERENCE = 0.1
 
 
 LOSSES = ("train_loss", "val_loss")
