@@ -24,6 +24,16 @@ ACCURACY_TOLERANCE = 4 / 128 + 1e-9
 GHOST_DIFFERENCE = 0.1
 
 
+@pytest.fixture(scope="module")
+def histories():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, str(TESTS / "multidevice_run.py")], capture_output=True, text=True,
+                            env=env, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout)
+
+
 LOSSES = ("train_loss", "val_loss")
 ACCURACIES = ("train_accuracy", "val_accuracy")
 
