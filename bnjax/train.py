@@ -25,6 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from bnjax.checkpoint import restore_checkpoint, save_checkpoint
 from bnjax.models import ACTIVATIONS, BN_POSITIONS, KERNEL_INITS, MLP, ConvNet
+from bnjax.strategy import default_strategy
 
 OPTIMIZERS = ("adam", "sgd")
 MODELS = ("convnet", "mlp")  # the article's CNN; the BN paper's 3 x 100 MLP
@@ -399,13 +400,12 @@ def train(
     `probe(state) -> dict of floats`, if given, is measured at every evaluation
     and kept in `history.probes` (e.g. percentiles of a unit's input).
 
-    `strategy` (a `bnjax.engine.Strategy`; default: the fastest known for the
-    backend, `bnjax.engine.default_strategy`) sets how many steps run per
+    `strategy` (a `bnjax.strategy.Strategy`; default: the fastest known for the
+    backend, `bnjax.strategy.default_strategy`) sets how many steps run per
     dispatch and the pieces each test batch is evaluated in. It never changes
     what is computed, only how it is launched (tests/test_engine.py holds
     every strategy to the per-step results).
     """
-    from bnjax.engine import default_strategy  # engine imports this module
 
     check_dataset(data)
     steps_per_epoch, total_steps = resolve_steps(config, len(data.x_train))

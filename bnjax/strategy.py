@@ -1,0 +1,70 @@
+"""How a run is launched, as data: steps per dispatch, models per program,
+evaluation pieces and worker processes; the fastest known per backend.
+
+A `Strategy` never changes what is computed, only how it is launched (and
+so the order of float32 operations: tests/test_engine.py holds every strategy
+to the per-step History within stated round-off):
+  * steps_per_dispatch: 1 = one jitted step per Python dispatch; K > 1 = up to
+    K steps (never past an evaluation) in one `lax.scan`.
+  * unroll: unroll that scan. On XLA:CPU a rolled loop keeps the backward
+    convolutions in a generic, ~10x slower form; unrolling avoids it at the
+    price of compile time.
+  * models_per_program: `train_many` trains up to this many runs that share
+    an architecture (they may differ in seed and learning rate) as one
+    `vmap`ped program.
+  * eval_chunk: evaluate each test batch as a `lax.map` over pieces of this
+    many images (None: the whole batch at once). Eval mode treats each
+    example alone, so only the loss sum's round-off can change.
+  * parallel_runs: `train_many` trains up to this many runs (or programs) at
+    once, each in its own worker process pinned to one CPU core. On a small
+    CPU a batch-32 step cannot keep every core busy, so two runs on one core
+    each get more done than two runs one after the other on both.
+
+`default_strategy(platform)` is the fastest measured per backend
+(docs/performance.md): on CPU one step per dispatch, one model per program (a
+vmapped program ran 2-3x slower per model on 2 cores; the scan without unroll
+~10x slower, unrolled no faster in steps/s and 3-5x slower to compile),
+evaluation in pieces of 200 images (1.7x faster than 1000 at once) and one
+run per core side by side (two pinned runs did 1.4x the steps of one run on
+both cores; the 6-run article sweep took 0.9x the time of one process).
+On GPU and TPU, dispatch dominates at batch 32, so many steps per dispatch and
+many models per program (on one H100, 30 article runs took 92 s as vmapped
+programs vs. 227 s as one program per run: docs/performance.md; TPUs not
+measured).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+
+
+@dataclasses.dataclass(frozen=True)
+class Strategy:
+    steps_per_dispatch: int = 1
+    unroll: bool = False
+    models_per_program: int = 1
+    eval_chunk: int | None = None
+    parallel_runs: int = 1
+
+    def __post_init__(self):
+        for name in ("steps_per_dispatch", "models_per_program", "parallel_runs"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        chunk = self.eval_chunk
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+            raise ValueError(f"eval_chunk must be a positive integer or None, got {chunk!r}")
+        if not isinstance(self.unroll, bool):
+            raise ValueError(f"unroll must be True or False, got {self.unroll!r}")
+
+
+def default_strategy(platform: str | None = None) -> Strategy:
+    """The fastest strategy known for `platform` ("cpu", "gpu", "tpu"; default: JAX's default backend)."""
+    platform = platform or jax.default_backend()
+    if platform == "cpu":
+        return Strategy(steps_per_dispatch=1, unroll=False, models_per_program=1, eval_chunk=200,
+                        parallel_runs=len(os.sched_getaffinity(0)))
+    return Strategy(steps_per_dispatch=100, unroll=False, models_per_program=64, eval_chunk=None)
