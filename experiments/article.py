@@ -101,18 +101,12 @@ def explain_nothing_trained(args: argparse.Namespace, results: dict, results_pat
 
 
 def argv_without_out(args: argparse.Namespace) -> list[str]:
-    """The options of this invocation that define the sweep, as command-line words."""
+    """The sweep-defining options of this invocation that differ from their defaults, as words."""
+    defaults = parse_args([])
     words = []
-    if args.grid != "article":
-        words += ["--grid", args.grid]
-    if args.seeds != 3:
-        words += ["--seeds", str(args.seeds)]
-    if args.epochs != 3:
-        words += ["--epochs", str(args.epochs)]
-    if args.max_steps is not None:
-        words += ["--max-steps", str(args.max_steps)]
-    if args.dataset != "mnist":
-        words += ["--dataset", args.dataset]
+    for name in ("grid", "seeds", "epochs", "max_steps", "dataset"):
+        if getattr(args, name) != getattr(defaults, name):
+            words += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     return words
 
 
@@ -131,38 +125,37 @@ def main(argv=None) -> None:
     if not todo:
         explain_nothing_trained(args, results, results_path, configs)
         return
-    if todo:
-        try:
-            data = load_dataset(args.dataset, args.source, args.data_dir, args.cache_dir)
-        except ValueError as error:  # e.g. a source that does not have this data set
-            sys.exit(f"error: {error}")
-        total_steps = sum(resolve_steps(config, len(data.x_train))[1] for config in todo)
-        sweep_start = time.perf_counter()
-        labels = {id(config): f"[{index}/{len(todo)}] {describe(config)}" for index, config in enumerate(todo, 1)}
-        steps_seen: dict[int, int] = {}
+    try:
+        data = load_dataset(args.dataset, args.source, args.data_dir, args.cache_dir)
+    except ValueError as error:  # e.g. a source that does not have this data set
+        sys.exit(f"error: {error}")
+    total_steps = sum(resolve_steps(config, len(data.x_train))[1] for config in todo)
+    sweep_start = time.perf_counter()
+    labels = {id(config): f"[{index}/{len(todo)}] {describe(config)}" for index, config in enumerate(todo, 1)}
+    steps_seen: dict[int, int] = {}
 
-        def show_progress(config, step, run_steps, record):
-            steps_seen[id(config)] = step
-            elapsed = time.perf_counter() - sweep_start
-            done = sum(steps_seen.values())
-            eta_s = (total_steps - done) * elapsed / done
-            print(f"{labels[id(config)]} step {step}/{run_steps} val_acc {record['val_accuracy']:.4f} "
-                  f"train_loss {record['train_loss']:.4f} | sweep ETA {eta_s / 60:.1f} min", flush=True)
+    def show_progress(config, step, run_steps, record):
+        steps_seen[id(config)] = step
+        elapsed = time.perf_counter() - sweep_start
+        done = sum(steps_seen.values())
+        eta_s = (total_steps - done) * elapsed / done
+        print(f"{labels[id(config)]} step {step}/{run_steps} val_acc {record['val_accuracy']:.4f} "
+              f"train_loss {record['train_loss']:.4f} | sweep ETA {eta_s / 60:.1f} min", flush=True)
 
-        def save_run(config, history, state):
-            if history.diverged:
-                print(f"{labels[id(config)]} diverged (non-finite loss) at step {history.steps[-1]}; recorded, "
-                      "going on", flush=True)
-            add_run(results_path, results, config, history)
+    def save_run(config, history, state):
+        if history.diverged:
+            print(f"{labels[id(config)]} diverged (non-finite loss) at step {history.steps[-1]}; recorded, "
+                  "going on", flush=True)
+        add_run(results_path, results, config, history)
 
-        # The engine picks the launch strategy for this backend (bnjax/engine.py):
-        # on CPU one run per core side by side, in worker processes; on GPU/TPU
-        # many runs per vmapped program.
-        strategy = default_strategy()
-        if args.parallel_runs is not None:
-            strategy = dataclasses.replace(strategy, parallel_runs=args.parallel_runs)
-        train_many(todo, data, strategy=strategy, on_eval=show_progress, on_done=save_run)
-        print(f"sweep done: {len(todo)} runs in {(time.perf_counter() - sweep_start) / 60:.1f} min", flush=True)
+    # The engine picks the launch strategy for this backend (bnjax/engine.py):
+    # on CPU one run per core side by side, in worker processes; on GPU/TPU
+    # many runs per vmapped program.
+    strategy = default_strategy()
+    if args.parallel_runs is not None:
+        strategy = dataclasses.replace(strategy, parallel_runs=args.parallel_runs)
+    train_many(todo, data, strategy=strategy, on_eval=show_progress, on_done=save_run)
+    print(f"sweep done: {len(todo)} runs in {(time.perf_counter() - sweep_start) / 60:.1f} min", flush=True)
 
     plot_article.plot_all(results_path)
 
