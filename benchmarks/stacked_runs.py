@@ -24,7 +24,7 @@ import jax
 
 from bnjax.data import load_mnist
 from bnjax.engine import Strategy, default_strategy, train_many
-from experiments.article import sweep_configs
+from experiments.article import positive_int, sweep_configs
 
 
 def strategies(platform: str) -> dict[str, Strategy]:
@@ -61,14 +61,11 @@ def measure(seeds: int, epochs: int, only: list[str] | None) -> dict:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, default=5, help="seeds per article setting (6 settings; default 5 = 30 runs)")
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--seeds", type=positive_int, default=5, help="seeds per article setting (6 settings; default 5 = 30 runs)")
+    parser.add_argument("--epochs", type=positive_int, default=3)
     parser.add_argument("--only", action="append", help="time only this strategy (repeatable)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
-    for name in ("seeds", "epochs"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be a positive integer, got {getattr(args, name)}")
     known = list(strategies(jax.default_backend()))
     for name in args.only or []:
         if name not in known:
