@@ -24,7 +24,8 @@ import jax
 
 from bnjax.data import load_mnist
 from bnjax.engine import Strategy, default_strategy, train_many
-from experiments.article import positive_int, sweep_configs
+from experiments.article import sweep_configs
+from experiments.sweep import positive_int
 
 
 def strategies(platform: str) -> dict[str, Strategy]:

@@ -98,7 +98,7 @@ def main(argv=None) -> None:
     except (DataError, ValueError) as error:
         parser.exit(1, f"error: {error}\n")
 
-    def show(step, total_steps, record):
+    def show(config, step, total_steps, record):
         print(f"step {step}/{total_steps} val_accuracy {record['val_accuracy']:.4f} "
               f"train_loss {record['train_loss']:.4f}", flush=True)
 

@@ -19,8 +19,15 @@ to the per-step History within stated round-off):
     once, each in its own worker process pinned to one CPU core. On a small
     CPU a batch-32 step cannot keep every core busy, so two runs on one core
     each get more done than two runs one after the other on both.
+  * await_each_dispatch: wait for each dispatch to finish before queuing the
+    next. XLA:CPU runs several CPU devices' programs on one shared thread
+    pool; with hundreds of multi-device steps queued by asynchronous dispatch,
+    some devices can wait in one step's all-reduce while the others cannot
+    get threads, and XLA aborts after 40 s (seen with 8 simulated devices on
+    2 cores at 300 queued steps, never when each step is awaited). GPUs and
+    TPUs keep dispatching ahead.
 
-`default_strategy(platform)` is the fastest measured per backend
+`default_strategy(platform, num_devices)` is the fastest measured per backend
 (docs/performance.md): on CPU one step per dispatch, one model per program (a
 vmapped program ran 2-3x slower per model on 2 cores; the scan without unroll
 ~10x slower, unrolled no faster in steps/s and 3-5x slower to compile),
@@ -48,6 +55,7 @@ class Strategy:
     models_per_program: int = 1
     eval_chunk: int | None = None
     parallel_runs: int = 1
+    await_each_dispatch: bool = False
 
     def __post_init__(self):
         for name in ("steps_per_dispatch", "models_per_program", "parallel_runs"):
@@ -57,13 +65,17 @@ class Strategy:
         chunk = self.eval_chunk
         if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
             raise ValueError(f"eval_chunk must be a positive integer or None, got {chunk!r}")
-        if not isinstance(self.unroll, bool):
-            raise ValueError(f"unroll must be True or False, got {self.unroll!r}")
+        for name in ("unroll", "await_each_dispatch"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
 
-def default_strategy(platform: str | None = None) -> Strategy:
-    """The fastest strategy known for `platform` ("cpu", "gpu", "tpu"; default: JAX's default backend)."""
+def default_strategy(platform: str | None = None, num_devices: int = 1) -> Strategy:
+    """The fastest strategy known for `platform` ("cpu", "gpu", "tpu"; default:
+    JAX's default backend) and a run over `num_devices` devices."""
     platform = platform or jax.default_backend()
+    if platform == "cpu" and num_devices > 1:  # simulated devices share the cores: one step at a time, awaited
+        return Strategy(steps_per_dispatch=1, models_per_program=1, eval_chunk=200, await_each_dispatch=True)
     if platform == "cpu":
         return Strategy(steps_per_dispatch=1, unroll=False, models_per_program=1, eval_chunk=200,
                         parallel_runs=len(os.sched_getaffinity(0)))

@@ -7,7 +7,9 @@
 Each worker is a fresh `python -c` process (never a fork of a process that
 runs JAX, and never a re-import of the caller's `__main__`, so a script
 without an `if __name__ == "__main__":` guard works), pins itself to its core
-before JAX starts, and receives `shared` (the data set) once. A task calls
+before JAX starts, takes the caller's `sys.path` (so that functions of any
+module the caller imported unpickle there) and receives `shared` (the data
+set) once. A task calls
 `function(shared, progress, *args)` there, where `progress(message)` sends a
 message back at once; its return value (or exception) comes back to `run`.
 Messages are pickles on the worker's stdin and stdout; the worker's own
@@ -41,7 +43,8 @@ def worker_main() -> None:
     # Ctrl-C reaches the whole process group: the caller handles it and
     # closes the pool, so a worker does not print a traceback of its own.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    core, shared = pickle.load(inbox)
+    core, shared_path, shared = pickle.load(inbox)
+    sys.path[:] = shared_path  # what the caller can import (a test module, a study), the worker can unpickle
     os.sched_setaffinity(0, {core})
     while True:
         try:
@@ -68,7 +71,7 @@ class WorkerPool:
         for worker_index, core in enumerate(cores):
             process = subprocess.Popen([sys.executable, "-c", _WORKER_MAIN], stdin=subprocess.PIPE,
                                        stdout=subprocess.PIPE)
-            pickle.dump((core, shared), process.stdin)
+            pickle.dump((core, sys.path, shared), process.stdin)
             process.stdin.flush()
             threading.Thread(target=self._read, args=(worker_index, process.stdout), daemon=True).start()
             self._workers.append(process)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 from pathlib import Path
 
 import jax
@@ -31,9 +32,9 @@ import numpy as np  # noqa: E402
 
 from bnjax.atomic import atomic_write  # noqa: E402
 from bnjax.data import load_mnist  # noqa: E402
-from bnjax.train import TrainConfig, cross_entropy_loss, to_float_images, train  # noqa: E402
-from experiments.article import positive_int  # noqa: E402
-from experiments.results import add_run, load_results, run_resumable, unfinished  # noqa: E402
+from bnjax.train import TrainConfig, cross_entropy_loss, to_float_images  # noqa: E402
+from experiments.results import run_resumable  # noqa: E402
+from experiments.sweep import add_sweep_flags, positive_int, run_sweep, sweep_strategy  # noqa: E402
 
 ACTIVATIONS = ("sigmoid", "tanh", "relu", "elu")
 LEARNING_RATES = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)  # a half-decade log grid
@@ -276,25 +277,18 @@ STUDIES = {
 }
 
 
-def run_study(name: str, args, data_cache: dict) -> None:
+def measure_bias(config: TrainConfig, history, state, data) -> dict | None:
+    """The bias study's measurement of a finished run that keeps its biases."""
+    return bias_gradients(config, state, data) if config.bn_use_bias else None
+
+
+def run_study(name: str, args, load_data) -> None:
     make_configs, summarize, measure_state = STUDIES[name]
     out = args.out / name
     results_path = out / "results.json"
-    results = load_results(results_path)
     configs = [dataclasses.replace(config, max_steps=args.max_steps) for config in make_configs(args)]
-    todo = unfinished(results, configs)
-    print(f"{name}: {len(configs)} runs, {len(todo)} to train", flush=True)
-    for index, config in enumerate(todo, 1):
-        if "mnist" not in data_cache:
-            data_cache["mnist"] = load_mnist()
-        data = data_cache["mnist"]
-        history, state = train(config, data)
-        extra = bias_gradients(config, state, data) if measure_state and config.bn_use_bias else None
-        print(f"{name} [{index}/{len(todo)}] {'BN' if config.batch_norm else 'plain'} {config.activation} "
-              f"lr {config.learning_rate:g} batch {config.batch_size} position {config.bn_position} "
-              f"bias {config.bn_use_bias} seed {config.seed}: {history.val_accuracy[-1]:.4f} "
-              f"({history.total_wall_time_s:.0f} s)", flush=True)
-        add_run(results_path, results, config, history, extra)
+    results = run_sweep(configs, results_path, load_data, strategy=sweep_strategy(args),
+                        measure=measure_bias if measure_state else None, name=name)
     summary = summarize(results["runs"], out)
     with atomic_write(out / "summary.md", "w") as file:
         file.write(summary + "\n")
@@ -304,17 +298,15 @@ def run_study(name: str, args, data_cache: dict) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="the article's keypoints, tested")
     parser.add_argument("study", choices=[*STUDIES, "all"])
-    parser.add_argument("--seeds", type=positive_int, default=3)
     parser.add_argument("--examples", type=positive_int, default=MNIST_TRAIN_SIZE,
                         help="training examples per run of the batch_size study (default one epoch)")
-    parser.add_argument("--max-steps", type=positive_int, default=None, help="cap on steps per run (smoke runs)")
-    parser.add_argument("--out", type=Path, default=Path("outputs/ablations"))
+    add_sweep_flags(parser, seeds=3, epochs=None, out="outputs/ablations")
     args = parser.parse_args(argv)
     if args.examples < max(BATCH_SIZES) or args.examples > MNIST_TRAIN_SIZE:
         parser.error(f"--examples {args.examples} must be in [{max(BATCH_SIZES)}, {MNIST_TRAIN_SIZE}]")
-    data_cache: dict = {}
+    load_data = functools.cache(load_mnist)  # one load for all studies of `all`
     for name in (STUDIES if args.study == "all" else [args.study]):
-        run_study(name, args, data_cache)
+        run_study(name, args, load_data)
 
 
 if __name__ == "__main__":

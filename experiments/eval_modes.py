@@ -39,9 +39,9 @@ import numpy as np  # noqa: E402
 
 from bnjax.atomic import atomic_write  # noqa: E402
 from bnjax.data import load_mnist  # noqa: E402
-from bnjax.train import TrainConfig, evaluate, make_model, to_float_images, train  # noqa: E402
-from experiments.article import positive_int  # noqa: E402
-from experiments.results import add_run, load_results, unfinished  # noqa: E402
+from bnjax.train import TrainConfig, evaluate, make_model, to_float_images  # noqa: E402
+from experiments.results import load_results, run_resumable  # noqa: E402
+from experiments.sweep import add_sweep_flags, run_sweep, sweep_strategy  # noqa: E402
 
 MOMENTA = (0.9, 0.99, 0.999)
 TEST_BATCH_SIZES = (1, 2, 8, 100, 10000)
@@ -107,7 +107,8 @@ def lag_by_layer(running: dict, precise: dict, epsilon: float) -> dict[str, floa
 
 
 class EvalModeProbe:
-    """The `probe` given to `train`: at each evaluation, the test accuracy with
+    """The probe of each run (`make_probe` of the sweep: built as
+    `EvalModeProbe(config, data)` where the run trains): at each evaluation, the test accuracy with
     batch statistics and with precise statistics, and the running averages' lag."""
 
     def __init__(self, config: TrainConfig, data):
@@ -244,30 +245,26 @@ def plot_and_summarize(results_path: Path) -> None:
         file.write("\n".join(lines) + "\n")
 
 
+def measure_final_state(config: TrainConfig, history, state, data) -> dict:
+    """`final_measurements` of a finished run, printed in one line."""
+    extra = final_measurements(EvalModeProbe(config, data), state)
+    print(f"{label(dataclasses.asdict(config))} seed {config.seed}: running {history.val_accuracy[-1]:.4f}, precise "
+          f"{history.probes[-1]['precise_accuracy']:.4f}, test batch 1 / 10000: "
+          f"{extra['batch_size_accuracy']['1']:.4f} / {extra['batch_size_accuracy']['10000']:.4f}", flush=True)
+    return extra
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="train mode vs. test mode of BN")
-    parser.add_argument("--seeds", type=positive_int, default=2)
-    parser.add_argument("--epochs", type=positive_int, default=1)
-    parser.add_argument("--max-steps", type=positive_int, default=None, help="cap on steps per run (smoke runs)")
-    parser.add_argument("--out", type=Path, default=Path("outputs/eval_modes"))
+    add_sweep_flags(parser, seeds=2, epochs=1, out="outputs/eval_modes")
     args = parser.parse_args(argv)
     results_path = args.out / "results.json"
-    results = load_results(results_path)
     configs = [dataclasses.replace(config, max_steps=args.max_steps) for config in study_configs(args.seeds, args.epochs)]
-    todo = unfinished(results, configs)
-    data = load_mnist() if todo else None
-    for index, config in enumerate(todo, 1):
-        probe = EvalModeProbe(config, data)
-        history, state = train(config, data, probe=probe)
-        extra = final_measurements(probe, state)
-        print(f"[{index}/{len(todo)}] {label(dataclasses.asdict(config))} seed {config.seed}: running "
-              f"{history.val_accuracy[-1]:.4f}, precise {history.probes[-1]['precise_accuracy']:.4f}, test batch "
-              f"1 / 10000: {extra['batch_size_accuracy']['1']:.4f} / {extra['batch_size_accuracy']['10000']:.4f} "
-              f"({history.total_wall_time_s:.0f} s)", flush=True)
-        add_run(results_path, results, config, history, extra)
+    run_sweep(configs, results_path, load_mnist, strategy=sweep_strategy(args), make_probe=EvalModeProbe,
+              measure=measure_final_state, name="eval_modes")
     plot_and_summarize(results_path)
     print(f"wrote {args.out}/eval_modes.png, running_average_lag.png, summary.md", flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    run_resumable(main)

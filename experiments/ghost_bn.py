@@ -19,7 +19,6 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
 import argparse  # noqa: E402
-import dataclasses  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
@@ -31,9 +30,9 @@ import numpy as np  # noqa: E402
 
 from bnjax.atomic import atomic_write  # noqa: E402
 from bnjax.data import load_mnist  # noqa: E402
-from bnjax.train import TrainConfig, train  # noqa: E402
-from experiments.article import positive_int  # noqa: E402
-from experiments.results import add_run, load_results, unfinished  # noqa: E402
+from bnjax.train import TrainConfig  # noqa: E402
+from experiments.results import load_results, run_resumable  # noqa: E402
+from experiments.sweep import add_sweep_flags, run_sweep, sweep_strategy  # noqa: E402
 
 # (label, num_devices, ghost_bn)
 VARIANTS = [
@@ -82,32 +81,22 @@ def plot(results_path: Path) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="synchronized vs. ghost BN over devices")
-    parser.add_argument("--epochs", type=positive_int, default=1)
-    parser.add_argument("--seeds", type=positive_int, default=2)
-    parser.add_argument("--max-steps", type=positive_int, default=None)
-    parser.add_argument("--out", type=Path, default=Path("outputs/ghost_bn"))
+    add_sweep_flags(parser, seeds=2, epochs=1, out="outputs/ghost_bn")
     args = parser.parse_args(argv)
     if jax.device_count() < 8:
         parser.error(f"needs 8 devices, found {jax.device_count()} ({jax.default_backend()})")
 
     results_path = args.out / "results.json"
-    results = load_results(results_path)
     configs = [
         TrainConfig(batch_norm=True, activation="relu", learning_rate=0.01, epochs=args.epochs,
                     max_steps=args.max_steps, seed=seed, num_devices=num_devices, ghost_bn=ghost_bn)
         for _, num_devices, ghost_bn in VARIANTS
         for seed in range(args.seeds)
     ]
-    todo = unfinished(results, configs)
-    data = load_mnist() if todo else None
-    for config in todo:
-        history, _ = train(config, data)
-        print(f"{variant_label(dataclasses.asdict(config))}, seed {config.seed}: final test accuracy "
-              f"{history.val_accuracy[-1]:.4f} ({history.total_wall_time_s:.0f} s)", flush=True)
-        add_run(results_path, results, config, history)
+    run_sweep(configs, results_path, load_mnist, strategy=sweep_strategy(args, num_devices=8), name="ghost_bn")
     plot(results_path)
     print(f"wrote {args.out}/ghost_bn.png and summary.md", flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    run_resumable(main)

@@ -31,9 +31,9 @@ import numpy as np  # noqa: E402
 
 from bnjax.atomic import atomic_write  # noqa: E402
 from bnjax.data import load_mnist  # noqa: E402
-from bnjax.train import TrainConfig, to_float_images, train  # noqa: E402
-from experiments.article import positive_int  # noqa: E402
-from experiments.results import add_run, load_results, unfinished  # noqa: E402
+from bnjax.train import TrainConfig, to_float_images  # noqa: E402
+from experiments.results import load_results, run_resumable  # noqa: E402
+from experiments.sweep import add_sweep_flags, positive_int, run_sweep, sweep_strategy  # noqa: E402
 
 PERCENTILES = (15, 50, 85)
 UNIT = 0  # which sigmoid of the last hidden layer to follow
@@ -45,9 +45,10 @@ def paper_config(batch_norm: bool, steps: int, seed: int, eval_every: int) -> Tr
                        eval_every=eval_every, shuffle=True, kernel_init="lecun_normal", seed=seed)
 
 
-def sigmoid_input_percentiles(test_images):
-    """A probe for `train`: percentiles of unit UNIT's sigmoid input in the last
-    hidden layer, in eval mode, over `test_images` (device-resident floats)."""
+def sigmoid_input_percentiles(config: TrainConfig, data):
+    """The probe of each run (`make_probe` of the sweep): percentiles of unit
+    UNIT's sigmoid input in the last hidden layer, in eval mode, over the test images."""
+    test_images = to_float_images(jnp.asarray(data.x_test))
 
     @jax.jit
     def percentiles(state):
@@ -93,27 +94,18 @@ def plot(results_path: Path) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="the BN paper's MNIST figure")
     parser.add_argument("--steps", type=positive_int, default=50000)
-    parser.add_argument("--seeds", type=positive_int, default=1)
     parser.add_argument("--eval-every", type=positive_int, default=500)
-    parser.add_argument("--out", type=Path, default=Path("outputs/paper_mnist"))
+    add_sweep_flags(parser, seeds=1, epochs=None, out="outputs/paper_mnist")
     args = parser.parse_args(argv)
+    steps = min(args.steps, args.max_steps or args.steps)
     results_path = args.out / "results.json"
-    results = load_results(results_path)
-    configs = [paper_config(batch_norm, args.steps, seed, args.eval_every)
+    configs = [paper_config(batch_norm, steps, seed, args.eval_every)
                for seed in range(args.seeds) for batch_norm in (False, True)]
-    todo = unfinished(results, configs)
-    data = load_mnist() if todo else None
-    if todo:
-        probe = sigmoid_input_percentiles(to_float_images(jnp.asarray(data.x_test)))
-    for config in todo:
-        history, _ = train(config, data, probe=probe)
-        print(f"{'BN   ' if config.batch_norm else 'plain'} seed {config.seed}: test accuracy "
-              f"{history.val_accuracy[-1]:.4f} after {history.steps[-1]} steps "
-              f"({history.total_wall_time_s:.0f} s)", flush=True)
-        add_run(results_path, results, config, history)
+    run_sweep(configs, results_path, load_mnist, strategy=sweep_strategy(args),
+              make_probe=sigmoid_input_percentiles, name="paper_mnist")
     plot(results_path)
     print(f"wrote {args.out}/paper_mnist.png", flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    run_resumable(main)

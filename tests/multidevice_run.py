@@ -8,6 +8,7 @@ import sys
 
 import jax
 
+from bnjax.loop import train_runs
 from bnjax.train import TrainConfig, train
 from conftest import make_dataset
 
@@ -28,6 +29,13 @@ def main():
     for name, config in runs.items():
         history, state = train(config, data)
         histories[name] = {**history.to_dict(), "final_step": int(state.step)}
+    # Two runs (seeds 0 and 1) as one vmapped program over 2 devices, synchronized and ghost BN.
+    for ghost_bn in (False, True):
+        runs_of_program = [dataclasses.replace(base, num_devices=2, ghost_bn=ghost_bn, seed=seed) for seed in (0, 1)]
+        for seed, (history, state) in enumerate(train_runs(runs_of_program, data)):
+            histories[f"{'ghost' if ghost_bn else 'sync'}_2_stacked_seed{seed}"] = {
+                **history.to_dict(), "final_step": int(state.step)}
+    histories["ghost_2"] = train(dataclasses.replace(base, num_devices=2, ghost_bn=True), data)[0].to_dict()
     try:
         train(dataclasses.replace(base, batch_size=36, num_devices=8), data)
     except ValueError as error:

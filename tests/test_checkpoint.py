@@ -23,7 +23,7 @@ def test_interrupted_run_resumes_to_the_same_history(tiny_data, tmp_path):
 
     path = tmp_path / "run.msgpack"
 
-    def stop_at_step_12(step, total_steps, record):
+    def stop_at_step_12(config, step, total_steps, record):
         if step == 12:  # mid-epoch (epoch 2 starts at step 8), right after the checkpoint
             raise Interrupt
 

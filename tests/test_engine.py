@@ -146,6 +146,9 @@ def test_strategy_values_are_checked_and_cpu_runs_one_step_per_dispatch():
         Strategy(eval_chunk=0)
     assert default_strategy("cpu") == Strategy(1, False, 1, eval_chunk=200, parallel_runs=len(os.sched_getaffinity(0)))
     assert default_strategy("gpu").steps_per_dispatch > 1 and default_strategy("tpu").models_per_program > 1
+    several_cpus = default_strategy("cpu", num_devices=8)  # simulated devices: each step awaited, one process
+    assert several_cpus.await_each_dispatch and several_cpus.parallel_runs == 1
+    assert not default_strategy("gpu", num_devices=8).await_each_dispatch
 
 
 def test_xla_cpu_flags_are_added_once_and_can_be_turned_off(monkeypatch):
@@ -162,3 +165,58 @@ def test_xla_cpu_flags_are_added_once_and_can_be_turned_off(monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "")
     monkeypatch.setenv("BNJAX_XLA_FLAGS", "0")
     assert xla_flags.apply_cpu_flags() == [] and os.environ["XLA_FLAGS"] == ""
+
+
+def running_variance_probe(config, data):
+    """A `make_probe` for train_many: built where the run trains (a worker
+    imports this module by name), it reads the first BN's running variance."""
+    del data
+    return lambda state: {"var0": float(state.batch_stats["BatchNorm_0"]["var"][0]), "seed": config.seed}
+
+
+def test_probes_of_stacked_and_worker_runs_are_each_runs_own(tiny_data):
+    # Two workers: a vmapped program of two runs beside a run alone.
+    configs = [dataclasses.replace(BASE, seed=0), dataclasses.replace(BASE, seed=1, learning_rate=0.0005),
+               dataclasses.replace(RELU, seed=2)]
+    strategy = Strategy(parallel_runs=2, models_per_program=2, steps_per_dispatch=3)
+    results = train_many(configs, tiny_data, strategy=strategy, make_probe=running_variance_probe)
+    for config, (history, state) in zip(configs, results):
+        assert [probe["seed"] for probe in history.probes] == [config.seed] * len(history.steps)
+        # the last probe read the run's own final state
+        assert history.probes[-1]["var0"] == float(state.batch_stats["BatchNorm_0"]["var"][0])
+    assert results[0][0].probes[-1]["var0"] != results[1][0].probes[-1]["var0"]
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_a_stacked_program_resumes_from_its_checkpoints(tiny_data, tmp_path):
+    configs = [dataclasses.replace(BASE, seed=seed) for seed in (0, 1)]
+    strategy = Strategy(steps_per_dispatch=3, models_per_program=2)
+    uninterrupted = train_many(configs, tiny_data, strategy=strategy)
+
+    def stop_at_step_12(config, step, total, record):
+        if step == 12:  # after both runs' checkpoints of step 12 were written
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train_many(configs, tiny_data, strategy=strategy, on_eval=stop_at_step_12, checkpoint_dir=tmp_path)
+    assert len(list(tmp_path.glob("run-*.msgpack"))) == 2
+    resumed = train_many(configs, tiny_data, strategy=strategy, checkpoint_dir=tmp_path)
+    for (history, state), (reference, reference_state) in zip(resumed, uninterrupted):
+        for curve in ("steps", "val_loss", "val_accuracy", "train_loss", "train_accuracy"):
+            assert getattr(history, curve) == getattr(reference, curve), curve
+        jax.tree_util.tree_map(np.testing.assert_array_equal, state.params, reference_state.params)
+
+
+def test_runs_of_different_programs_or_steps_are_refused_in_one_line(tiny_data, tmp_path):
+    from bnjax.loop import train_runs
+
+    with pytest.raises(ValueError, match="runs of one program may differ only in seed, learning_rate"):
+        train_runs([BASE, RELU], tiny_data)
+    paths = [tmp_path / "a.msgpack", tmp_path / "b.msgpack"]
+    train(dataclasses.replace(BASE, max_steps=6), tiny_data, checkpoint_path=paths[0])
+    with pytest.raises(ValueError, match="must resume from one step; their checkpoints are at steps 0, 6"):
+        train_runs([dataclasses.replace(BASE, max_steps=6), dataclasses.replace(BASE, max_steps=6, seed=1)],
+                   tiny_data, checkpoint_paths=paths)

@@ -16,8 +16,11 @@ EXPECTED = {
     "bnjax/batchnorm.py::BatchNorm.__call__": "running_mean.value, running_var.value = new_mean, new_var",
     "bnjax/batchnorm.py::batch_statistics": "jax.lax.pmean((mean, mean_of_squares), axis_name)",
     "bnjax/batchnorm.py::batch_norm_train": "momentum",
-    "bnjax/train.py::train_step_body": 'mutable=["batch_stats"]',
-    "bnjax/train.py::_eval_totals": "train=False",
+    "bnjax/steps.py::train_step_body": 'mutable=["batch_stats"]',
+    "bnjax/steps.py::_eval_totals": "train=False",
+    "bnjax/loop.py::train_runs": "_train_chunk(",
+    "bnjax/loop.py::_train_chunk": "jax.lax.scan",
+    "bnjax/loop.py::_step": "jax.shard_map",
 }
 REFERENCE = re.compile(r"`((?:bnjax|experiments|benchmarks)/\w+\.py)::([\w.]+)`")
 LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")

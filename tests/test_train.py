@@ -170,13 +170,10 @@ def test_more_devices_than_visible_is_an_error(tiny_data):
 
 
 def test_mlp_trains_and_probes_are_recorded(tiny_data):
-    import jax.numpy as jnp
-
     from experiments.paper_mnist import sigmoid_input_percentiles
 
-    probe = sigmoid_input_percentiles(jnp.asarray(tiny_data.x_test, jnp.float32) / 255.0)
     config = TrainConfig(model="mlp", activation="sigmoid", batch_norm=True, batch_size=32, max_steps=8, eval_every=4)
-    history, state = train(config, tiny_data, probe=probe)
+    history, state = train(config, tiny_data, probe=sigmoid_input_percentiles(config, tiny_data))
     assert set(state.params) == {"Dense_0", "Dense_1", "Dense_2", "Dense_3", "BatchNorm_0", "BatchNorm_1", "BatchNorm_2"}
     assert len(history.probes) == 2 and set(history.probes[0]) == {"p15", "p50", "p85"}
     assert history.probes[0]["p15"] <= history.probes[0]["p50"] <= history.probes[0]["p85"]

@@ -1,0 +1,98 @@
+"""What one training run is: `TrainConfig`, checked field by field when made.
+
+Every field is data (a number, a string, a bool), so a config can be saved
+beside its results, compared with a checkpoint's and set from the command
+line (`python -m bnjax --set learning_rate=0.01`). A bad value raises a
+ValueError naming the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from bnjax.models import ACTIVATIONS, BN_POSITIONS, KERNEL_INITS
+
+OPTIMIZERS = ("adam", "sgd")
+MODELS = ("convnet", "mlp")  # the article's CNN; the BN paper's 3 x 100 MLP
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """One training run. Defaults reproduce the article: Keras 2.0.8's Adam,
+    batch 32, 3 epochs of one pass (1875 steps) each, batches in a fixed order."""
+
+    batch_norm: bool = False
+    activation: str = "relu"
+    model: str = "convnet"
+    learning_rate: float = 0.001
+    optimizer: str = "adam"
+    # Keras 2.0.8 Adam defaults. Keras adds epsilon to sqrt(v) *before* bias
+    # correction, optax after it; at 1e-8 the difference is negligible.
+    adam_b1: float = 0.9
+    adam_b2: float = 0.999
+    adam_eps: float = 1e-8
+    batch_size: int = 32
+    epochs: int = 3
+    steps_per_epoch: int | None = None  # None: one pass, len(x_train) // batch_size
+    seed: int = 0
+    shuffle: bool = False  # False: the same fixed order every epoch, as the article
+    kernel_init: str = "glorot_uniform"  # Keras's default; "lecun_normal" is Flax's
+    bn_momentum: float = 0.99
+    bn_epsilon: float = 1e-3
+    eval_every: int = 100  # steps between evaluations on the whole test set
+    eval_batch_size: int = 1000
+    max_steps: int | None = None  # cap on total steps (smoke runs)
+    # Data parallelism: the batch is split over this many devices (None: all).
+    num_devices: int | None = None
+    # False: BN statistics of the global batch (synchronized across devices).
+    # True: "ghost BN", each device normalizes with the statistics of its own
+    # slice of the batch: a different algorithm, not an approximation.
+    ghost_bn: bool = False
+    # Ablations (convnet only): BN "before" or "after" the activation, and
+    # whether Conv/Dense keep their bias under BN (the article drops it).
+    bn_position: str = "before"
+    bn_use_bias: bool = False
+
+    def __post_init__(self):
+        _check_choice("activation", self.activation, ACTIVATIONS)
+        _check_choice("model", self.model, MODELS)
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        _check_choice("kernel_init", self.kernel_init, KERNEL_INITS)
+        _check_choice("bn_position", self.bn_position, BN_POSITIONS)
+        if self.model != "convnet" and (self.bn_position != "before" or self.bn_use_bias):
+            raise ValueError(f"bn_position and bn_use_bias apply to model 'convnet' only, not {self.model!r}")
+        for name in ("batch_norm", "shuffle", "ghost_bn", "bn_use_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        for name in ("batch_size", "epochs", "eval_every", "eval_batch_size", "steps_per_epoch", "max_steps",
+                     "num_devices"):
+            value = getattr(self, name)
+            optional = name in ("steps_per_epoch", "max_steps", "num_devices")
+            if optional and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                allowed = "a positive integer" + (" or None" if optional else "")
+                raise ValueError(f"{name} must be {allowed}, got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        for name in ("learning_rate", "adam_eps", "bn_epsilon"):
+            _check_positive_float(name, getattr(self, name))
+        for name in ("adam_b1", "adam_b2", "bn_momentum"):
+            value = getattr(self, name)
+            if not _is_real(value) or not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_positive_float(name: str, value) -> None:
+    if not _is_real(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+
+
+def _check_choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(sorted(allowed))}")

@@ -1,0 +1,324 @@
+"""The one training loop: R >= 1 runs of one program, K steps per dispatch,
+on a mesh of one or more devices, with evaluation, probes, checkpoints and
+divergence for every run.
+
+    results = train_runs(configs, data)   # [(History, TrainState)] in config order
+
+The runs' states are stacked along a leading runs axis. One jitted chunk
+function (`_train_chunk`) does `length` steps of all R runs; each step is
+`train_step_body` (bnjax/steps.py), applied to the one run directly when
+R == 1 and `vmap`ped over the runs otherwise, inside `shard_map` over the
+mesh when it has several devices. `train` (bnjax/train.py) is the R == 1 case
+and `train_many` (bnjax/engine.py) groups runs into calls of this loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from bnjax.checkpoint import restore_checkpoint, save_checkpoint
+from bnjax.config import TrainConfig
+from bnjax.steps import DATA_AXIS, TrainState, create_train_state, eval_step, make_mesh, to_float_images, train_step_body
+from bnjax.strategy import Strategy, default_strategy
+
+# Fields that may differ between the runs of one program: everything else
+# (architecture, batch, schedule, devices) must be equal.
+PER_RUN_FIELDS = ("seed", "learning_rate")
+
+# on_eval(config, step, total_steps, record) after each evaluation of a run.
+EvalCallback = Callable[[TrainConfig, int, int, dict], None]
+
+
+@dataclasses.dataclass
+class History:
+    """Curves of one run; index i of every list belongs to `steps[i]`."""
+
+    steps: list[int] = dataclasses.field(default_factory=list)
+    val_accuracy: list[float] = dataclasses.field(default_factory=list)  # whole test set
+    val_loss: list[float] = dataclasses.field(default_factory=list)
+    train_accuracy: list[float] = dataclasses.field(default_factory=list)  # mean since previous evaluation
+    train_loss: list[float] = dataclasses.field(default_factory=list)
+    wall_time_s: list[float] = dataclasses.field(default_factory=list)  # since the first step, compile included
+    total_wall_time_s: float = 0.0  # of the whole program, shared by the runs trained together
+    eval_time_s: float = 0.0
+    diverged: bool = False
+    probes: list[dict] = dataclasses.field(default_factory=list)  # `probe(state)` at each evaluation, if given
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def program_key(config: TrainConfig) -> tuple:
+    """Runs with equal keys share one architecture and schedule: one program."""
+    return tuple((k, v) for k, v in sorted(dataclasses.asdict(config).items()) if k not in PER_RUN_FIELDS)
+
+
+def check_dataset(data) -> None:
+    """Raise a ValueError naming the problem unless `data` holds (N, H, W, C)
+    uint8 images and (N,) integer labels in 0..9 for both splits."""
+    for split in ("train", "test"):
+        images, labels = getattr(data, f"x_{split}"), getattr(data, f"y_{split}")
+        if images.ndim != 4 or images.dtype != np.uint8:
+            raise ValueError(f"x_{split} must be (N, height, width, channels) uint8, got {images.shape} {images.dtype}")
+        if labels.shape != images.shape[:1] or not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"y_{split} must be ({images.shape[0]},) integers, got {labels.shape} {labels.dtype}")
+        if labels.size and (labels.min() < 0 or labels.max() > 9):
+            raise ValueError(f"y_{split} must hold class indices 0..9, got values {labels.min()}..{labels.max()}")
+
+
+def epoch_order(config: TrainConfig, epoch: int, num_examples: int) -> np.ndarray:
+    """Indices of the training set in the order one epoch visits them."""
+    if not config.shuffle:
+        return np.arange(num_examples, dtype=np.int32)
+    rng = np.random.default_rng([config.seed, epoch])
+    return rng.permutation(num_examples).astype(np.int32)
+
+
+def resolve_steps(config: TrainConfig, num_examples: int) -> tuple[int, int]:
+    """(steps_per_epoch, total_steps) for a training set of `num_examples`."""
+    one_pass = num_examples // config.batch_size
+    if one_pass < 1:
+        raise ValueError(f"batch_size {config.batch_size} is larger than the training set ({num_examples} examples)")
+    steps_per_epoch = config.steps_per_epoch or one_pass
+    if steps_per_epoch > one_pass:
+        raise ValueError(
+            f"steps_per_epoch {steps_per_epoch} needs {steps_per_epoch * config.batch_size} examples per epoch; "
+            f"the training set has {num_examples} (at most {one_pass} steps of {config.batch_size})"
+        )
+    total_steps = steps_per_epoch * config.epochs
+    if config.max_steps is not None:
+        total_steps = min(total_steps, config.max_steps)
+    return steps_per_epoch, total_steps
+
+
+# ---------------------------------------------------------------- the runs axis
+
+def stack_runs(states: list[TrainState]) -> TrainState:
+    """States of runs of one program, stacked along a new leading runs axis.
+    (`create_train_state` gives runs of one program one model and one
+    optimizer object, so their states have one pytree structure.)"""
+    return jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *states)
+
+
+def run_of(state: TrainState, index: int) -> TrainState:
+    """Run `index`'s own state, out of a stacked one."""
+    return jax.tree_util.tree_map(lambda leaf: leaf[index], state)
+
+
+def _for_each_run(function, stacked, *shared):
+    """`function(run, *shared)` for every run of `stacked` (leading runs axis):
+    called directly on the one run when there is one, else vmapped."""
+    if jax.tree_util.tree_leaves(stacked)[0].shape[0] == 1:
+        output = function(jax.tree_util.tree_map(lambda leaf: leaf[0], stacked), *shared)
+        return jax.tree_util.tree_map(lambda leaf: leaf[None], output)
+    return jax.vmap(function, in_axes=(0,) + (None,) * len(shared))(stacked, *shared)
+
+
+# ---------------------------------------------------------------- training steps
+
+def _runs_step(state, images, labels, axis_name, ghost_bn):
+    """One `train_step_body` of every run; images (R, B, ...) and labels (R, B)."""
+    step = functools.partial(train_step_body, axis_name=axis_name, ghost_bn=ghost_bn)
+    return _for_each_run(lambda run: step(*run), (state, images, labels))
+
+
+def _step(carry, step, train_images, train_labels, epoch_orders, steps_per_epoch, batch_size, mesh, ghost_bn):
+    """Global step `step` of every run: gather each run's batch from the
+    device-resident training set (`epoch_orders`: (R, epochs, N)), take one
+    step (data-parallel over `mesh`), add its metrics to the running sums."""
+    state, metric_sums = carry
+    epoch, step_in_epoch = step // steps_per_epoch, step % steps_per_epoch
+    indices = jax.vmap(lambda orders: jax.lax.dynamic_slice(orders[epoch], (step_in_epoch * batch_size,),
+                                                            (batch_size,)))(epoch_orders)
+    images, labels = to_float_images(train_images[indices]), train_labels[indices]
+    if mesh.size == 1:
+        state, metrics = _runs_step(state, images, labels, None, False)
+    else:  # state replicated, every run's batch split over the devices
+        state, metrics = jax.shard_map(
+            functools.partial(_runs_step, axis_name=DATA_AXIS, ghost_bn=ghost_bn), mesh=mesh,
+            in_specs=(P(), P(None, DATA_AXIS), P(None, DATA_AXIS)), out_specs=(P(), P()),
+        )(state, images, labels)
+    return state, jax.tree_util.tree_map(jnp.add, metric_sums, metrics)
+
+
+@functools.partial(jax.jit, static_argnames=("length", "steps_per_epoch", "batch_size", "mesh", "ghost_bn", "unroll"),
+                   donate_argnames=("state", "metric_sums"))
+def _train_chunk(state, metric_sums, train_images, train_labels, epoch_orders, first_step, length, steps_per_epoch,
+                 batch_size, mesh, ghost_bn, unroll):
+    """`length` consecutive steps of every run from global step `first_step`,
+    in one dispatch: the step itself when `length` is 1, else a `lax.scan`
+    (which may cross an epoch boundary)."""
+    step = functools.partial(_step, train_images=train_images, train_labels=train_labels, epoch_orders=epoch_orders,
+                             steps_per_epoch=steps_per_epoch, batch_size=batch_size, mesh=mesh, ghost_bn=ghost_bn)
+    if length == 1:
+        return step((state, metric_sums), first_step)
+    carry, _ = jax.lax.scan(lambda carry, offset: (step(carry, first_step + offset), None), (state, metric_sums),
+                            jnp.arange(length), unroll=unroll)
+    return carry
+
+
+# ---------------------------------------------------------------- evaluation
+
+@functools.partial(jax.jit, static_argnames=("chunk",))
+def _eval_runs(state, images, labels, chunk):
+    return _for_each_run(functools.partial(eval_step, chunk=chunk), state, images, labels)
+
+
+def evaluate_runs(state: TrainState, images_uint8, labels, batch_size: int = 1000, mesh=None,
+                  chunk: int | None = None) -> dict[str, np.ndarray]:
+    """Mean loss and accuracy of every run of a stacked `state` over a whole
+    (device-resident) set, in eval mode, as arrays of R values. With a `mesh`,
+    each batch is split over its devices (eval is per example, so no
+    statistics cross devices); `chunk`: see `eval_step` (one device only)."""
+    loss_sum, correct = 0.0, 0
+    split = NamedSharding(mesh, P(DATA_AXIS)) if mesh is not None and mesh.size > 1 else None
+    for first in range(0, len(labels), batch_size):
+        batch = slice(first, first + batch_size)
+        images, batch_labels = to_float_images(images_uint8[batch]), labels[batch]
+        if split is not None and len(batch_labels) % mesh.size == 0:
+            totals = _eval_runs(state, *jax.device_put((images, batch_labels), split), chunk=None)
+        else:
+            totals = _eval_runs(state, images, batch_labels, chunk=chunk)
+        loss_sum, correct = loss_sum + totals["loss_sum"], correct + totals["correct"]
+    return {"loss": np.asarray(loss_sum, np.float64) / len(labels),
+            "accuracy": np.asarray(correct, np.float64) / len(labels)}
+
+
+def evaluate(state: TrainState, images_uint8, labels, batch_size: int = 1000, mesh=None,
+             chunk: int | None = None) -> dict[str, float]:
+    """`evaluate_runs` for one run's own (unstacked) state: {"loss", "accuracy"}."""
+    stacked = jax.tree_util.tree_map(lambda leaf: leaf[None], state)
+    return {key: float(values[0])
+            for key, values in evaluate_runs(stacked, images_uint8, labels, batch_size, mesh, chunk).items()}
+
+
+# ---------------------------------------------------------------- the loop
+
+def _initial_states(configs, num_devices, checkpoint_paths):
+    """Every run's fresh state, or its checkpoint's where one exists, and its History so far."""
+    states, histories = [], []
+    for config, path in zip(configs, checkpoint_paths):
+        state = create_train_state(config, jax.random.key(config.seed), num_devices)
+        history = History()
+        if path is not None and os.path.exists(path):
+            state, saved_history = restore_checkpoint(path, state, config)
+            history = History(**saved_history)
+        states.append(state)
+        histories.append(history)
+    steps = sorted({int(state.step) for state in states})
+    if len(steps) > 1:
+        raise ValueError(f"the runs of one program must resume from one step; their checkpoints are at steps "
+                         f"{', '.join(map(str, steps))}: {', '.join(str(p) for p in checkpoint_paths if p)}")
+    return states, histories
+
+
+def train_runs(
+    configs: list[TrainConfig],
+    data,
+    strategy: Strategy | None = None,
+    on_eval: EvalCallback | None = None,
+    probes: list[Callable[[TrainState], dict] | None] | None = None,
+    checkpoint_paths: list[str | None] | None = None,
+) -> list[tuple[History, TrainState]]:
+    """Train `configs` (runs of one program: equal `program_key`) together on
+    `data` (a `bnjax.data.Dataset`); return [(history, final_state)] in order.
+
+    Each run is evaluated on the test set every `eval_every` steps and at the
+    end; `on_eval(config, step, total_steps, record)` follows each evaluation.
+    A run whose training loss becomes NaN or infinite stops recording there
+    and is marked `diverged` (its program stops when all runs have).
+    `probes[i](state) -> dict of floats`, if given, is measured on run i's
+    state at each of its evaluations and kept in its `history.probes`. With
+    `checkpoint_paths[i]`, run i (state, history, config) is saved there after
+    every evaluation, and a run whose checkpoint exists resumes from it: an
+    interrupted run reaches the same History as an uninterrupted one.
+
+    `strategy` (default: `default_strategy` for the devices used) sets how the
+    steps are launched, never what they compute.
+    """
+    check_dataset(data)
+    config = configs[0]
+    differing = [c for c in configs if program_key(c) != program_key(config)]
+    if differing:
+        raise ValueError(f"runs of one program may differ only in {', '.join(PER_RUN_FIELDS)}; "
+                         f"{differing[0]} differs from {config} elsewhere")
+    num_runs, num_examples = len(configs), len(data.x_train)
+    steps_per_epoch, total_steps = resolve_steps(config, num_examples)
+    mesh = make_mesh(config)
+    strategy = strategy or default_strategy(mesh.devices.flat[0].platform, mesh.size)
+    probes = probes or [None] * num_runs
+    checkpoint_paths = checkpoint_paths or [None] * num_runs
+    replicated = NamedSharding(mesh, P())
+
+    states, histories = _initial_states(configs, mesh.size, checkpoint_paths)
+    state = jax.device_put(stack_runs(states), replicated)
+    # The whole data set goes to every device once, as uint8 (47 MB for MNIST),
+    # with every run's batch order for every epoch; batches are gathered and
+    # converted to float there, then split over the devices.
+    train_images, train_labels, test_images, test_labels = jax.device_put(tuple(data), replicated)
+    epoch_orders = jax.device_put(np.stack([[epoch_order(c, epoch, num_examples) for epoch in range(c.epochs)]
+                                            for c in configs]), replicated)
+
+    zero_sums = lambda: {"loss": jnp.zeros(num_runs), "accuracy": jnp.zeros(num_runs)}  # noqa: E731
+    metric_sums, steps_in_sums = zero_sums(), 0
+    start_time = time.perf_counter() - max(history.total_wall_time_s for history in histories)
+    step = int(states[0].step)
+    while step < total_steps and not all(history.diverged for history in histories):
+        next_eval = min(total_steps, (step // config.eval_every + 1) * config.eval_every)
+        length = min(strategy.steps_per_dispatch, next_eval - step)
+        state, metric_sums = _train_chunk(state, metric_sums, train_images, train_labels, epoch_orders, step,
+                                          length=length, steps_per_epoch=steps_per_epoch,
+                                          batch_size=config.batch_size, mesh=mesh, ghost_bn=config.ghost_bn,
+                                          unroll=strategy.unroll)
+        if strategy.await_each_dispatch:
+            jax.block_until_ready(state)
+        step += length
+        steps_in_sums += length
+        if step % config.eval_every and step != total_steps:
+            continue
+
+        # Reading the sums waits for the queued steps, so it comes before the
+        # evaluation clock starts.
+        train_accuracy = np.asarray(metric_sums["accuracy"], np.float64) / steps_in_sums
+        train_loss = np.asarray(metric_sums["loss"], np.float64) / steps_in_sums
+        eval_start = time.perf_counter()
+        val = evaluate_runs(state, test_images, test_labels, config.eval_batch_size, mesh, strategy.eval_chunk)
+        eval_time = time.perf_counter() - eval_start
+        recorded = []
+        for index, history in enumerate(histories):
+            if history.diverged:  # stopped recording where a run alone would have stopped
+                continue
+            record = {"steps": step, "val_accuracy": float(val["accuracy"][index]),
+                      "val_loss": float(val["loss"][index]), "train_accuracy": float(train_accuracy[index]),
+                      "train_loss": float(train_loss[index]), "wall_time_s": time.perf_counter() - start_time}
+            for key, value in record.items():
+                getattr(history, key).append(value)
+            if probes[index] is not None:
+                history.probes.append(probes[index](run_of(state, index)))
+            history.eval_time_s += eval_time
+            history.diverged = not math.isfinite(record["train_loss"])
+            recorded.append((index, record))
+        metric_sums, steps_in_sums = zero_sums(), 0
+        for index, history in enumerate(histories):
+            history.total_wall_time_s = time.perf_counter() - start_time
+            if checkpoint_paths[index] is not None:
+                save_checkpoint(checkpoint_paths[index], run_of(state, index), history, configs[index])
+        if on_eval is not None:
+            for index, record in recorded:
+                on_eval(configs[index], step, total_steps, record)
+    total_time = time.perf_counter() - start_time
+    results = []
+    for index, history in enumerate(histories):
+        history.total_wall_time_s = total_time
+        results.append((history, run_of(state, index)))
+    return results

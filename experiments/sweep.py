@@ -1,0 +1,121 @@
+"""The one sweep driver every study trains through.
+
+    parser = argparse.ArgumentParser(...)
+    add_sweep_flags(parser, seeds=3, epochs=1, out="outputs/my_study")
+    args = parser.parse_args(argv)
+    results = run_sweep(configs, args.out / "results.json", load_mnist, strategy=sweep_strategy(args))
+
+`run_sweep` trains every config whose run is not saved yet in the results
+file (so an interrupted sweep resumes where it stopped) through
+`bnjax.engine.train_many` — worker processes and vmapped programs where the
+engine chooses them — prints one progress line per evaluation with the
+sweep's ETA, and saves each finished run atomically as soon as it is done.
+`run_resumable(main)` (experiments/results.py) ends a study with one line on
+an interrupt, a data error or a bad value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from pathlib import Path
+from typing import Callable
+
+from bnjax.engine import default_strategy, train_many
+from bnjax.strategy import Strategy
+from bnjax.train import TrainConfig, resolve_steps
+from experiments.results import add_run, load_results, unfinished
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def add_sweep_flags(parser: argparse.ArgumentParser, seeds: int, epochs: int | None, out: str | None) -> None:
+    """The flags every study shares: --seeds --epochs --max-steps --out --parallel-runs.
+    `epochs=None`: the study fixes its own schedule and has no --epochs."""
+    parser.add_argument("--seeds", type=positive_int, default=seeds,
+                        help=f"seeds 0..N-1 per configuration (default {seeds})")
+    if epochs is not None:
+        parser.add_argument("--epochs", type=positive_int, default=epochs, help=f"epochs per run (default {epochs})")
+    parser.add_argument("--max-steps", type=positive_int, default=None, help="cap on steps per run (smoke runs)")
+    parser.add_argument("--out", type=Path, default=None if out is None else Path(out),
+                        help=f"output directory (default {out})")
+    parser.add_argument("--parallel-runs", type=positive_int, default=None,
+                        help="runs trained side by side, one CPU core each (default: the engine's choice, "
+                             "all cores on CPU); 1 = one run at a time in this process")
+
+
+def sweep_strategy(args: argparse.Namespace, num_devices: int = 1) -> Strategy | None:
+    """The engine's choice for runs over `num_devices` devices, with
+    --parallel-runs applied; None (the engine's choice) when it is not set."""
+    if args.parallel_runs is None:
+        return None
+    return dataclasses.replace(default_strategy(None, num_devices), parallel_runs=args.parallel_runs)
+
+
+def varying_fields(configs: list[TrainConfig]) -> list[str]:
+    """The TrainConfig fields whose value differs between `configs`, in field order."""
+    return [field.name for field in dataclasses.fields(TrainConfig)
+            if len({getattr(config, field.name) for config in configs}) > 1]
+
+
+def describe(config: TrainConfig, fields: list[str]) -> str:
+    return " ".join(f"{name}={getattr(config, name)}" for name in fields) or "run"
+
+
+def run_sweep(
+    configs: list[TrainConfig],
+    results_path: Path,
+    load_data: Callable[[], object],
+    strategy: Strategy | None = None,
+    make_probe=None,
+    measure: Callable[[TrainConfig, object, object, object], dict] | None = None,
+    name: str = "sweep",
+    results: dict | None = None,
+) -> dict:
+    """Train the configs not yet saved in `results_path`; return all results.
+
+    `load_data()` is called only if something is left to train. `make_probe`:
+    see `bnjax.engine.train_many`. `measure(config, history, state, data) ->
+    dict`, if given, measures each finished run's final state; its values are
+    saved beside the run's History. `results`: the file's contents, if the
+    caller has read them already."""
+    results = load_results(results_path) if results is None else results
+    todo = unfinished(results, configs)
+    print(f"{name}: {len(configs)} runs; {len(configs) - len(todo)} already in {results_path}; "
+          f"{len(todo)} to train", flush=True)
+    if not todo:
+        return results
+    data = load_data()
+    fields = varying_fields(configs)
+    labels = {id(config): f"[{index}/{len(todo)}] {describe(config, fields)}" for index, config in enumerate(todo, 1)}
+    total_steps = sum(resolve_steps(config, len(data.x_train))[1] for config in todo)
+    steps_seen: dict[int, int] = {}
+    start = time.perf_counter()
+
+    def show_progress(config, step, run_steps, record):
+        steps_seen[id(config)] = step
+        done = sum(steps_seen.values())
+        eta_minutes = (total_steps - done) * (time.perf_counter() - start) / done / 60
+        print(f"{name} {labels[id(config)]} step {step}/{run_steps} val_acc {record['val_accuracy']:.4f} "
+              f"train_loss {record['train_loss']:.4f} | ETA {eta_minutes:.1f} min", flush=True)
+
+    def save_run(config, history, state):
+        if history.diverged:
+            print(f"{name} {labels[id(config)]} diverged (non-finite loss) at step {history.steps[-1]}; recorded, "
+                  "going on", flush=True)
+        steps_seen[id(config)] = resolve_steps(config, len(data.x_train))[1]  # a diverged run's rest counts as done
+        extra = measure(config, history, state, data) if measure is not None else None
+        add_run(results_path, results, config, history, extra)
+
+    train_many(todo, data, strategy=strategy, on_eval=show_progress, on_done=save_run, make_probe=make_probe)
+    print(f"{name}: {len(todo)} runs in {(time.perf_counter() - start) / 60:.1f} min", flush=True)
+    return results
