@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -71,6 +73,17 @@ def describe(config: TrainConfig, fields: list[str]) -> str:
     return " ".join(f"{name}={getattr(config, name)}" for name in fields) or "run"
 
 
+def importable(function):
+    """`function`, as worker processes can unpickle it. A study run as
+    `python -m experiments.<study>` defines its functions in `__main__`, which
+    a worker cannot import by that name; the same function of the module
+    imported by its own name (`experiments.<study>`) can be."""
+    main_spec = getattr(sys.modules["__main__"], "__spec__", None)
+    if function is None or getattr(function, "__module__", None) != "__main__" or main_spec is None:
+        return function
+    return getattr(importlib.import_module(main_spec.name), function.__qualname__)
+
+
 def run_sweep(
     configs: list[TrainConfig],
     results_path: Path,
@@ -116,6 +129,7 @@ def run_sweep(
         extra = measure(config, history, state, data) if measure is not None else None
         add_run(results_path, results, config, history, extra)
 
-    train_many(todo, data, strategy=strategy, on_eval=show_progress, on_done=save_run, make_probe=make_probe)
+    train_many(todo, data, strategy=strategy, on_eval=show_progress, on_done=save_run,
+               make_probe=importable(make_probe))
     print(f"{name}: {len(todo)} runs in {(time.perf_counter() - start) / 60:.1f} min", flush=True)
     return results

@@ -1,0 +1,67 @@
+"""The one sweep driver of experiments/: resumable, measured, with progress."""
+
+import argparse
+import dataclasses
+import json
+import types
+
+import pytest
+
+from bnjax.engine import Strategy
+from bnjax.train import TrainConfig
+from experiments import paper_mnist, sweep
+
+CONFIGS = [TrainConfig(batch_norm=True, activation="sigmoid", max_steps=4, eval_every=2, eval_batch_size=32,
+                       seed=seed) for seed in (0, 1)]
+
+
+def first_running_mean(config, data):
+    return lambda state: {"mean0": float(state.batch_stats["BatchNorm_0"]["mean"][0])}
+
+
+def test_a_sweep_saves_each_run_with_its_probes_and_measurements_and_resumes(tiny_data, tmp_path, capsys):
+    path = tmp_path / "results.json"
+    measure = lambda config, history, state, data: {"final_step": int(state.step)}  # noqa: E731
+    sweep.run_sweep(CONFIGS, path, lambda: tiny_data, strategy=Strategy(models_per_program=2),
+                    make_probe=first_running_mean, measure=measure, name="study")
+    output = capsys.readouterr().out
+    assert "study: 2 runs; 0 already in" in output and "2 to train" in output
+    assert "study [1/2] seed=0 step 2/4" in output and "| ETA" in output
+    runs = json.loads(path.read_text())["runs"]
+    assert [run["config"]["seed"] for run in runs] == [0, 1]
+    assert all(run["final_step"] == 4 and len(run["probes"]) == 2 == len(run["steps"]) for run in runs)
+    assert runs[0]["probes"] != runs[1]["probes"]
+
+    def no_data():
+        raise AssertionError("nothing is left to train: the data set must not be loaded")
+
+    more = [*CONFIGS, dataclasses.replace(CONFIGS[0], seed=2)]
+    sweep.run_sweep(CONFIGS, path, no_data, name="study")
+    assert "2 already in" in capsys.readouterr().out
+    results = sweep.run_sweep(more, path, lambda: tiny_data, strategy=Strategy(), name="study")
+    assert "1 to train" in capsys.readouterr().out
+    assert [run["config"]["seed"] for run in results["runs"]] == [0, 1, 2]
+
+
+def test_a_study_run_as_main_hands_workers_its_functions_by_module_name(monkeypatch):
+    as_main = types.SimpleNamespace(__spec__=types.SimpleNamespace(name="experiments.paper_mnist"))
+    monkeypatch.setitem(__import__("sys").modules, "__main__", as_main)
+    defined_in_main = types.FunctionType(paper_mnist.sigmoid_input_percentiles.__code__, {},
+                                         "sigmoid_input_percentiles")
+    defined_in_main.__module__, defined_in_main.__qualname__ = "__main__", "sigmoid_input_percentiles"
+    assert sweep.importable(defined_in_main) is paper_mnist.sigmoid_input_percentiles
+    assert sweep.importable(first_running_mean) is first_running_mean  # already importable
+    assert sweep.importable(None) is None
+
+
+def test_common_flags_refuse_bad_values_in_one_line(capsys):
+    parser = argparse.ArgumentParser()
+    sweep.add_sweep_flags(parser, seeds=3, epochs=1, out="outputs/x")
+    args = parser.parse_args([])
+    assert (args.seeds, args.epochs, args.max_steps, str(args.out), args.parallel_runs) == (3, 1, None, "outputs/x",
+                                                                                            None)
+    assert sweep.sweep_strategy(args) is None
+    assert sweep.sweep_strategy(parser.parse_args(["--parallel-runs", "1"])).parallel_runs == 1
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--seeds", "0"])
+    assert "argument --seeds: expected a positive integer, got '0'" in capsys.readouterr().err
