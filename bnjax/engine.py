@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 
 from bnjax.config import TrainConfig
-from bnjax.loop import EvalCallback, History, check_dataset, program_key, resolve_steps, train_runs
+from bnjax.loop import EvalCallback, History, program_key, train_runs
+from bnjax.schedule import check_dataset, resolve_steps
 from bnjax.steps import TrainState, create_train_state, make_mesh
 from bnjax.strategy import Strategy, default_strategy
 from bnjax.workers import WorkerPool

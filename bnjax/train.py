@@ -5,9 +5,10 @@
     history, state = train(TrainConfig(batch_norm=True), load_mnist())
 
 Where the pieces live: the config in bnjax/config.py; the model, state, train
-step and eval step in bnjax/steps.py; the loop (R runs, K steps per
-dispatch, a device mesh, evaluation, probes, checkpoints) in bnjax/loop.py;
-many runs (vmapped programs, worker processes) in bnjax/engine.py.
+step and eval step in bnjax/steps.py; which examples each step sees in
+bnjax/schedule.py; the loop (R runs, K steps per dispatch, a device mesh,
+evaluation, probes, checkpoints) in bnjax/loop.py; many runs (vmapped
+programs, worker processes) in bnjax/engine.py.
 """
 
 from __future__ import annotations
@@ -15,15 +16,8 @@ from __future__ import annotations
 from typing import Callable
 
 from bnjax.config import MODELS, OPTIMIZERS, TrainConfig
-from bnjax.loop import (
-    EvalCallback,
-    History,
-    check_dataset,
-    epoch_order,
-    evaluate,
-    resolve_steps,
-    train_runs,
-)
+from bnjax.loop import EvalCallback, History, evaluate, train_runs
+from bnjax.schedule import check_dataset, epoch_order, resolve_steps
 from bnjax.steps import (
     DATA_AXIS,
     TrainState,

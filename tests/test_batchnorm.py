@@ -55,6 +55,7 @@ def test_eval_mode_equals_flax(shape):
     np.testing.assert_allclose(apply_ours(variables, x, False), apply_flax(variables, x, False), atol=TOLERANCE)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("train", [True, False])
 def test_gradients_equal_flax(train):
     x, variables = random_setup((16, 4, 4, 6))

@@ -7,6 +7,7 @@ import pytest
 from benchmarks import peers, throughput
 
 
+@pytest.mark.slow
 def test_train_step_flops_come_from_xla_and_match_the_model():
     # By hand: forward MACs of the convs and dense layers at batch 32 are
     # 32 * (26*26*9*32 + 11*11*288*64 + 3*3*576*64 + 576*64 + 64*10) = 0.0894e9;

@@ -18,6 +18,7 @@ class Interrupt(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_to_the_same_history(tiny_data, tmp_path):
     uninterrupted, final_state = train(CONFIG, tiny_data)  # 8 steps per epoch, 24 steps
 
@@ -38,6 +39,7 @@ def test_interrupted_run_resumes_to_the_same_history(tiny_data, tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_restored_model_predicts_identically(tiny_data, tmp_path):
     path = tmp_path / "run.msgpack"
     _, state = train(dataclasses.replace(CONFIG, max_steps=8), tiny_data, checkpoint_path=path)

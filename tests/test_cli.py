@@ -10,6 +10,7 @@ import bnjax.__main__ as cli
 from conftest import make_dataset
 
 
+@pytest.mark.slow
 def test_a_short_run_prints_progress_and_saves_its_history(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(cli, "load_dataset", lambda *args: make_dataset())
     saved = tmp_path / "run.json"

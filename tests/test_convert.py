@@ -54,6 +54,7 @@ def test_torch_bn_eval_logits():
     np.testing.assert_allclose(logits, FIXTURE["torch_bn/eval_logits"], atol=TOLERANCE, rtol=TOLERANCE)
 
 
+@pytest.mark.slow
 def test_torch_bn_train_step_logits_stats_and_gradients():
     variables = convert.convnet_from_torch(torch_state("torch_bn"), batch_norm=True)
 

@@ -142,6 +142,7 @@ def test_cache_round_trip_and_corruption_detected(tmp_path, mnist):
         load_cache(path)
 
 
+@pytest.mark.slow
 def test_auto_rebuilds_a_corrupt_cache_from_idx_files(tmp_path, mnist, capsys):
     idx_dir, cache_dir = tmp_path / "idx", tmp_path / "cache"
     idx_dir.mkdir()
@@ -199,6 +200,7 @@ def fashion_like(seed: int = 0) -> Dataset:
     )
 
 
+@pytest.mark.slow
 def test_fashion_mnist_from_idx_files_verified_and_cached(tmp_path, mnist, monkeypatch):
     fashion = fashion_like()
     idx_dir, cache_dir = tmp_path / "idx", tmp_path / "cache"

@@ -72,6 +72,7 @@ RELU = dataclasses.replace(BASE, activation="relu", max_steps=6, eval_every=4)
 PER_STEP = Strategy(steps_per_dispatch=1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config, strategy", [
     (BASE, Strategy(steps_per_dispatch=4)),
     (BASE, Strategy(steps_per_dispatch=100)),
@@ -88,6 +89,7 @@ def test_steps_per_dispatch_gives_the_per_step_history(tiny_data, strategy, conf
     assert_same_run(train(config, tiny_data, strategy=strategy), reference)
 
 
+@pytest.mark.slow
 def test_vmapped_programs_give_each_runs_history(tiny_data):
     configs = [dataclasses.replace(BASE, seed=seed, learning_rate=learning_rate)
                for learning_rate in (0.001, 0.0005) for seed in (0, 1)]
@@ -102,6 +104,7 @@ def test_vmapped_programs_give_each_runs_history(tiny_data):
     assert together[0][0].val_loss != together[1][0].val_loss  # seeds differ: not one run copied
 
 
+@pytest.mark.slow
 def test_runs_in_worker_processes_give_each_runs_history_and_state(tiny_data):
     # Two workers, one core each: a vmapped program of two runs beside a run alone.
     configs = [dataclasses.replace(BASE, seed=0), dataclasses.replace(BASE, seed=1, learning_rate=0.0005),
@@ -121,6 +124,7 @@ def test_runs_in_worker_processes_give_each_runs_history_and_state(tiny_data):
         jax.tree_util.tree_map(lambda leaf: np.testing.assert_array_equal(np.isfinite(leaf), True), state.opt_state)
 
 
+@pytest.mark.slow
 def test_a_diverging_run_stops_its_history_where_train_stops(tiny_data):
     configs = [dataclasses.replace(BASE, batch_norm=False, activation="sigmoid", learning_rate=lr, optimizer="sgd",
                                    max_steps=18) for lr in (0.1, 1e38)]
@@ -174,6 +178,7 @@ def running_variance_probe(config, data):
     return lambda state: {"var0": float(state.batch_stats["BatchNorm_0"]["var"][0]), "seed": config.seed}
 
 
+@pytest.mark.slow
 def test_probes_of_stacked_and_worker_runs_are_each_runs_own(tiny_data):
     # Two workers: a vmapped program of two runs beside a run alone.
     configs = [dataclasses.replace(BASE, seed=0), dataclasses.replace(BASE, seed=1, learning_rate=0.0005),
@@ -191,6 +196,7 @@ class Interrupt(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_a_stacked_program_resumes_from_its_checkpoints(tiny_data, tmp_path):
     configs = [dataclasses.replace(BASE, seed=seed) for seed in (0, 1)]
     strategy = Strategy(steps_per_dispatch=3, models_per_program=2)
@@ -210,6 +216,7 @@ def test_a_stacked_program_resumes_from_its_checkpoints(tiny_data, tmp_path):
         jax.tree_util.tree_map(np.testing.assert_array_equal, state.params, reference_state.params)
 
 
+@pytest.mark.slow
 def test_runs_of_different_programs_or_steps_are_refused_in_one_line(tiny_data, tmp_path):
     from bnjax.loop import train_runs
 

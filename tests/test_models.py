@@ -36,6 +36,7 @@ def test_bn_net_has_no_biases_and_bn_after_every_layer():
     assert count_params(batch_stats) == 468
 
 
+@pytest.mark.slow
 def test_glorot_uniform_is_the_default_kernel_init():
     kernel = init(ConvNet())["params"]["Conv_1"]["kernel"]  # (3, 3, 32, 64)
     limit = np.sqrt(6.0 / (9 * 32 + 9 * 64))  # Keras: fan_in = 3*3*32, fan_out = 3*3*64
@@ -73,6 +74,7 @@ def test_train_mode_without_mutable_is_an_error():
         model.apply(init(model), IMAGES, train=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
 def test_every_activation_runs(activation):
     model = ConvNet(batch_norm=True, activation=activation)
@@ -91,6 +93,7 @@ def test_max_pool_2x2_equals_flax_max_pool(height_width):
     np.testing.assert_array_equal(max_pool_2x2(x), nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID"))
 
 
+@pytest.mark.slow
 def test_mlp_is_the_papers_net():
     from bnjax.models import MLP
 
@@ -107,6 +110,7 @@ def test_mlp_is_the_papers_net():
     np.testing.assert_allclose(sigmoid_inputs[2].mean(axis=0), 0.0, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["convnet", "mlp"])
 def test_a_bias_right_before_bn_gets_exactly_zero_gradient(model):
     """BN subtracts the batch mean, so a constant added before it cancels: the

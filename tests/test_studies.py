@@ -29,6 +29,7 @@ def train_mode_logits(state, images_uint8):
     return logits
 
 
+@pytest.mark.slow
 def test_batch_statistics_accuracy_normalizes_each_group_by_itself(trained):
     _, data, state = trained
     images, labels = jnp.asarray(data.x_test), jnp.asarray(data.y_test)
@@ -74,6 +75,7 @@ def test_lag_by_layer_is_zero_without_lag_and_measures_it_otherwise():
     assert lag["BatchNorm_0/var_ratio"] == pytest.approx(4.0, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_eval_mode_probe_records_what_the_figures_read(trained):
     config, data, state = trained
     probe = eval_modes.EvalModeProbe(dataclasses.replace(config), data._replace(
@@ -85,6 +87,7 @@ def test_eval_mode_probe_records_what_the_figures_read(trained):
     assert all(np.isfinite(value) for value in record.values())
 
 
+@pytest.mark.slow
 def test_momentum_changes_the_running_averages_only(tiny_data):
     """Train mode normalizes with batch statistics, so BN momentum cannot change
     the weights: the eval-modes study's momentum runs share their weights."""
@@ -109,6 +112,7 @@ def test_ablation_configs_cover_their_grids():
     assert all(c.steps_per_epoch == 60000 // c.batch_size for c in sizes)
 
 
+@pytest.mark.slow
 def test_bias_gradients_of_a_bias_before_bn_vanish(tiny_data):
     config = TrainConfig(batch_norm=True, bn_use_bias=True, epochs=1, max_steps=5)
     state = create_train_state(config, jax.random.key(0))

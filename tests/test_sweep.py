@@ -19,6 +19,7 @@ def first_running_mean(config, data):
     return lambda state: {"mean0": float(state.batch_stats["BatchNorm_0"]["mean"][0])}
 
 
+@pytest.mark.slow
 def test_a_sweep_saves_each_run_with_its_probes_and_measurements_and_resumes(tiny_data, tmp_path, capsys):
     path = tmp_path / "results.json"
     measure = lambda config, history, state, data: {"final_step": int(state.step)}  # noqa: E731

@@ -116,6 +116,7 @@ def test_eval_step_in_chunks_counts_the_same_examples(tiny_data):
     assert int(eval_step(state, images, wrong_labels, chunk=8)["correct"]) != int(whole["correct"])
 
 
+@pytest.mark.slow
 def test_same_config_and_seed_give_identical_history(tiny_data):
     config = TrainConfig(batch_norm=True, max_steps=12, eval_every=4, batch_size=16, shuffle=True)
     first, _ = train(config, tiny_data)
@@ -169,6 +170,7 @@ def test_more_devices_than_visible_is_an_error(tiny_data):
         train(TrainConfig(num_devices=visible + 63, max_steps=1), tiny_data)
 
 
+@pytest.mark.slow
 def test_mlp_trains_and_probes_are_recorded(tiny_data):
     from experiments.paper_mnist import sigmoid_input_percentiles
 
