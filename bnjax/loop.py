@@ -36,6 +36,17 @@ from bnjax.strategy import Strategy, default_strategy
 # (architecture, batch, schedule, devices) must be equal.
 PER_RUN_FIELDS = ("seed", "learning_rate")
 
+# A stack of ghost-BN runs on a mesh (vmap inside shard_map, with the running
+# statistics averaged over devices) trained seed 0 as alone at jax 0.10.2, and
+# differently from the second step on at jax 0.7.1 (synchronized BN matched
+# bit for bit at both): below this version such a stack is refused.
+STACKED_GHOST_BN_FROM = (0, 10)
+
+
+def _jax_version() -> tuple[int, ...]:
+    return tuple(int(part) for part in jax.__version__.split(".")[:2])
+
+
 # on_eval(config, step, total_steps, record) after each evaluation of a run.
 EvalCallback = Callable[[TrainConfig, int, int, dict], None]
 
@@ -218,6 +229,10 @@ def train_runs(
     num_runs, num_examples = len(configs), len(data.x_train)
     steps_per_epoch, total_steps = resolve_steps(config, num_examples)
     mesh = make_mesh(config)
+    if num_runs > 1 and mesh.size > 1 and config.ghost_bn and _jax_version() < STACKED_GHOST_BN_FROM:
+        raise ValueError(f"ghost BN runs over {mesh.size} devices cannot share one program with jax {jax.__version__} "
+                         "(at jax 0.7.1 they trained differently from each run alone); train them one per program "
+                         "or use jax >= 0.10")
     strategy = strategy or default_strategy(mesh.devices.flat[0].platform, mesh.size)
     probes = probes or [None] * num_runs
     checkpoint_paths = checkpoint_paths or [None] * num_runs

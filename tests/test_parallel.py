@@ -73,6 +73,10 @@ def test_a_stacked_program_on_a_mesh_trains_each_run_as_alone(histories):
     # Seed 0 of a 2-run program over 2 devices is the 2-device run of seed 0;
     # seed 1 is another model; ghost BN stacks the same way.
     assert_same_curves(histories["sync_2_stacked_seed0"], histories["sync_2"], "sync stacked")
-    assert_same_curves(histories["ghost_2_stacked_seed0"], histories["ghost_2"], "ghost stacked")
+    if "ghost_2_stacked_error" in histories:  # jax < 0.10: refused, in one line naming the version
+        assert histories["ghost_2_stacked_error"].startswith(
+            "ghost BN runs over 2 devices cannot share one program with jax 0.")
+    else:
+        assert_same_curves(histories["ghost_2_stacked_seed0"], histories["ghost_2"], "ghost stacked")
     assert histories["sync_2_stacked_seed1"]["final_step"] == 32
     assert max_curve_difference(histories["sync_2_stacked_seed1"], histories["sync_2"], LOSSES) > TOLERANCE
