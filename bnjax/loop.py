@@ -93,8 +93,7 @@ def _for_each_run(function, stacked, *shared):
     """`function(run, *shared)` for every run of `stacked` (leading runs axis):
     called directly on the one run when there is one, else vmapped."""
     if jax.tree_util.tree_leaves(stacked)[0].shape[0] == 1:
-        output = function(jax.tree_util.tree_map(lambda leaf: leaf[0], stacked), *shared)
-        return jax.tree_util.tree_map(lambda leaf: leaf[None], output)
+        return stack_runs([function(run_of(stacked, 0), *shared)])
     return jax.vmap(function, in_axes=(0,) + (None,) * len(shared))(stacked, *shared)
 
 
@@ -171,7 +170,7 @@ def evaluate_runs(state: TrainState, images_uint8, labels, batch_size: int = 100
 def evaluate(state: TrainState, images_uint8, labels, batch_size: int = 1000, mesh=None,
              chunk: int | None = None) -> dict[str, float]:
     """`evaluate_runs` for one run's own (unstacked) state: {"loss", "accuracy"}."""
-    stacked = jax.tree_util.tree_map(lambda leaf: leaf[None], state)
+    stacked = stack_runs([state])
     return {key: float(values[0])
             for key, values in evaluate_runs(stacked, images_uint8, labels, batch_size, mesh, chunk).items()}
 

@@ -21,7 +21,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax.training import train_state
-from jax.sharding import PartitionSpec as P
 
 from bnjax.config import TrainConfig
 from bnjax.models import MLP, ConvNet
@@ -156,17 +155,6 @@ def train_step_body(state: TrainState, images, labels, axis_name: str | None = N
             new_batch_stats = jax.lax.pmean(new_batch_stats, axis_name)
     new_state = state.apply_gradients(grads=grads, batch_stats=new_batch_stats)
     return new_state, metrics
-
-
-def data_parallel_step(mesh: jax.sharding.Mesh, ghost_bn: bool = False):
-    """`train_step_body` mapped over `mesh`: state replicated, batch split along
-    its first axis, one program per device, collectives over DATA_AXIS."""
-    return jax.shard_map(
-        functools.partial(train_step_body, axis_name=DATA_AXIS, ghost_bn=ghost_bn),
-        mesh=mesh,
-        in_specs=(P(), P(DATA_AXIS), P(DATA_AXIS)),
-        out_specs=(P(), P()),
-    )
 
 
 # One device, no collectives: the step the tour and the tests call directly.

@@ -23,7 +23,6 @@ from bnjax.steps import (
     TrainState,
     create_train_state,
     cross_entropy_loss,
-    data_parallel_step,
     eval_step,
     make_mesh,
     make_model,
@@ -36,7 +35,7 @@ from bnjax.strategy import Strategy
 
 __all__ = [
     "DATA_AXIS", "MODELS", "OPTIMIZERS", "EvalCallback", "History", "TrainConfig", "TrainState", "check_dataset",
-    "create_train_state", "cross_entropy_loss", "data_parallel_step", "epoch_order", "eval_step", "evaluate",
+    "create_train_state", "cross_entropy_loss", "epoch_order", "eval_step", "evaluate",
     "make_mesh", "make_model", "make_optimizer", "resolve_steps", "to_float_images", "train", "train_step",
     "train_step_body",
 ]
