@@ -68,13 +68,16 @@ class WorkerPool:
     def __init__(self, cores: list[int], shared: Any):
         self._messages: queue.Queue = queue.Queue()
         self._workers = []
+        self._readers = []
         for worker_index, core in enumerate(cores):
             process = subprocess.Popen([sys.executable, "-c", _WORKER_MAIN], stdin=subprocess.PIPE,
                                        stdout=subprocess.PIPE)
             pickle.dump((core, sys.path, shared), process.stdin)
             process.stdin.flush()
-            threading.Thread(target=self._read, args=(worker_index, process.stdout), daemon=True).start()
+            reader = threading.Thread(target=self._read, args=(worker_index, process.stdout), daemon=True)
+            reader.start()
             self._workers.append(process)
+            self._readers.append(reader)
 
     def _read(self, worker_index: int, stream) -> None:
         while True:
@@ -122,6 +125,12 @@ class WorkerPool:
             if process.poll() is None:
                 process.kill()
             process.wait()
+        # A killed worker's stdout ends, so its reader sees EOF and returns; only
+        # then are the streams closed (closing one under a blocked read made that
+        # read raise in the reader thread).
+        for reader in self._readers:
+            reader.join(timeout=10)
+        for process in self._workers:
             for stream in (process.stdin, process.stdout):
                 try:
                     stream.close()
