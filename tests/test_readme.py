@@ -71,3 +71,13 @@ def test_relative_links_and_images_exist(page):
 def test_definition_lookup_can_fail():
     assert definition_source("bnjax/train.py", "no_such_function") is None
     assert definition_source("bnjax/batchnorm.py", "BatchNorm.no_such_method") is None
+
+
+def test_ci_runs_the_readme_install_and_test_commands():
+    quick_start = (ROOT / "README.md").read_text().split("## Quick start", 1)[1].split("```bash", 1)[1].split("```")[0]
+    commands = {line.split("#", 1)[1].strip(): line.split("#", 1)[0].strip()
+                for line in quick_start.splitlines() if "#" in line}
+    install = next(command for comment, command in commands.items() if comment.startswith("install"))
+    tests = next(command for comment, command in commands.items() if comment.startswith("run the tests"))
+    ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert install in ci_lines and tests in ci_lines, (install, tests)
