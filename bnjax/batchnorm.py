@@ -27,6 +27,8 @@ import flax.linen as nn
 # PyTorch 0.1 is Keras/Flax 0.9.
 DEFAULT_MOMENTUM = 0.99
 DEFAULT_EPSILON = 1e-3
+# How the running statistics average the batch statistics (running_average_weights).
+RUNNING_AVERAGES = ("ema", "debiased_ema", "cumulative")
 
 
 def batch_statistics(x, axis_name: str | None = None):
@@ -56,6 +58,35 @@ def normalize(x, mean, var, scale, bias, epsilon: float):
     return (x - mean) * (inverse_std * scale) + bias
 
 
+def running_average_weights(running_average: str, momentum: float, count):
+    """(keep, take): the t-th batch statistic (t = count >= 1) enters as
+        new_running = keep * running + take * batch_statistic,
+    with keep = 1 - take, under each rule:
+
+      "ema"           take = 1 - momentum: the exponential moving average of
+                      Keras, Flax and PyTorch. It starts from mean 0 / var 1,
+                      which it forgets at rate momentum^t (at 0.99, ~460 steps
+                      to 1%).
+      "debiased_ema"  take = (1 - momentum) / (1 - momentum^t): Haiku's
+                      zero-debiased average (hk.ExponentialMovingAverage,
+                      zero_debias=True). The same weights on the batch
+                      statistics, rescaled to sum to 1: take_1 = 1, so the
+                      starting values never count.
+      "cumulative"    take = 1 / t: the equal-weight mean of every batch
+                      statistic so far, PyTorch's momentum=None.
+    """
+    if running_average == "ema":
+        return momentum, 1.0 - momentum  # the expression used before the other rules existed: same numbers
+    t = jnp.asarray(count, jnp.float32)
+    if running_average == "debiased_ema":
+        take = (1.0 - momentum) / (1.0 - momentum**t)
+    elif running_average == "cumulative":
+        take = 1.0 / t
+    else:
+        raise ValueError(f"unknown running_average {running_average!r}; allowed: {', '.join(RUNNING_AVERAGES)}")
+    return 1.0 - take, take
+
+
 def batch_norm_train(
     x,
     scale,
@@ -66,17 +97,22 @@ def batch_norm_train(
     epsilon: float = DEFAULT_EPSILON,
     axis_name: str | None = None,
     unbiased_running_var: bool = False,
+    running_average: str = "ema",
+    count=1,
 ):
     """Train mode: normalize with this batch's statistics, update the running ones.
 
     Returns (y, new_running_mean, new_running_var), where
-        new_running = momentum * running + (1 - momentum) * batch_statistic.
+        new_running = keep * running + take * batch_statistic
+    with (keep, take) from `running_average_weights` for this, the `count`-th,
+    update: for the default "ema", keep = momentum, take = 1 - momentum.
     The batch is always normalized with its biased variance; the running
     variance tracks the biased one too (Keras, Flax), or with
     `unbiased_running_var` the N / (N - 1)-corrected one (PyTorch).
     Gradients flow through the batch mean and variance (that is what makes BN
     more than a fixed rescaling); the running averages are not differentiated.
     """
+    keep, take = running_average_weights(running_average, momentum, count)
     mean, var = batch_statistics(x, axis_name)
     y = normalize(x, mean, var, scale, bias, epsilon)
     var_for_running = var
@@ -85,8 +121,8 @@ def batch_norm_train(
         if axis_name is not None:
             count = count * jax.lax.psum(1, axis_name)
         var_for_running = var * (count / max(count - 1, 1))
-    new_running_mean = momentum * running_mean + (1.0 - momentum) * jax.lax.stop_gradient(mean)
-    new_running_var = momentum * running_var + (1.0 - momentum) * jax.lax.stop_gradient(var_for_running)
+    new_running_mean = keep * running_mean + take * jax.lax.stop_gradient(mean)
+    new_running_var = keep * running_var + take * jax.lax.stop_gradient(var_for_running)
     return y, new_running_mean, new_running_var
 
 
@@ -101,20 +137,32 @@ class BatchNorm(nn.Module):
 
     Call as `BatchNorm()(x, train=True)` inside `apply(..., mutable=["batch_stats"])`,
     or `BatchNorm()(x, train=False)` with nothing mutable.
+
+    `running_average` picks the rule of `running_average_weights`. The rules
+    that weigh the t-th update by t ("debiased_ema", "cumulative") also keep
+    `count`, the number of updates so far, in `batch_stats`; "ema" keeps only
+    `mean` and `var`, as flax.linen.BatchNorm. Eval mode normalizes with the
+    rule's current `mean` and `var` whatever the rule.
     """
 
     momentum: float = DEFAULT_MOMENTUM
     epsilon: float = DEFAULT_EPSILON
     axis_name: str | None = None
     unbiased_running_var: bool = False  # True: PyTorch's running-variance convention
+    running_average: str = "ema"
 
     @nn.compact
     def __call__(self, x, *, train: bool):
+        if self.running_average not in RUNNING_AVERAGES:
+            raise ValueError(f"unknown running_average {self.running_average!r}; "
+                             f"allowed: {', '.join(RUNNING_AVERAGES)}")
         features = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
         running_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
         running_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
+        count = (None if self.running_average == "ema"
+                 else self.variable("batch_stats", "count", jnp.zeros, (), jnp.int32))
 
         if not train:
             return batch_norm_eval(x, scale, bias, running_mean.value, running_var.value, self.epsilon)
@@ -130,10 +178,14 @@ class BatchNorm(nn.Module):
             # `init` runs outside any device mapping, so there is no axis to average over.
             axis_name=None if self.is_initializing() else self.axis_name,
             unbiased_running_var=self.unbiased_running_var,
+            running_average=self.running_average,
+            count=1 if count is None else count.value + 1,
         )
         # THE line where running statistics change. `init` only creates them
         # (as flax.linen.BatchNorm does), so a freshly initialized model starts
         # from mean 0, var 1 whatever batch was used to initialize it.
         if not self.is_initializing():
             running_mean.value, running_var.value = new_mean, new_var
+            if count is not None:
+                count.value = count.value + 1
         return y

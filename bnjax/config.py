@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from bnjax.batchnorm import RUNNING_AVERAGES
 from bnjax.models import ACTIVATIONS, BN_POSITIONS, KERNEL_INITS
 
 OPTIMIZERS = ("adam", "sgd")
@@ -40,6 +41,10 @@ class TrainConfig:
     kernel_init: str = "glorot_uniform"  # Keras's default; "lecun_normal" is Flax's
     bn_momentum: float = 0.99
     bn_epsilon: float = 1e-3
+    # How BN's running statistics average the batch statistics: "ema" (Keras,
+    # Flax, PyTorch), "debiased_ema" (Haiku), "cumulative" (PyTorch momentum=None);
+    # bnjax/batchnorm.py::running_average_weights has the equations.
+    bn_running_average: str = "ema"
     eval_every: int = 100  # steps between evaluations on the whole test set
     eval_batch_size: int = 1000
     max_steps: int | None = None  # cap on total steps (smoke runs)
@@ -60,6 +65,7 @@ class TrainConfig:
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("kernel_init", self.kernel_init, KERNEL_INITS)
         _check_choice("bn_position", self.bn_position, BN_POSITIONS)
+        _check_choice("bn_running_average", self.bn_running_average, RUNNING_AVERAGES)
         if self.model != "convnet" and (self.bn_position != "before" or self.bn_use_bias):
             raise ValueError(f"bn_position and bn_use_bias apply to model 'convnet' only, not {self.model!r}")
         for name in ("batch_norm", "shuffle", "ghost_bn", "bn_use_bias"):

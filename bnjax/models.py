@@ -76,6 +76,7 @@ class ConvNet(nn.Module):
     bn_epsilon: float = DEFAULT_EPSILON
     bn_axis_name: str | None = None
     bn_unbiased_running_var: bool = False  # True only to mirror PyTorch (bnjax/convert.py)
+    bn_running_average: str = "ema"  # RUNNING_AVERAGES (bnjax/batchnorm.py::running_average_weights)
     # Ablations of the article's keypoints (experiments/ablations.py); the
     # defaults are the article's BN net.
     bn_position: str = "before"  # BN_POSITIONS; the output layer has no activation, so BN stays last there
@@ -98,6 +99,7 @@ class ConvNet(nn.Module):
                 epsilon=self.bn_epsilon,
                 axis_name=self.bn_axis_name,
                 unbiased_running_var=self.bn_unbiased_running_var,
+                running_average=self.bn_running_average,
             )
             if not hidden:
                 return batch_norm(x, train=train)
@@ -137,6 +139,7 @@ class MLP(nn.Module):
     bn_momentum: float = DEFAULT_MOMENTUM
     bn_epsilon: float = DEFAULT_EPSILON
     bn_axis_name: str | None = None
+    bn_running_average: str = "ema"  # RUNNING_AVERAGES (bnjax/batchnorm.py::running_average_weights)
 
     @nn.compact
     def __call__(self, x, *, train: bool):
@@ -146,8 +149,8 @@ class MLP(nn.Module):
         for units in self.hidden_units:
             x = nn.Dense(units, use_bias=not self.batch_norm, kernel_init=kernel_init)(x)
             if self.batch_norm:
-                x = BatchNorm(momentum=self.bn_momentum, epsilon=self.bn_epsilon,
-                              axis_name=self.bn_axis_name)(x, train=train)
+                x = BatchNorm(momentum=self.bn_momentum, epsilon=self.bn_epsilon, axis_name=self.bn_axis_name,
+                              running_average=self.bn_running_average)(x, train=train)
             # The input to this layer's nonlinearity, which the paper's figure 1(b, c) tracks.
             self.sow("intermediates", "sigmoid_input", x)
             x = activation(x)

@@ -44,6 +44,7 @@ def make_model(config: TrainConfig, num_devices: int = 1) -> ConvNet | MLP:
         kernel_init=config.kernel_init,
         bn_momentum=config.bn_momentum,
         bn_epsilon=config.bn_epsilon,
+        bn_running_average=config.bn_running_average,
         bn_axis_name=DATA_AXIS if num_devices > 1 and not config.ghost_bn else None,
     )
     if config.model == "mlp":

@@ -16,6 +16,7 @@ EXPECTED = {
     "bnjax/batchnorm.py::BatchNorm.__call__": "running_mean.value, running_var.value = new_mean, new_var",
     "bnjax/batchnorm.py::batch_statistics": "jax.lax.pmean((mean, mean_of_squares), axis_name)",
     "bnjax/batchnorm.py::batch_norm_train": "momentum",
+    "bnjax/batchnorm.py::running_average_weights": "(1.0 - momentum) / (1.0 - momentum**t)",
     "bnjax/steps.py::train_step_body": 'mutable=["batch_stats"]',
     "bnjax/steps.py::_eval_totals": "train=False",
     "bnjax/loop.py::train_runs": "_train_chunk(",
