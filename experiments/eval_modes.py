@@ -39,6 +39,7 @@ import numpy as np  # noqa: E402
 
 from bnjax.atomic import atomic_write  # noqa: E402
 from bnjax.data import load_mnist  # noqa: E402
+from bnjax.precise_bn import precise_statistics  # noqa: E402
 from bnjax.train import TrainConfig, evaluate, make_model, to_float_images  # noqa: E402
 from experiments.results import load_results, run_resumable  # noqa: E402
 from experiments.sweep import add_sweep_flags, run_sweep, sweep_strategy  # noqa: E402
@@ -78,20 +79,6 @@ def batch_statistics_accuracy(state, images_uint8, labels, group_size: int):
     return jnp.mean(jnp.argmax(logits.reshape(n, -1), -1) == labels[:n])
 
 
-@functools.partial(jax.jit, static_argnames="model")
-def precise_statistics(model, state, batches):
-    """Precise BN: the mean over `batches` (K, B, H, W, C floats) of each batch's
-    BN statistics under the current weights. `model` is the config's net with
-    BN momentum 0, so the "updated running averages" it returns are exactly
-    the batch's mean and variance (see bnjax/batchnorm.py)."""
-
-    def statistics_of(batch):
-        _, updates = model.apply(_variables(state), batch, train=True, mutable=["batch_stats"])
-        return updates["batch_stats"]
-
-    return jax.tree_util.tree_map(lambda stat: stat.mean(axis=0), jax.lax.map(statistics_of, batches))
-
-
 def lag_by_layer(running: dict, precise: dict, epsilon: float) -> dict[str, float]:
     """Per BN layer: mean over channels of |running mean - precise mean| / precise
     std, and the geometric mean over channels of the normalizers' ratio."""
@@ -113,7 +100,7 @@ class EvalModeProbe:
 
     def __init__(self, config: TrainConfig, data):
         self.config = config
-        self.model = make_model(dataclasses.replace(config, bn_momentum=0.0))
+        self.model = make_model(config)
         rng = np.random.default_rng(12345)  # the same training batches for every run and evaluation
         chosen = rng.permutation(len(data.x_train))[: PRECISE_BATCHES * config.batch_size]
         self.precise_batches = to_float_images(jnp.asarray(data.x_train[chosen])).reshape(
@@ -121,7 +108,7 @@ class EvalModeProbe:
         self.test_images, self.test_labels = jnp.asarray(data.x_test), jnp.asarray(data.y_test)
 
     def precise(self, state):
-        return precise_statistics(self.model, state, self.precise_batches)
+        return precise_statistics(self.model, state.params, state.batch_stats, self.precise_batches)
 
     def __call__(self, state) -> dict[str, float]:
         precise = self.precise(state)

@@ -17,6 +17,7 @@ EXPECTED = {
     "bnjax/batchnorm.py::batch_statistics": "jax.lax.pmean((mean, mean_of_squares), axis_name)",
     "bnjax/batchnorm.py::batch_norm_train": "momentum",
     "bnjax/batchnorm.py::running_average_weights": "(1.0 - momentum) / (1.0 - momentum**t)",
+    "bnjax/precise_bn.py::recompute_batch_stats": "precise_statistics(",
     "bnjax/steps.py::train_step_body": 'mutable=["batch_stats"]',
     "bnjax/steps.py::_eval_totals": "train=False",
     "bnjax/loop.py::train_runs": "_train_chunk(",

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from bnjax.precise_bn import precise_statistics
 from bnjax.train import TrainConfig, create_train_state, make_model, to_float_images, train
 from conftest import make_dataset
 from experiments import ablations, eval_modes
@@ -50,11 +51,10 @@ def test_batch_statistics_accuracy_normalizes_each_group_by_itself(trained):
         eval_modes.batch_statistics_accuracy(state, images, labels, 65)
 
 
-def test_precise_statistics_are_the_mean_of_batch_statistics(trained):
+def test_precise_statistics_are_the_mean_of_batch_statistics(trained):  # bnjax/precise_bn.py, on the article's CNN
     config, data, state = trained
     batches = to_float_images(jnp.asarray(data.x_train[:96])).reshape(3, 32, 28, 28, 1)
-    model = make_model(dataclasses.replace(config, bn_momentum=0.0))
-    precise = eval_modes.precise_statistics(model, state, batches)
+    precise = precise_statistics(make_model(config), state.params, state.batch_stats, batches)
     # By hand for the first BN: the first conv's output, per batch mean/variance over (N, H, W), averaged.
     kernel = state.params["Conv_0"]["kernel"]
     conv = jax.lax.conv_general_dilated(batches.reshape(96, 28, 28, 1), kernel, (1, 1), "VALID",
