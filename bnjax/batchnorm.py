@@ -31,15 +31,29 @@ DEFAULT_EPSILON = 1e-3
 RUNNING_AVERAGES = ("ema", "debiased_ema", "cumulative")
 
 
-def batch_statistics(x, axis_name: str | None = None):
+def batch_statistics(x, axis_name: str | None = None, two_pass_variance: bool = False):
     """Mean and biased variance of `x` over every axis but the last.
 
     x: (..., features). Returns two (features,) float32 arrays. With `axis_name`
     (inside `shard_map`/`pmap`), the statistics are those of the global batch
     across devices, assuming every device holds the same number of examples.
+
+    One pass (the default, as Flax and Keras): var = E[x^2] - E[x]^2, both
+    moments in one sweep and one collective; in float32 it loses the variance
+    when the mean is large against the spread (mean 1e4, std 1: E[x^2] ~ 1e8,
+    whose float32 spacing is 8). `two_pass_variance`: var = E[(x - E[x])^2],
+    a second sweep (and a second collective) after the mean, accurate there.
     """
     x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     reduction_axes = tuple(range(x.ndim - 1))
+    if two_pass_variance:
+        mean = jnp.mean(x, axis=reduction_axes)
+        if axis_name is not None:
+            mean = jax.lax.pmean(mean, axis_name)
+        var = jnp.mean(jnp.square(x - mean), axis=reduction_axes)
+        if axis_name is not None:
+            var = jax.lax.pmean(var, axis_name)  # equal shards: the mean of the shards' squared deviations
+        return mean, var
     mean = jnp.mean(x, axis=reduction_axes)
     mean_of_squares = jnp.mean(jnp.square(x), axis=reduction_axes)
     if axis_name is not None:
@@ -99,6 +113,7 @@ def batch_norm_train(
     unbiased_running_var: bool = False,
     running_average: str = "ema",
     count=1,
+    two_pass_variance: bool = False,
 ):
     """Train mode: normalize with this batch's statistics, update the running ones.
 
@@ -113,7 +128,7 @@ def batch_norm_train(
     more than a fixed rescaling); the running averages are not differentiated.
     """
     keep, take = running_average_weights(running_average, momentum, count)
-    mean, var = batch_statistics(x, axis_name)
+    mean, var = batch_statistics(x, axis_name, two_pass_variance)
     y = normalize(x, mean, var, scale, bias, epsilon)
     var_for_running = var
     if unbiased_running_var:
@@ -150,6 +165,7 @@ class BatchNorm(nn.Module):
     axis_name: str | None = None
     unbiased_running_var: bool = False  # True: PyTorch's running-variance convention
     running_average: str = "ema"
+    two_pass_variance: bool = False  # batch_statistics: E[(x - E[x])^2] instead of E[x^2] - E[x]^2
 
     @nn.compact
     def __call__(self, x, *, train: bool):
@@ -180,6 +196,7 @@ class BatchNorm(nn.Module):
             unbiased_running_var=self.unbiased_running_var,
             running_average=self.running_average,
             count=1 if count is None else count.value + 1,
+            two_pass_variance=self.two_pass_variance,
         )
         # THE line where running statistics change. `init` only creates them
         # (as flax.linen.BatchNorm does), so a freshly initialized model starts

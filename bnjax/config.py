@@ -45,6 +45,9 @@ class TrainConfig:
     # Flax, PyTorch), "debiased_ema" (Haiku), "cumulative" (PyTorch momentum=None);
     # bnjax/batchnorm.py::running_average_weights has the equations.
     bn_running_average: str = "ema"
+    # BN's batch variance in two passes, E[(x - E[x])^2], instead of one,
+    # E[x^2] - E[x]^2 (bnjax/batchnorm.py::batch_statistics says when it matters).
+    bn_two_pass_variance: bool = False
     eval_every: int = 100  # steps between evaluations on the whole test set
     eval_batch_size: int = 1000
     max_steps: int | None = None  # cap on total steps (smoke runs)
@@ -68,7 +71,7 @@ class TrainConfig:
         _check_choice("bn_running_average", self.bn_running_average, RUNNING_AVERAGES)
         if self.model != "convnet" and (self.bn_position != "before" or self.bn_use_bias):
             raise ValueError(f"bn_position and bn_use_bias apply to model 'convnet' only, not {self.model!r}")
-        for name in ("batch_norm", "shuffle", "ghost_bn", "bn_use_bias"):
+        for name in ("batch_norm", "shuffle", "ghost_bn", "bn_use_bias", "bn_two_pass_variance"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         for name in ("batch_size", "epochs", "eval_every", "eval_batch_size", "steps_per_epoch", "max_steps",

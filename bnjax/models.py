@@ -77,6 +77,7 @@ class ConvNet(nn.Module):
     bn_axis_name: str | None = None
     bn_unbiased_running_var: bool = False  # True only to mirror PyTorch (bnjax/convert.py)
     bn_running_average: str = "ema"  # RUNNING_AVERAGES (bnjax/batchnorm.py::running_average_weights)
+    bn_two_pass_variance: bool = False  # bnjax/batchnorm.py::batch_statistics
     # Ablations of the article's keypoints (experiments/ablations.py); the
     # defaults are the article's BN net.
     bn_position: str = "before"  # BN_POSITIONS; the output layer has no activation, so BN stays last there
@@ -100,6 +101,7 @@ class ConvNet(nn.Module):
                 axis_name=self.bn_axis_name,
                 unbiased_running_var=self.bn_unbiased_running_var,
                 running_average=self.bn_running_average,
+                two_pass_variance=self.bn_two_pass_variance,
             )
             if not hidden:
                 return batch_norm(x, train=train)
@@ -140,6 +142,7 @@ class MLP(nn.Module):
     bn_epsilon: float = DEFAULT_EPSILON
     bn_axis_name: str | None = None
     bn_running_average: str = "ema"  # RUNNING_AVERAGES (bnjax/batchnorm.py::running_average_weights)
+    bn_two_pass_variance: bool = False  # bnjax/batchnorm.py::batch_statistics
 
     @nn.compact
     def __call__(self, x, *, train: bool):
@@ -150,7 +153,8 @@ class MLP(nn.Module):
             x = nn.Dense(units, use_bias=not self.batch_norm, kernel_init=kernel_init)(x)
             if self.batch_norm:
                 x = BatchNorm(momentum=self.bn_momentum, epsilon=self.bn_epsilon, axis_name=self.bn_axis_name,
-                              running_average=self.bn_running_average)(x, train=train)
+                              running_average=self.bn_running_average,
+                              two_pass_variance=self.bn_two_pass_variance)(x, train=train)
             # The input to this layer's nonlinearity, which the paper's figure 1(b, c) tracks.
             self.sow("intermediates", "sigmoid_input", x)
             x = activation(x)

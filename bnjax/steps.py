@@ -45,6 +45,7 @@ def make_model(config: TrainConfig, num_devices: int = 1) -> ConvNet | MLP:
         bn_momentum=config.bn_momentum,
         bn_epsilon=config.bn_epsilon,
         bn_running_average=config.bn_running_average,
+        bn_two_pass_variance=config.bn_two_pass_variance,
         bn_axis_name=DATA_AXIS if num_devices > 1 and not config.ghost_bn else None,
     )
     if config.model == "mlp":
