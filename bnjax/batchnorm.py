@@ -132,10 +132,10 @@ def batch_norm_train(
     y = normalize(x, mean, var, scale, bias, epsilon)
     var_for_running = var
     if unbiased_running_var:
-        count = x.size // x.shape[-1]  # values per feature in this (local) batch
+        values = x.size // x.shape[-1]  # values per feature in this (local) batch
         if axis_name is not None:
-            count = count * jax.lax.psum(1, axis_name)
-        var_for_running = var * (count / max(count - 1, 1))
+            values = values * jax.lax.psum(1, axis_name)
+        var_for_running = var * (values / max(values - 1, 1))
     new_running_mean = keep * running_mean + take * jax.lax.stop_gradient(mean)
     new_running_var = keep * running_var + take * jax.lax.stop_gradient(var_for_running)
     return y, new_running_mean, new_running_var
