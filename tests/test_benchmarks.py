@@ -16,14 +16,18 @@ def test_train_step_flops_come_from_xla_and_match_the_model():
     assert 0.45e9 < flops < 0.7e9
 
 
-def test_cpu_peak_is_measured_on_every_core_and_bounds_xla(monkeypatch):
+def test_cpu_peak_is_measured_on_every_core_and_summed(monkeypatch):
     monkeypatch.setattr(throughput, "FMA_PEAK_ITERATIONS", 20_000_000)
     peak, how = throughput.cpu_peak_gflops()
     if peak is None:
         pytest.skip(how)
     assert how.count("+") == len(os.sched_getaffinity(0)) - 1  # one figure per core
-    # No fp32 code beats FMAs alone; some slack, as the two run at different times on a noisy machine.
-    assert peak > 0.5 * throughput.xla_matmul_gflops(size=512)
+    per_core = [float(figure) for figure in how.split(": ")[1].split(" GFLOP/s")[0].split(" + ")]
+    assert peak == pytest.approx(sum(per_core), abs=len(per_core)) and min(per_core) > 0
+    # Whether XLA's matrix product stays below that peak is a timing question:
+    # with the tests in two processes the other one shares the cores, so it is
+    # left to the benchmark (docs/performance.md quotes both figures, measured
+    # back to back), not asserted here.
 
 
 def test_bad_arguments_get_one_line_errors(capsys):
