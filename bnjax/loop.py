@@ -31,6 +31,7 @@ from bnjax.config import TrainConfig
 from bnjax.schedule import check_dataset, epoch_order, resolve_steps
 from bnjax.steps import DATA_AXIS, TrainState, create_train_state, eval_step, make_mesh, to_float_images, train_step_body
 from bnjax.strategy import Strategy, default_strategy
+from bnjax.xla_flags import version_tuple
 
 # Fields that may differ between the runs of one program: everything else
 # (architecture, batch, schedule, devices) must be equal.
@@ -41,10 +42,6 @@ PER_RUN_FIELDS = ("seed", "learning_rate")
 # differently from the second step on at jax 0.7.1 (synchronized BN matched
 # bit for bit at both): below this version such a stack is refused.
 STACKED_GHOST_BN_FROM = (0, 10)
-
-
-def _jax_version() -> tuple[int, ...]:
-    return tuple(int(part) for part in jax.__version__.split(".")[:2])
 
 
 # on_eval(config, step, total_steps, record) after each evaluation of a run.
@@ -228,7 +225,7 @@ def train_runs(
     num_runs, num_examples = len(configs), len(data.x_train)
     steps_per_epoch, total_steps = resolve_steps(config, num_examples)
     mesh = make_mesh(config)
-    if num_runs > 1 and mesh.size > 1 and config.ghost_bn and _jax_version() < STACKED_GHOST_BN_FROM:
+    if num_runs > 1 and mesh.size > 1 and config.ghost_bn and version_tuple(jax.__version__) < STACKED_GHOST_BN_FROM:
         raise ValueError(f"ghost BN runs over {mesh.size} devices cannot share one program with jax {jax.__version__} "
                          "(at jax 0.7.1 they trained differently from each run alone); train them one per program "
                          "or use jax >= 0.10")

@@ -23,7 +23,8 @@ MIN_JAXLIB = (0, 10)  # the oldest jaxlib these flags were checked with
 DISABLE_ENV_VAR = "BNJAX_XLA_FLAGS"
 
 
-def _version_tuple(version: str) -> tuple[int, ...]:
+def version_tuple(version: str) -> tuple[int, ...]:
+    """(major, minor) of a version string such as "0.10.2" or "0.7.1rc1"."""
     parts = []
     for part in version.split(".")[:2]:
         digits = "".join(c for c in part if c.isdigit())
@@ -36,7 +37,7 @@ def apply_cpu_flags() -> list[str]:
     if os.environ.get(DISABLE_ENV_VAR, "1") == "0":
         return []
     try:
-        jaxlib_version = _version_tuple(metadata.version("jaxlib"))
+        jaxlib_version = version_tuple(metadata.version("jaxlib"))
     except metadata.PackageNotFoundError:
         return []
     if jaxlib_version < MIN_JAXLIB:
