@@ -54,8 +54,7 @@ def statistics_of_each_batch(model, variables, batches):
 
 def average_statistics(per_batch, variance: str = "batch_average"):
     """The equal-weight average of per-batch statistics (module doc)."""
-    if variance not in VARIANCES:
-        raise ValueError(f"unknown variance {variance!r}; allowed: {', '.join(VARIANCES)}")
+    _check_variance(variance)
 
     def layer_average(stats):
         mean = stats["mean"].mean(axis=0)
@@ -75,6 +74,27 @@ def precise_statistics(model, params, batch_stats, batches, variance: str = "bat
     return average_statistics(per_batch, variance)
 
 
+def _check_variance(variance: str) -> None:
+    if variance not in VARIANCES:
+        raise ValueError(f"unknown variance {variance!r}; allowed: {', '.join(VARIANCES)}")
+
+
+def sample_batches(images, batch_size: int, num_batches: int, seed: int | None = 0):
+    """`num_batches` batches of `batch_size` of `images` ((N, 28, 28, 1) uint8)
+    as (K, B, 28, 28, 1) floats on the device: drawn without replacement with
+    `seed`, or the first ones in order with `seed=None`."""
+    for name, value in (("batch_size", batch_size), ("num_batches", num_batches)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    needed = batch_size * num_batches
+    if needed > len(images):
+        raise ValueError(f"num_batches {num_batches} x batch_size {batch_size} = {needed} images; "
+                         f"only {len(images)} given")
+    chosen = np.arange(needed) if seed is None else np.random.default_rng(seed).permutation(len(images))[:needed]
+    return to_float_images(jnp.asarray(np.asarray(images)[chosen])).reshape(num_batches, batch_size,
+                                                                            *images.shape[1:])
+
+
 def recompute_batch_stats(state, images, batch_size: int = 32, num_batches: int = 200,
                           variance: str = "batch_average", seed: int | None = 0):
     """Precise BN statistics for `state`'s current weights (a TrainState of a
@@ -85,18 +105,8 @@ def recompute_batch_stats(state, images, batch_size: int = 32, num_batches: int 
     state itself is not changed. A rule that keeps an update `count` keeps it."""
     if not state.batch_stats:
         raise ValueError("precise BN needs a model with BN; this state has no batch_stats")
-    for name, value in (("batch_size", batch_size), ("num_batches", num_batches)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if variance not in VARIANCES:
-        raise ValueError(f"unknown variance {variance!r}; allowed: {', '.join(VARIANCES)}")
-    needed = batch_size * num_batches
-    if needed > len(images):
-        raise ValueError(f"num_batches {num_batches} x batch_size {batch_size} = {needed} images; "
-                         f"only {len(images)} given")
-    chosen = np.arange(needed) if seed is None else np.random.default_rng(seed).permutation(len(images))[:needed]
-    batches = to_float_images(jnp.asarray(np.asarray(images)[chosen])).reshape(num_batches, batch_size,
-                                                                                 *images.shape[1:])
+    _check_variance(variance)  # before the batches are copied
+    batches = sample_batches(images, batch_size, num_batches, seed)
     model = state.apply_fn.__self__  # TrainState.apply_fn is the model's bound `apply`
     precise = precise_statistics(model, state.params, state.batch_stats, batches, variance)
     return {layer: {**state.batch_stats[layer], **stats} for layer, stats in precise.items()}

@@ -39,7 +39,7 @@ import numpy as np  # noqa: E402
 
 from bnjax.atomic import atomic_write  # noqa: E402
 from bnjax.data import load_mnist  # noqa: E402
-from bnjax.precise_bn import precise_statistics  # noqa: E402
+from bnjax.precise_bn import precise_statistics, sample_batches  # noqa: E402
 from bnjax.train import TrainConfig, evaluate, make_model, to_float_images  # noqa: E402
 from experiments.results import load_results, run_resumable  # noqa: E402
 from experiments.sweep import add_sweep_flags, run_sweep, sweep_strategy  # noqa: E402
@@ -101,10 +101,8 @@ class EvalModeProbe:
     def __init__(self, config: TrainConfig, data):
         self.config = config
         self.model = make_model(config)
-        rng = np.random.default_rng(12345)  # the same training batches for every run and evaluation
-        chosen = rng.permutation(len(data.x_train))[: PRECISE_BATCHES * config.batch_size]
-        self.precise_batches = to_float_images(jnp.asarray(data.x_train[chosen])).reshape(
-            PRECISE_BATCHES, config.batch_size, *data.x_train.shape[1:])
+        # The same training batches for every run and evaluation.
+        self.precise_batches = sample_batches(data.x_train, config.batch_size, PRECISE_BATCHES, seed=12345)
         self.test_images, self.test_labels = jnp.asarray(data.x_test), jnp.asarray(data.y_test)
 
     def precise(self, state):
