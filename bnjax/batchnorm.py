@@ -72,6 +72,11 @@ def normalize(x, mean, var, scale, bias, epsilon: float):
     return (x - mean) * (inverse_std * scale) + bias
 
 
+def _check_running_average(running_average: str) -> None:
+    if running_average not in RUNNING_AVERAGES:
+        raise ValueError(f"unknown running_average {running_average!r}; allowed: {', '.join(RUNNING_AVERAGES)}")
+
+
 def running_average_weights(running_average: str, momentum: float, count):
     """(keep, take): the t-th batch statistic (t = count >= 1) enters as
         new_running = keep * running + take * batch_statistic,
@@ -89,15 +94,11 @@ def running_average_weights(running_average: str, momentum: float, count):
       "cumulative"    take = 1 / t: the equal-weight mean of every batch
                       statistic so far, PyTorch's momentum=None.
     """
+    _check_running_average(running_average)
     if running_average == "ema":
         return momentum, 1.0 - momentum  # the expression used before the other rules existed: same numbers
     t = jnp.asarray(count, jnp.float32)
-    if running_average == "debiased_ema":
-        take = (1.0 - momentum) / (1.0 - momentum**t)
-    elif running_average == "cumulative":
-        take = 1.0 / t
-    else:
-        raise ValueError(f"unknown running_average {running_average!r}; allowed: {', '.join(RUNNING_AVERAGES)}")
+    take = (1.0 - momentum) / (1.0 - momentum**t) if running_average == "debiased_ema" else 1.0 / t
     return 1.0 - take, take
 
 
@@ -169,9 +170,7 @@ class BatchNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x, *, train: bool):
-        if self.running_average not in RUNNING_AVERAGES:
-            raise ValueError(f"unknown running_average {self.running_average!r}; "
-                             f"allowed: {', '.join(RUNNING_AVERAGES)}")
+        _check_running_average(self.running_average)  # in eval mode too, which never weighs an update
         features = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
