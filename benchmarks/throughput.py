@@ -193,8 +193,8 @@ def measure(args) -> dict:
         "batch_size": 32,
         "plain_steps_per_s": median(rates["bnjax"][False]),
         "bn_steps_per_s": median(rates["bnjax"][True]),
-        "compile_s": median([first_run_s[bn] - (WARMUP + args.steps) / median(rates["bnjax"][bn]) - median(overhead_s[bn])
-                             for bn in (False, True)]),
+        "compile_s": median([first_run_s[bn] - (WARMUP + args.steps) / median(rates["bnjax"][bn])
+                             - median(overhead_s[bn]) for bn in (False, True)]),
         "setup_s": median(overhead_s[False] + overhead_s[True]),
         "eval_10k_s": eval_seconds(data, default_strategy(device.platform).eval_chunk),
         "eval_10k_whole_batches_s": eval_seconds(data, None),
@@ -288,7 +288,8 @@ def print_table(result: dict) -> None:
         print(f"  {name:10s} {plain:8.1f} {bn:8.1f}{ratio}")
     for peer, reason in result["peers_skipped"].items():
         print(f"  {peer:10s} skipped: {reason}")
-    print(f"compile: {result['compile_s']:.1f} s (first run only); setup of a run: {result['setup_s']:.2f} s; evaluating 10,000 test images: {result['eval_10k_s']:.2f} s "
+    print(f"compile: {result['compile_s']:.1f} s (first run only); setup of a run: {result['setup_s']:.2f} s; "
+          f"evaluating 10,000 test images: {result['eval_10k_s']:.2f} s "
           f"(batches of 1000 at once: {result['eval_10k_whole_batches_s']:.2f} s)")
     gflop = result["train_step_gflop"]
     print(f"one train step: {gflop['plain']:.3f} GFLOP plain, {gflop['bn']:.3f} GFLOP BN (XLA cost analysis)")
