@@ -27,7 +27,10 @@ def test_short_bn_run_learns_mnist(mnist):
 @pytest.mark.slow
 def test_article_sweep_smoke_writes_results_and_resumes(tmp_path, mnist, monkeypatch, capsys):
     monkeypatch.setattr(article, "load_dataset", lambda *args: mnist)
-    argv = ["--seeds", "1", "--max-steps", "20", "--out", str(tmp_path)]
+    # One run at a time in this process: two worker processes would each start
+    # JAX and compile every model afresh (124 vs. 71 CPU-s for this test);
+    # tests/test_engine.py and tests/test_sweep.py cover the worker processes.
+    argv = ["--seeds", "1", "--max-steps", "20", "--parallel-runs", "1", "--out", str(tmp_path)]
     article.main(argv)
     results = json.loads((tmp_path / "results.json").read_text())
     assert len(results["runs"]) == 6  # 3 (lr, activation) pairs x plain/BN x 1 seed
