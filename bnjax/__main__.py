@@ -98,8 +98,11 @@ def main(argv=None) -> None:
     except (DataError, ValueError) as error:
         parser.exit(1, f"error: {error}\n")
 
+    other = f"{config.eval_statistics}_val_accuracy"  # with eval_statistics "precise" or "batch"
+
     def show(config, step, total_steps, record):
-        print(f"step {step}/{total_steps} val_accuracy {record['val_accuracy']:.4f} "
+        also = f" {other} {record[other]:.4f}" if other in record else ""
+        print(f"step {step}/{total_steps} val_accuracy {record['val_accuracy']:.4f}{also} "
               f"train_loss {record['train_loss']:.4f}", flush=True)
 
     try:
@@ -111,6 +114,9 @@ def main(argv=None) -> None:
     outcome = "diverged (non-finite loss)" if history.diverged else "done"
     print(f"{outcome}: final test accuracy {history.val_accuracy[-1]:.4f} after {history.steps[-1]} steps, "
           f"{history.total_wall_time_s:.1f} s", flush=True)
+    if getattr(history, other, None):
+        print(f"the same weights with {config.eval_statistics} BN statistics: test accuracy "
+              f"{getattr(history, other)[-1]:.4f} ({history.eval_statistics_time_s:.1f} s of evaluation)", flush=True)
     if args.save:
         write_json(args.save, {"config": dataclasses.asdict(config), "environment": environment(),
                                **history.to_dict()})

@@ -16,6 +16,7 @@ from bnjax.models import ACTIVATIONS, BN_POSITIONS, KERNEL_INITS
 
 OPTIMIZERS = ("adam", "sgd")
 MODELS = ("convnet", "mlp")  # the article's CNN; the BN paper's 3 x 100 MLP
+EVAL_STATISTICS = ("running", "precise", "batch")  # bnjax/evaluation.py
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +51,13 @@ class TrainConfig:
     bn_two_pass_variance: bool = False
     eval_every: int = 100  # steps between evaluations on the whole test set
     eval_batch_size: int = 1000
+    # Each evaluation uses BN's running averages (val_accuracy); "precise" or
+    # "batch" also evaluates the same weights with precise BN statistics
+    # (re-estimated from precise_bn_batches training batches of batch_size)
+    # or with each test batch's own statistics, recorded beside it in the
+    # History (precise_val_accuracy, batch_val_accuracy: bnjax/evaluation.py).
+    eval_statistics: str = "running"
+    precise_bn_batches: int = 200
     max_steps: int | None = None  # cap on total steps (smoke runs)
     # Data parallelism: the batch is split over this many devices (None: all).
     num_devices: int | None = None
@@ -69,13 +77,17 @@ class TrainConfig:
         _check_choice("kernel_init", self.kernel_init, KERNEL_INITS)
         _check_choice("bn_position", self.bn_position, BN_POSITIONS)
         _check_choice("bn_running_average", self.bn_running_average, RUNNING_AVERAGES)
+        _check_choice("eval_statistics", self.eval_statistics, EVAL_STATISTICS)
+        if self.eval_statistics != "running" and not self.batch_norm:
+            raise ValueError(f"eval_statistics {self.eval_statistics!r} needs BN statistics, and this model has no "
+                             "BN (batch_norm=False); use 'running' or batch_norm=True")
         if self.model != "convnet" and (self.bn_position != "before" or self.bn_use_bias):
             raise ValueError(f"bn_position and bn_use_bias apply to model 'convnet' only, not {self.model!r}")
         for name in ("batch_norm", "shuffle", "ghost_bn", "bn_use_bias", "bn_two_pass_variance"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        for name in ("batch_size", "epochs", "eval_every", "eval_batch_size", "steps_per_epoch", "max_steps",
-                     "num_devices"):
+        for name in ("batch_size", "epochs", "eval_every", "eval_batch_size", "precise_bn_batches",
+                     "steps_per_epoch", "max_steps", "num_devices"):
             value = getattr(self, name)
             optional = name in ("steps_per_epoch", "max_steps", "num_devices")
             if optional and value is None:

@@ -28,8 +28,11 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from bnjax.checkpoint import restore_checkpoint, save_checkpoint
 from bnjax.config import TrainConfig
+from bnjax.evaluation import evaluate, evaluate_runs, evaluate_runs_with  # noqa: F401 (evaluate: public name)
+from bnjax.precise_bn import sample_batches
+from bnjax.runs import for_each_run, run_of, stack_runs
 from bnjax.schedule import check_dataset, epoch_order, resolve_steps
-from bnjax.steps import DATA_AXIS, TrainState, create_train_state, eval_step, make_mesh, to_float_images, train_step_body
+from bnjax.steps import DATA_AXIS, TrainState, create_train_state, make_mesh, to_float_images, train_step_body
 from bnjax.strategy import Strategy, default_strategy
 from bnjax.xla_flags import version_tuple
 
@@ -53,13 +56,20 @@ class History:
     """Curves of one run; index i of every list belongs to `steps[i]`."""
 
     steps: list[int] = dataclasses.field(default_factory=list)
-    val_accuracy: list[float] = dataclasses.field(default_factory=list)  # whole test set
+    val_accuracy: list[float] = dataclasses.field(default_factory=list)  # whole test set, running averages
     val_loss: list[float] = dataclasses.field(default_factory=list)
+    # The same weights with other BN statistics, when the config's
+    # eval_statistics asks (bnjax/evaluation.py); empty otherwise.
+    precise_val_accuracy: list[float] = dataclasses.field(default_factory=list)
+    precise_val_loss: list[float] = dataclasses.field(default_factory=list)
+    batch_val_accuracy: list[float] = dataclasses.field(default_factory=list)
+    batch_val_loss: list[float] = dataclasses.field(default_factory=list)
     train_accuracy: list[float] = dataclasses.field(default_factory=list)  # mean since previous evaluation
     train_loss: list[float] = dataclasses.field(default_factory=list)
     wall_time_s: list[float] = dataclasses.field(default_factory=list)  # since the first step, compile included
     total_wall_time_s: float = 0.0  # of the whole program, shared by the runs trained together
-    eval_time_s: float = 0.0
+    eval_time_s: float = 0.0  # evaluations with the running averages
+    eval_statistics_time_s: float = 0.0  # evaluations with precise or batch statistics (precise BN included)
     diverged: bool = False
     probes: list[dict] = dataclasses.field(default_factory=list)  # `probe(state)` at each evaluation, if given
 
@@ -72,34 +82,12 @@ def program_key(config: TrainConfig) -> tuple:
     return tuple((k, v) for k, v in sorted(dataclasses.asdict(config).items()) if k not in PER_RUN_FIELDS)
 
 
-# ---------------------------------------------------------------- the runs axis
-
-def stack_runs(states: list[TrainState]) -> TrainState:
-    """States of runs of one program, stacked along a new leading runs axis.
-    (`create_train_state` gives runs of one program one model and one
-    optimizer object, so their states have one pytree structure.)"""
-    return jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *states)
-
-
-def run_of(state: TrainState, index: int) -> TrainState:
-    """Run `index`'s own state, out of a stacked one."""
-    return jax.tree_util.tree_map(lambda leaf: leaf[index], state)
-
-
-def _for_each_run(function, stacked, *shared):
-    """`function(run, *shared)` for every run of `stacked` (leading runs axis):
-    called directly on the one run when there is one, else vmapped."""
-    if jax.tree_util.tree_leaves(stacked)[0].shape[0] == 1:
-        return stack_runs([function(run_of(stacked, 0), *shared)])
-    return jax.vmap(function, in_axes=(0,) + (None,) * len(shared))(stacked, *shared)
-
-
 # ---------------------------------------------------------------- training steps
 
 def _runs_step(state, images, labels, axis_name, ghost_bn):
     """One `train_step_body` of every run; images (R, B, ...) and labels (R, B)."""
     step = functools.partial(train_step_body, axis_name=axis_name, ghost_bn=ghost_bn)
-    return _for_each_run(lambda run: step(*run), (state, images, labels))
+    return for_each_run(lambda run: step(*run), (state, images, labels))
 
 
 def _step(carry, step, train_images, train_labels, epoch_orders, steps_per_epoch, batch_size, mesh, ghost_bn):
@@ -135,41 +123,6 @@ def _train_chunk(state, metric_sums, train_images, train_labels, epoch_orders, f
     carry, _ = jax.lax.scan(lambda carry, offset: (step(carry, first_step + offset), None), (state, metric_sums),
                             jnp.arange(length), unroll=unroll)
     return carry
-
-
-# ---------------------------------------------------------------- evaluation
-
-@functools.partial(jax.jit, static_argnames=("chunk",))
-def _eval_runs(state, images, labels, chunk):
-    return _for_each_run(functools.partial(eval_step, chunk=chunk), state, images, labels)
-
-
-def evaluate_runs(state: TrainState, images_uint8, labels, batch_size: int = 1000, mesh=None,
-                  chunk: int | None = None) -> dict[str, np.ndarray]:
-    """Mean loss and accuracy of every run of a stacked `state` over a whole
-    (device-resident) set, in eval mode, as arrays of R values. With a `mesh`,
-    each batch is split over its devices (eval is per example, so no
-    statistics cross devices); `chunk`: see `eval_step` (one device only)."""
-    loss_sum, correct = 0.0, 0
-    split = NamedSharding(mesh, P(DATA_AXIS)) if mesh is not None and mesh.size > 1 else None
-    for first in range(0, len(labels), batch_size):
-        batch = slice(first, first + batch_size)
-        images, batch_labels = to_float_images(images_uint8[batch]), labels[batch]
-        if split is not None and len(batch_labels) % mesh.size == 0:
-            totals = _eval_runs(state, *jax.device_put((images, batch_labels), split), chunk=None)
-        else:
-            totals = _eval_runs(state, images, batch_labels, chunk=chunk)
-        loss_sum, correct = loss_sum + totals["loss_sum"], correct + totals["correct"]
-    return {"loss": np.asarray(loss_sum, np.float64) / len(labels),
-            "accuracy": np.asarray(correct, np.float64) / len(labels)}
-
-
-def evaluate(state: TrainState, images_uint8, labels, batch_size: int = 1000, mesh=None,
-             chunk: int | None = None) -> dict[str, float]:
-    """`evaluate_runs` for one run's own (unstacked) state: {"loss", "accuracy"}."""
-    stacked = stack_runs([state])
-    return {key: float(values[0])
-            for key, values in evaluate_runs(stacked, images_uint8, labels, batch_size, mesh, chunk).items()}
 
 
 # ---------------------------------------------------------------- the loop
@@ -240,6 +193,16 @@ def train_runs(
     # with every run's batch order for every epoch; batches are gathered and
     # converted to float there, then split over the devices.
     train_images, train_labels, test_images, test_labels = jax.device_put(tuple(data), replicated)
+    # Precise BN re-estimates from the same training batches at every evaluation
+    # of every run (seed 0), so the curve moves with the weights only.
+    precise_batches = None
+    if config.eval_statistics == "precise":
+        if config.precise_bn_batches * config.batch_size > num_examples:
+            raise ValueError(f"precise_bn_batches {config.precise_bn_batches} x batch_size {config.batch_size} = "
+                             f"{config.precise_bn_batches * config.batch_size} training images; the training set "
+                             f"has {num_examples}")
+        precise_batches = jax.device_put(
+            sample_batches(data.x_train, config.batch_size, config.precise_bn_batches, seed=0), replicated)
     epoch_orders = jax.device_put(np.stack([[epoch_order(c, epoch, num_examples) for epoch in range(c.epochs)]
                                             for c in configs]), replicated)
 
@@ -268,6 +231,10 @@ def train_runs(
         eval_start = time.perf_counter()
         val = evaluate_runs(state, test_images, test_labels, config.eval_batch_size, mesh, strategy.eval_chunk)
         eval_time = time.perf_counter() - eval_start
+        if config.eval_statistics != "running":
+            other = evaluate_runs_with(config.eval_statistics, state, test_images, test_labels,
+                                       config.eval_batch_size, mesh, strategy.eval_chunk, precise_batches)
+            other_time = time.perf_counter() - eval_start - eval_time
         recorded = []
         for index, history in enumerate(histories):
             if history.diverged:  # stopped recording where a run alone would have stopped
@@ -275,6 +242,10 @@ def train_runs(
             record = {"steps": step, "val_accuracy": float(val["accuracy"][index]),
                       "val_loss": float(val["loss"][index]), "train_accuracy": float(train_accuracy[index]),
                       "train_loss": float(train_loss[index]), "wall_time_s": time.perf_counter() - start_time}
+            if config.eval_statistics != "running":
+                record[f"{config.eval_statistics}_val_accuracy"] = float(other["accuracy"][index])
+                record[f"{config.eval_statistics}_val_loss"] = float(other["loss"][index])
+                history.eval_statistics_time_s += other_time
             for key, value in record.items():
                 getattr(history, key).append(value)
             if probes[index] is not None:

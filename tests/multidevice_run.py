@@ -24,9 +24,9 @@ def main():
     runs = {
         "cnn_sync_1": dataclasses.replace(cnn, num_devices=1),
         "cnn_sync_8": dataclasses.replace(cnn, num_devices=8),
-        "sync_1": dataclasses.replace(base, num_devices=1),
-        "sync_2": dataclasses.replace(base, num_devices=2),
-        "sync_8": dataclasses.replace(base, num_devices=8),
+        "sync_1": dataclasses.replace(base, num_devices=1, eval_statistics="precise", precise_bn_batches=8),
+        "sync_2": dataclasses.replace(base, num_devices=2, eval_statistics="precise", precise_bn_batches=8),
+        "sync_8": dataclasses.replace(base, num_devices=8, eval_statistics="precise", precise_bn_batches=8),
         "ghost_8": dataclasses.replace(base, num_devices=8, ghost_bn=True),
         "plain_8": dataclasses.replace(base, batch_norm=False, num_devices=8),
         "plain_1": dataclasses.replace(base, batch_norm=False, num_devices=1),

@@ -16,14 +16,16 @@ def test_a_short_run_prints_progress_and_saves_its_history(tmp_path, monkeypatch
     saved = tmp_path / "run.json"
     cli.main(["--set", "batch_norm=true", "--set", "learning_rate=0.01", "--set", "max_steps=6",
               "--set", "eval_every=3", "--set", "eval_batch_size=32", "--set", "num_devices=none",
-              "--save", str(saved)])
+              "--set", "eval_statistics=precise", "--set", "precise_bn_batches=2", "--save", str(saved)])
     output = capsys.readouterr().out
     assert "'batch_norm': True" in output and "'learning_rate': 0.01" in output
     assert "step 3/6 val_accuracy" in output and "step 6/6 val_accuracy" in output
     assert "done: final test accuracy" in output
+    assert "step 6/6 val_accuracy" in output and " precise_val_accuracy " in output
+    assert "the same weights with precise BN statistics: test accuracy" in output
     result = json.loads(saved.read_text())
     assert result["config"]["batch_norm"] is True and result["config"]["learning_rate"] == 0.01
-    assert result["steps"] == [3, 6] and len(result["val_accuracy"]) == 2
+    assert result["steps"] == [3, 6] and len(result["val_accuracy"]) == 2 == len(result["precise_val_accuracy"])
     assert {"jax", "flax", "bnjax_commit"} <= set(result["environment"])
 
 
@@ -34,6 +36,7 @@ def test_a_short_run_prints_progress_and_saves_its_history(tmp_path, monkeypatch
     ("learning_rate=-1", "error: learning_rate must be a positive finite number, got -1.0"),
     ("activation=swish", "error: unknown activation 'swish'; allowed: elu, gelu, relu, sigmoid, tanh"),
     ("seed", "error: --set needs FIELD=VALUE, got 'seed'"),
+    ("eval_statistics=population", "error: unknown eval_statistics 'population'; allowed: batch, precise, running"),
 ])
 def test_bad_input_ends_with_one_line_naming_it(setting, message):
     # A real process: the user sees exactly this, and no traceback.

@@ -57,6 +57,10 @@ def test_synced_bn_on_1_2_and_8_devices_trains_the_same_model(histories):
     for name in ("sync_2", "sync_8"):
         assert histories[name]["steps"] == one["steps"]
         assert_same_curves(histories[name], one, name)
+        # Precise BN on a mesh: the same re-estimated statistics and test accuracy.
+        assert max_curve_difference(histories[name], one, ("precise_val_loss",)) < TOLERANCE, name
+        assert max_curve_difference(histories[name], one, ("precise_val_accuracy",)) <= ACCURACY_TOLERANCE, name
+    assert len(one["precise_val_loss"]) == len(one["steps"])
     assert_same_curves(histories["plain_8"], histories["plain_1"], "plain")
     # The CNN, whose BN statistics span batch and spatial axes, on 8 devices.
     assert_same_curves(histories["cnn_sync_8"], histories["cnn_sync_1"], "cnn")

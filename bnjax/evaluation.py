@@ -1,0 +1,123 @@
+"""Test-set evaluation of R >= 1 stacked runs, with BN normalizing by one of
+three kinds of statistics (`TrainConfig.eval_statistics`):
+
+  running   eval mode: BN's running averages (what the article, Keras, Flax
+            and PyTorch report; `val_accuracy` of every History);
+  precise   eval mode with statistics re-estimated for the current weights
+            (bnjax/precise_bn.py) from `precise_bn_batches` training batches;
+  batch     train mode on each test batch of `eval_batch_size`: every batch
+            normalized by its own statistics (Haiku's `test_local_stats=True`,
+            Equinox's `mode="batch"`); the updated running averages are dropped.
+
+"running" is always measured; the loop (bnjax/loop.py) records "precise" or
+"batch" beside it when the config asks (`precise_val_accuracy`, ...).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from bnjax.config import EVAL_STATISTICS
+from bnjax.precise_bn import precise_statistics
+from bnjax.runs import for_each_run, stack_runs
+from bnjax.steps import DATA_AXIS, TrainState, eval_step, to_float_images
+
+# ---------------------------------------------------------------- running averages
+
+@functools.partial(jax.jit, static_argnames=("chunk",))
+def _eval_runs(state, images, labels, chunk):
+    return for_each_run(functools.partial(eval_step, chunk=chunk), state, images, labels)
+
+
+def evaluate_runs(state: TrainState, images_uint8, labels, batch_size: int = 1000, mesh=None,
+                  chunk: int | None = None) -> dict[str, np.ndarray]:
+    """Mean loss and accuracy of every run of a stacked `state` over a whole
+    (device-resident) set, in eval mode, as arrays of R values. With a `mesh`,
+    each batch is split over its devices (eval is per example, so no
+    statistics cross devices); `chunk`: see `eval_step` (one device only)."""
+    loss_sum, correct = 0.0, 0
+    split = NamedSharding(mesh, P(DATA_AXIS)) if mesh is not None and mesh.size > 1 else None
+    for first in range(0, len(labels), batch_size):
+        batch = slice(first, first + batch_size)
+        images, batch_labels = to_float_images(images_uint8[batch]), labels[batch]
+        if split is not None and len(batch_labels) % mesh.size == 0:
+            totals = _eval_runs(state, *jax.device_put((images, batch_labels), split), chunk=None)
+        else:
+            totals = _eval_runs(state, images, batch_labels, chunk=chunk)
+        loss_sum, correct = loss_sum + totals["loss_sum"], correct + totals["correct"]
+    return {"loss": np.asarray(loss_sum, np.float64) / len(labels),
+            "accuracy": np.asarray(correct, np.float64) / len(labels)}
+
+
+def evaluate(state: TrainState, images_uint8, labels, batch_size: int = 1000, mesh=None,
+             chunk: int | None = None) -> dict[str, float]:
+    """`evaluate_runs` for one run's own (unstacked) state: {"loss", "accuracy"}."""
+    stacked = stack_runs([state])
+    return {key: float(values[0])
+            for key, values in evaluate_runs(stacked, images_uint8, labels, batch_size, mesh, chunk).items()}
+
+
+# ---------------------------------------------------------------- precise statistics
+
+def _model_of(state: TrainState):
+    return state.apply_fn.__self__  # TrainState.apply_fn is the model's bound `apply`
+
+
+@jax.jit
+def precise_batch_stats_of_runs(state: TrainState, batches):
+    """Every run's precise BN statistics (bnjax/precise_bn.py, equal-weight
+    average of per-batch means and variances) from `batches` (K, B, ...) of
+    float images, as a stacked `batch_stats` (an update `count` is kept)."""
+    def precise(run):
+        stats = precise_statistics(_model_of(run), run.params, run.batch_stats, batches)
+        return {layer: {**run.batch_stats[layer], **layer_stats} for layer, layer_stats in stats.items()}
+    return for_each_run(precise, state)
+
+
+# ---------------------------------------------------------------- batch statistics
+
+@jax.jit
+def _batch_statistics_totals(state, images, labels):
+    def totals(run):
+        # Statistics of this whole batch, on whichever devices hold it: the
+        # model's cross-device axis (if any) is not bound outside shard_map.
+        model = _model_of(run).clone(bn_axis_name=None)
+        logits, _ = model.apply({"params": run.params, "batch_stats": run.batch_stats}, images, train=True,
+                                mutable=["batch_stats"])
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        return {"loss_sum": losses.sum(), "correct": jnp.sum(jnp.argmax(logits, -1) == labels)}
+    return for_each_run(totals, state)
+
+
+def evaluate_runs_with_batch_statistics(state: TrainState, images_uint8, labels,
+                                        batch_size: int = 1000) -> dict[str, np.ndarray]:
+    """Like `evaluate_runs`, but BN normalizes each test batch of `batch_size`
+    (the last one may be smaller) by its own statistics (train mode)."""
+    loss_sum, correct = 0.0, 0
+    for first in range(0, len(labels), batch_size):
+        batch = slice(first, first + batch_size)
+        totals = _batch_statistics_totals(state, to_float_images(images_uint8[batch]), labels[batch])
+        loss_sum, correct = loss_sum + totals["loss_sum"], correct + totals["correct"]
+    return {"loss": np.asarray(loss_sum, np.float64) / len(labels),
+            "accuracy": np.asarray(correct, np.float64) / len(labels)}
+
+
+def evaluate_runs_with(statistics: str, state: TrainState, images_uint8, labels, batch_size: int = 1000,
+                       mesh=None, chunk: int | None = None, precise_batches=None) -> dict[str, np.ndarray]:
+    """`evaluate_runs` with BN normalizing by `statistics` ("precise" needs
+    `precise_batches`: (K, B, ...) float training images on the device;
+    `mesh` and `chunk` apply to eval mode, "running" and "precise")."""
+    if statistics == "precise":
+        state = state.replace(batch_stats=precise_batch_stats_of_runs(state, precise_batches))
+        return evaluate_runs(state, images_uint8, labels, batch_size, mesh, chunk)
+    if statistics == "batch":
+        return evaluate_runs_with_batch_statistics(state, images_uint8, labels, batch_size)
+    if statistics == "running":
+        return evaluate_runs(state, images_uint8, labels, batch_size, mesh, chunk)
+    raise ValueError(f"unknown eval_statistics {statistics!r}; allowed: {', '.join(EVAL_STATISTICS)}")

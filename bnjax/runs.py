@@ -1,0 +1,33 @@
+"""The leading runs axis: R >= 1 runs of one program as one stacked state.
+
+Every leaf of a stacked `TrainState` has a leading axis of R runs; the loop
+(bnjax/loop.py) and the evaluation (bnjax/evaluation.py) apply one run's
+function to all R with `for_each_run`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from bnjax.steps import TrainState
+
+
+def stack_runs(states: list[TrainState]) -> TrainState:
+    """States of runs of one program, stacked along a new leading runs axis.
+    (`create_train_state` gives runs of one program one model and one
+    optimizer object, so their states have one pytree structure.)"""
+    return jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *states)
+
+
+def run_of(state: TrainState, index: int) -> TrainState:
+    """Run `index`'s own state, out of a stacked one."""
+    return jax.tree_util.tree_map(lambda leaf: leaf[index], state)
+
+
+def for_each_run(function, stacked, *shared):
+    """`function(run, *shared)` for every run of `stacked` (leading runs axis):
+    called directly on the one run when there is one, else vmapped."""
+    if jax.tree_util.tree_leaves(stacked)[0].shape[0] == 1:
+        return stack_runs([function(run_of(stacked, 0), *shared)])
+    return jax.vmap(function, in_axes=(0,) + (None,) * len(shared))(stacked, *shared)
