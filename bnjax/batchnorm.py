@@ -12,11 +12,19 @@ in the `batch_stats` collection (running averages, updated only in train mode).
 The names and shapes are those of `flax.linen.BatchNorm`, so variables move
 between the two unchanged.
 
+The variants live beside them, so that one file shows every way BN's state
+moves (hence its ~330 lines): the running-average rules
+(`running_average_weights`), Batch Renormalization (`batch_renorm_train`)
+and frozen BN (`BatchNorm(frozen=True)`).
+
 The feature axis is the last one (NHWC images, (batch, features) vectors), as in
 Keras (`axis=-1`) and Flax.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -148,6 +156,105 @@ def batch_norm_eval(x, scale, bias, running_mean, running_var, epsilon: float = 
     return normalize(x, running_mean, running_var, scale, bias, epsilon)
 
 
+def _check_variant(module) -> None:
+    if module.renorm is not None and (module.running_average != "ema" or module.unbiased_running_var):
+        raise ValueError("Batch Renorm keeps its own moving averages (Keras's); use running_average 'ema' "
+                         f"and the biased running variance with it, not {module.running_average!r}"
+                         f"{' with unbiased_running_var' if module.unbiased_running_var else ''}")
+    if module.renorm is not None and module.frozen:
+        raise ValueError("frozen BN uses its running statistics, also in train mode: Batch Renorm does not apply")
+
+
+# ---------------------------------------------------------------- Batch Renormalization
+# Batch Renormalization (Ioffe, 2017). BN trains with batch statistics and tests with running averages, so the
+# net it tests is not quite the net it trained. Batch Renorm trains the test
+# net's normalization while keeping batch statistics' gradients:
+#
+#     sigma_B = sqrt(var_B + eps)                      this batch's std
+#     r = stop_gradient(clip(sigma_B / sigma, 1 / r_max, r_max))
+#     d = stop_gradient(clip((mu_B - mu) / sigma, -d_max, d_max))
+#     y = scale * ((x - mu_B) / sigma_B * r + d) + bias
+#
+# where mu, sigma are moving averages (momentum `Renorm.momentum`). Unclipped,
+# (x - mu_B) / sigma_B * r + d = (x - mu) / sigma: the running statistics'
+# normalization, exactly; with r_max = 1, d_max = 0 it is plain BN. The paper
+# ramps r_max from 1 and d_max from 0 (`warmup_steps` here: both linearly over
+# the first steps, `clip_limits`).
+#
+# As Keras's `BatchNormalization(renorm=True)` (Keras 3.15), which this
+# matches on numbers exported from it (tests/test_batch_renorm.py), two sets
+# of moving averages are kept, in `batch_stats`:
+#   * `renorm_mean`, `renorm_std`: mu and sigma of r and d, with `Renorm.momentum`;
+#   * `mean`, `std`: the inference statistics, with BN's own momentum; eval
+#     mode reads `mean` and `var` = max(std^2 - eps, 0) as for any BN (so the
+#     moving average is of sigma, as the paper's, not of the variance);
+#   * `count`: updates so far, for the warm-up.
+
+@dataclasses.dataclass(frozen=True)
+class Renorm:
+    """Batch Renorm's settings (the paper's final r_max 3 and d_max 5)."""
+
+    r_max: float = 3.0
+    d_max: float = 5.0
+    momentum: float = 0.99  # of renorm_mean / renorm_std (Keras's renorm_momentum)
+    warmup_steps: int = 0  # r_max from 1 and d_max from 0 to their values over these many updates
+
+    def __post_init__(self):
+        check_renorm_settings(self.r_max, self.d_max, self.momentum, self.warmup_steps, prefix="")
+
+
+def check_renorm_settings(r_max, d_max, momentum, warmup_steps, prefix: str = "") -> None:
+    """One-line ValueErrors naming the bad value (fields named `prefix` + name)."""
+    def real(value):
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+
+    if not real(r_max) or r_max < 1:
+        raise ValueError(f"{prefix}r_max must be a number >= 1 (r is clipped to [1/r_max, r_max]), got {r_max!r}")
+    if not real(d_max) or d_max < 0:
+        raise ValueError(f"{prefix}d_max must be a number >= 0 (d is clipped to [-d_max, d_max]), got {d_max!r}")
+    if not real(momentum) or not 0 <= momentum < 1:
+        raise ValueError(f"{prefix}momentum must be a number in [0, 1), got {momentum!r}")
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+        raise ValueError(f"{prefix}warmup_steps must be a non-negative integer, got {warmup_steps!r}")
+
+
+def clip_limits(renorm: Renorm, count):
+    """(r_max, d_max) for the `count`-th update (count >= 1): after the warm-up
+    the set values; during it, 1 + (r_max - 1) * f and d_max * f with
+    f = (count - 1) / warmup_steps, so the first update is plain BN."""
+    if renorm.warmup_steps == 0:
+        return renorm.r_max, renorm.d_max
+    fraction = jnp.minimum(1.0, (jnp.asarray(count, jnp.float32) - 1.0) / renorm.warmup_steps)
+    return 1.0 + (renorm.r_max - 1.0) * fraction, renorm.d_max * fraction
+
+
+def batch_renorm_train(x, scale, bias, stats: dict, renorm: Renorm, momentum: float, epsilon: float,
+                       axis_name: str | None = None, two_pass_variance: bool = False):
+    """Train mode of Batch Renorm. `stats`: this layer's `batch_stats` (mean,
+    var, std, renorm_mean, renorm_std, count). Returns (y, new_stats)."""
+    mean, var = batch_statistics(x, axis_name, two_pass_variance)
+    std = jnp.sqrt(var + epsilon)
+    count = stats["count"] + 1
+    r_max, d_max = clip_limits(renorm, count)
+    # renorm_std is an average of values >= sqrt(eps) that starts at 1, so it
+    # never reaches 0 (Keras guards it with max(renorm_std, sqrt(eps)): a no-op).
+    r = jax.lax.stop_gradient(jnp.clip(std / stats["renorm_std"], 1.0 / r_max, r_max))
+    d = jax.lax.stop_gradient(jnp.clip((mean - stats["renorm_mean"]) / stats["renorm_std"], -d_max, d_max))
+    y = normalize(x, mean, var, scale * r, scale * d + bias, epsilon)
+
+    mean, std = jax.lax.stop_gradient(mean), jax.lax.stop_gradient(std)
+    new_std = momentum * stats["std"] + (1.0 - momentum) * std
+    new_stats = {
+        "renorm_mean": renorm.momentum * stats["renorm_mean"] + (1.0 - renorm.momentum) * mean,
+        "renorm_std": renorm.momentum * stats["renorm_std"] + (1.0 - renorm.momentum) * std,
+        "mean": momentum * stats["mean"] + (1.0 - momentum) * mean,
+        "std": new_std,
+        "var": jnp.maximum(jnp.square(new_std) - epsilon, 0.0),
+        "count": count,
+    }
+    return y, new_stats
+
+
 class BatchNorm(nn.Module):
     """Linen wrapper that keeps BN's state in Flax collections.
 
@@ -159,6 +266,12 @@ class BatchNorm(nn.Module):
     `count`, the number of updates so far, in `batch_stats`; "ema" keeps only
     `mean` and `var`, as flax.linen.BatchNorm. Eval mode normalizes with the
     rule's current `mean` and `var` whatever the rule.
+
+    `renorm=Renorm(...)`: Batch Renormalization in train mode
+    (`batch_renorm_train`; eval mode unchanged). `frozen=True`: frozen BN for
+    fine-tuning (torchvision's FrozenBatchNorm2d): train mode too normalizes
+    with the running statistics and updates nothing, and `scale` and `bias`
+    get no gradient (their gradient is stopped, so the optimizer sees zeros).
     """
 
     momentum: float = DEFAULT_MOMENTUM
@@ -167,20 +280,40 @@ class BatchNorm(nn.Module):
     unbiased_running_var: bool = False  # True: PyTorch's running-variance convention
     running_average: str = "ema"
     two_pass_variance: bool = False  # batch_statistics: E[(x - E[x])^2] instead of E[x^2] - E[x]^2
+    renorm: Renorm | None = None
+    frozen: bool = False
 
     @nn.compact
     def __call__(self, x, *, train: bool):
         _check_running_average(self.running_average)  # in eval mode too, which never weighs an update
+        _check_variant(self)
         features = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
         running_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
         running_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
-        count = (None if self.running_average == "ema"
+        count = (None if self.running_average == "ema" and self.renorm is None
                  else self.variable("batch_stats", "count", jnp.zeros, (), jnp.int32))
 
-        if not train:
+        renorm_stats = {} if self.renorm is None else {
+            name: self.variable("batch_stats", name, init, (features,), jnp.float32)
+            for name, init in (("std", jnp.ones), ("renorm_mean", jnp.zeros), ("renorm_std", jnp.ones))}
+
+        if self.frozen:
+            scale, bias = jax.lax.stop_gradient(scale), jax.lax.stop_gradient(bias)
+        if not train or self.frozen:
             return batch_norm_eval(x, scale, bias, running_mean.value, running_var.value, self.epsilon)
+
+        if self.renorm is not None:
+            stats = {"mean": running_mean, "var": running_var, "count": count, **renorm_stats}
+            y, new_stats = batch_renorm_train(
+                x, scale, bias, {name: variable.value for name, variable in stats.items()}, self.renorm,
+                self.momentum, self.epsilon, None if self.is_initializing() else self.axis_name,
+                self.two_pass_variance)
+            if not self.is_initializing():  # Batch Renorm's running statistics change here
+                for name, variable in stats.items():
+                    variable.value = new_stats[name]
+            return y
 
         y, new_mean, new_var = batch_norm_train(
             x,

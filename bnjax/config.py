@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from bnjax.batchnorm import RUNNING_AVERAGES
+from bnjax.batchnorm import RUNNING_AVERAGES, check_renorm_settings
 from bnjax.models import ACTIVATIONS, BN_POSITIONS, KERNEL_INITS
 
 OPTIMIZERS = ("adam", "sgd")
@@ -49,6 +49,17 @@ class TrainConfig:
     # BN's batch variance in two passes, E[(x - E[x])^2], instead of one,
     # E[x^2] - E[x]^2 (bnjax/batchnorm.py::batch_statistics says when it matters).
     bn_two_pass_variance: bool = False
+    # Batch Renormalization (Ioffe 2017; bnjax/batchnorm.py::batch_renorm_train):
+    # r clipped to [1/r_max, r_max], d to [-d_max, d_max], both opened up
+    # linearly over the first warm-up steps; its averages use their own momentum.
+    bn_renorm: bool = False
+    bn_renorm_r_max: float = 3.0
+    bn_renorm_d_max: float = 5.0
+    bn_renorm_momentum: float = 0.99
+    bn_renorm_warmup_steps: int = 0
+    # Frozen BN (fine-tuning): BN normalizes with its running statistics in
+    # training too, never updates them, and its scale and bias get no gradient.
+    bn_frozen: bool = False
     eval_every: int = 100  # steps between evaluations on the whole test set
     eval_batch_size: int = 1000
     # Each evaluation uses BN's running averages (val_accuracy); "precise" or
@@ -81,9 +92,17 @@ class TrainConfig:
         if self.eval_statistics != "running" and not self.batch_norm:
             raise ValueError(f"eval_statistics {self.eval_statistics!r} needs BN statistics, and this model has no "
                              "BN (batch_norm=False); use 'running' or batch_norm=True")
+        check_renorm_settings(self.bn_renorm_r_max, self.bn_renorm_d_max, self.bn_renorm_momentum,
+                              self.bn_renorm_warmup_steps, prefix="bn_renorm_")
+        if self.bn_renorm and self.bn_running_average != "ema":
+            raise ValueError(f"bn_renorm keeps Keras's moving averages; use bn_running_average 'ema' with it, "
+                             f"not {self.bn_running_average!r}")
+        if self.bn_renorm and self.bn_frozen:
+            raise ValueError("bn_frozen uses the running statistics, also in training: bn_renorm does not apply")
         if self.model != "convnet" and (self.bn_position != "before" or self.bn_use_bias):
             raise ValueError(f"bn_position and bn_use_bias apply to model 'convnet' only, not {self.model!r}")
-        for name in ("batch_norm", "shuffle", "ghost_bn", "bn_use_bias", "bn_two_pass_variance"):
+        for name in ("batch_norm", "shuffle", "ghost_bn", "bn_use_bias", "bn_two_pass_variance", "bn_renorm",
+                     "bn_frozen"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         for name in ("batch_size", "epochs", "eval_every", "eval_batch_size", "precise_bn_batches",

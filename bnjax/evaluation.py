@@ -86,8 +86,9 @@ def precise_batch_stats_of_runs(state: TrainState, batches):
 def _batch_statistics_totals(state, images, labels):
     def totals(run):
         # Statistics of this whole batch, on whichever devices hold it: the
-        # model's cross-device axis (if any) is not bound outside shard_map.
-        model = _model_of(run).clone(bn_axis_name=None)
+        # model's cross-device axis (if any) is not bound outside shard_map;
+        # a frozen BN, which would use its running statistics, thaws here.
+        model = _model_of(run).clone(bn_axis_name=None, bn_frozen=False)
         logits, _ = model.apply({"params": run.params, "batch_stats": run.batch_stats}, images, train=True,
                                 mutable=["batch_stats"])
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from bnjax.batchnorm import DEFAULT_EPSILON, DEFAULT_MOMENTUM, BatchNorm
+from bnjax.batchnorm import DEFAULT_EPSILON, DEFAULT_MOMENTUM, BatchNorm, Renorm
 
 ACTIVATIONS: dict[str, Callable] = {
     "relu": nn.relu,
@@ -78,6 +78,8 @@ class ConvNet(nn.Module):
     bn_unbiased_running_var: bool = False  # True only to mirror PyTorch (bnjax/convert.py)
     bn_running_average: str = "ema"  # RUNNING_AVERAGES (bnjax/batchnorm.py::running_average_weights)
     bn_two_pass_variance: bool = False  # bnjax/batchnorm.py::batch_statistics
+    bn_renorm: Renorm | None = None  # Batch Renormalization (bnjax/batchnorm.py::batch_renorm_train)
+    bn_frozen: bool = False  # frozen BN: running statistics in train mode too, nothing learned or updated
     # Ablations of the article's keypoints (experiments/ablations.py); the
     # defaults are the article's BN net.
     bn_position: str = "before"  # BN_POSITIONS; the output layer has no activation, so BN stays last there
@@ -102,6 +104,8 @@ class ConvNet(nn.Module):
                 unbiased_running_var=self.bn_unbiased_running_var,
                 running_average=self.bn_running_average,
                 two_pass_variance=self.bn_two_pass_variance,
+                renorm=self.bn_renorm,
+                frozen=self.bn_frozen,
             )
             if not hidden:
                 return batch_norm(x, train=train)
@@ -143,6 +147,8 @@ class MLP(nn.Module):
     bn_axis_name: str | None = None
     bn_running_average: str = "ema"  # RUNNING_AVERAGES (bnjax/batchnorm.py::running_average_weights)
     bn_two_pass_variance: bool = False  # bnjax/batchnorm.py::batch_statistics
+    bn_renorm: Renorm | None = None
+    bn_frozen: bool = False
 
     @nn.compact
     def __call__(self, x, *, train: bool):
@@ -153,8 +159,8 @@ class MLP(nn.Module):
             x = nn.Dense(units, use_bias=not self.batch_norm, kernel_init=kernel_init)(x)
             if self.batch_norm:
                 x = BatchNorm(momentum=self.bn_momentum, epsilon=self.bn_epsilon, axis_name=self.bn_axis_name,
-                              running_average=self.bn_running_average,
-                              two_pass_variance=self.bn_two_pass_variance)(x, train=train)
+                              running_average=self.bn_running_average, two_pass_variance=self.bn_two_pass_variance,
+                              renorm=self.bn_renorm, frozen=self.bn_frozen)(x, train=train)
             # The input to this layer's nonlinearity, which the paper's figure 1(b, c) tracks.
             self.sow("intermediates", "sigmoid_input", x)
             x = activation(x)

@@ -22,6 +22,7 @@ import numpy as np
 import optax
 from flax.training import train_state
 
+from bnjax.batchnorm import Renorm
 from bnjax.config import TrainConfig
 from bnjax.models import MLP, ConvNet
 
@@ -46,6 +47,9 @@ def make_model(config: TrainConfig, num_devices: int = 1) -> ConvNet | MLP:
         bn_epsilon=config.bn_epsilon,
         bn_running_average=config.bn_running_average,
         bn_two_pass_variance=config.bn_two_pass_variance,
+        bn_renorm=(Renorm(config.bn_renorm_r_max, config.bn_renorm_d_max, config.bn_renorm_momentum,
+                          config.bn_renorm_warmup_steps) if config.bn_renorm else None),
+        bn_frozen=config.bn_frozen,
         bn_axis_name=DATA_AXIS if num_devices > 1 and not config.ghost_bn else None,
     )
     if config.model == "mlp":
