@@ -17,6 +17,7 @@ EXPECTED = {
     "bnjax/batchnorm.py::batch_statistics": "jax.lax.pmean((mean, mean_of_squares), axis_name)",
     "bnjax/batchnorm.py::batch_norm_train": "momentum",
     "bnjax/batchnorm.py::running_average_weights": "(1.0 - momentum) / (1.0 - momentum**t)",
+    "bnjax/batchnorm.py::batch_renorm_train": "jax.lax.stop_gradient(jnp.clip(std / stats[\"renorm_std\"], 1.0 / r_max, r_max))",
     "bnjax/precise_bn.py::recompute_batch_stats": "precise_statistics(",
     "bnjax/steps.py::train_step_body": 'mutable=["batch_stats"]',
     "bnjax/steps.py::_eval_totals": "train=False",
