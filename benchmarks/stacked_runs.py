@@ -24,6 +24,7 @@ import jax
 
 from bnjax.data import load_mnist
 from bnjax.engine import Strategy, default_strategy, train_many
+from bnjax.provenance import environment
 from experiments.article import sweep_configs
 from experiments.sweep import positive_int
 
@@ -73,6 +74,7 @@ def main(argv=None) -> None:
             parser.error(f"--only {name!r} is not a strategy here; one of {known}")
     result = measure(args.seeds, args.epochs, args.only)
     if args.json:
+        result["environment"] = environment()  # versions, device, CPU and the bnjax commit
         json.dump(result, sys.stdout, indent=1)
         print()
         return

@@ -36,6 +36,7 @@ import numpy as np
 
 from bnjax.data import load_mnist
 from bnjax.engine import default_strategy, train_many
+from bnjax.provenance import environment
 from bnjax.train import TrainConfig, create_train_state, evaluate, train, train_step
 from benchmarks import peers
 
@@ -321,6 +322,7 @@ def main(argv=None) -> None:
             parser.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
     result = measure(args)
     if args.json:
+        result["environment"] = environment()  # versions, device, CPU and the bnjax commit
         json.dump(result, sys.stdout, indent=1)
         print()
     else:
