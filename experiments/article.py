@@ -4,6 +4,7 @@
     python -m experiments.article --grid notebook  # lr {0.001, 0.01, 0.05} x {relu, sigmoid}
     python -m experiments.article --seeds 1 --max-steps 200 --out /tmp/smoke  # smoke run
     python -m experiments.article --grid notebook --dataset fashion_mnist  # -> outputs/article_fashion_mnist
+    python -m experiments.article --precise-bn     # BN runs also tested with precise BN statistics
 
 Writes `<out>/results.json` after every run (atomically), then the figures and
 `summary.md` (see experiments/plot_article.py, which redraws them from the JSON
@@ -32,10 +33,14 @@ GRIDS = {
 }
 
 
-def sweep_configs(grid: str, seeds: int, epochs: int, max_steps: int | None) -> list[TrainConfig]:
+def sweep_configs(grid: str, seeds: int, epochs: int, max_steps: int | None,
+                  precise_bn: bool = False) -> list[TrainConfig]:
+    """The grid's runs; with `precise_bn`, every evaluation of a BN run also
+    measures its weights with precise BN statistics (TrainConfig.eval_statistics)."""
     return [
         TrainConfig(batch_norm=batch_norm, activation=activation, learning_rate=learning_rate,
-                    epochs=epochs, max_steps=max_steps, seed=seed)
+                    epochs=epochs, max_steps=max_steps, seed=seed,
+                    eval_statistics="precise" if batch_norm and precise_bn else "running")
         for learning_rate, activation in GRIDS[grid]
         for batch_norm in (False, True)
         for seed in range(seeds)
@@ -46,6 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--grid", choices=sorted(GRIDS), default="article")
     add_sweep_flags(parser, seeds=3, epochs=3, out=None)
+    parser.add_argument("--precise-bn", action="store_true",
+                        help="also test every BN run's weights with precise BN statistics at each evaluation")
     parser.add_argument("--dataset", choices=sorted(DATASETS), default="mnist")
     parser.add_argument("--source", choices=SOURCES, default="auto", help="data source (see bnjax/data.py)")
     parser.add_argument("--data-dir", default=None, help="IDX directory or TFDS data_dir")
@@ -85,12 +92,12 @@ def argv_without_out(args: argparse.Namespace) -> list[str]:
     for name in ("grid", "seeds", "epochs", "max_steps", "dataset"):
         if getattr(args, name) != getattr(defaults, name):
             words += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
-    return words
+    return words + (["--precise-bn"] if args.precise_bn else [])
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    configs = sweep_configs(args.grid, args.seeds, args.epochs, args.max_steps)
+    configs = sweep_configs(args.grid, args.seeds, args.epochs, args.max_steps, args.precise_bn)
     results_path = args.out / "results.json"
     results = load_results(results_path)
     saved_dataset = results.setdefault("dataset", args.dataset)

@@ -40,7 +40,8 @@ def group_runs(runs: list[dict]) -> dict[tuple, dict[bool, list[dict]]]:
     groups: dict[tuple, dict[bool, list[dict]]] = defaultdict(lambda: {False: [], True: []})
     for run in runs:
         config = run["config"]
-        setting = tuple(sorted((k, v) for k, v in config.items() if k not in ("batch_norm", "seed")))
+        # The BN runs of a setting may also measure precise BN (eval_statistics), the plain ones cannot.
+        setting = tuple(sorted((k, v) for k, v in config.items() if k not in ("batch_norm", "seed", "eval_statistics")))
         groups[setting][config["batch_norm"]].append(run)
     return groups
 
@@ -85,6 +86,11 @@ def plot_group(setting: dict, runs_by_bn: dict[bool, list[dict]], path: Path, da
                               linewidth=0, label=f"{label} validation min-max over seeds")
         axes.plot(epochs, np.nanmean(train_acc, axis=0), color=color, linestyle="--", linewidth=1,
                   label=f"{label} training (mean since previous point)")
+        if batch_norm and has_precise(runs):
+            _, precise = stacked(runs, "precise_val_accuracy")
+            with np.errstate(all="ignore"):
+                axes.plot(epochs, np.nanmean(precise, axis=0), color="black", linestyle=":", linewidth=1.5,
+                          label="BN validation, same weights, precise BN statistics")
     axes.set_xlabel("epoch")
     axes.set_ylabel("accuracy")
     axes.set_ylim(0, 1.0)
@@ -97,25 +103,38 @@ def plot_group(setting: dict, runs_by_bn: dict[bool, list[dict]], path: Path, da
     plt.close(figure)
 
 
-def final_accuracies(runs: list[dict]) -> np.ndarray:
-    return np.array([run["val_accuracy"][-1] for run in runs])
+def has_precise(runs: list[dict]) -> bool:
+    """Whether these runs measured precise BN at every evaluation (eval_statistics "precise")."""
+    return bool(runs) and all(run.get("precise_val_accuracy") for run in runs)
 
 
-def last_epoch_swing(runs: list[dict]) -> float:
+def final_accuracies(runs: list[dict], key: str = "val_accuracy") -> np.ndarray:
+    return np.array([run[key][-1] for run in runs])
+
+
+def precise_cost_s(groups) -> float | None:
+    """Seconds per evaluation spent on precise BN (re-estimation and the extra
+    test-set pass), mean over every run that measured it."""
+    costs = [run["eval_statistics_time_s"] / len(run["steps"]) for runs_by_bn in groups.values()
+             for run in runs_by_bn[True] if run.get("precise_val_accuracy")]
+    return float(np.mean(costs)) if costs else None
+
+
+def last_epoch_swing(runs: list[dict], key: str = "val_accuracy") -> float:
     """Mean over seeds of (max - min) validation accuracy among the evaluations
     of the last epoch: how much the test accuracy moves while training goes on."""
     swings = []
     for run in runs:
         last_epoch_start = run["steps"][-1] - steps_per_epoch(run["config"])
-        in_last_epoch = [acc for step, acc in zip(run["steps"], run["val_accuracy"]) if step > last_epoch_start]
+        in_last_epoch = [acc for step, acc in zip(run["steps"], run[key]) if step > last_epoch_start]
         swings.append(max(in_last_epoch) - min(in_last_epoch))
     return float(np.mean(swings))
 
 
-def summary_cell(runs: list[dict]) -> str:
+def summary_cell(runs: list[dict], key: str = "val_accuracy") -> str:
     if not runs:
         return "—"
-    finals = final_accuracies(runs)
+    finals = final_accuracies(runs, key)
     diverged = sum(run["diverged"] for run in runs)
     cell = f"{finals.mean():.4f} ± {finals.std():.4f} (n={len(runs)})"
     return cell + (f", {diverged} diverged" if diverged else "")
@@ -123,12 +142,16 @@ def summary_cell(runs: list[dict]) -> str:
 
 def summary_markdown(groups, dataset: str = "mnist") -> str:
     notebook = ARTICLE_NOTEBOOK_FINAL if dataset == "mnist" else {}  # the article ran MNIST only
+    cost = precise_cost_s(groups)  # None: no run measured precise BN; the table keeps its older columns
     lines = [
         f"Data set: {DATASETS[dataset].title}. Final validation (test-set) accuracy, mean ± std over seeds; swing = mean over seeds of max − min "
-        "validation accuracy among the last epoch's evaluations.",
+        "validation accuracy among the last epoch's evaluations."
+        + ("" if cost is None else f" BN precise: the BN runs' final weights with precise BN statistics "
+           f"(bnjax/precise_bn.py), measured at every evaluation, {cost:.2f} s per evaluation (compile included)."),
         "",
-        "| lr | activation | epochs | plain | BN | article notebook plain / BN | plain swing | BN swing |",
-        "|---|---|---|---|---|---|---|---|",
+        "| lr | activation | epochs | plain | BN | article notebook plain / BN | plain swing | BN swing |"
+        + ("" if cost is None else " BN precise | BN precise swing |"),
+        "|---|---|---|---|---|---|---|---|" + ("" if cost is None else "---|---|"),
     ]
     for key in sorted(groups, key=lambda k: (dict(k)["activation"], dict(k)["learning_rate"], dict(k)["epochs"])):
         setting, runs_by_bn = dict(key), groups[key]
@@ -137,9 +160,14 @@ def summary_markdown(groups, dataset: str = "mnist") -> str:
         article_cell = f"{article[0]:.4f} / {article[1]:.4f}" if article and full_length else "—"
         epochs = f"{setting['epochs']}" + (f" (max {setting['max_steps']} steps)" if setting["max_steps"] else "")
         swings = [f"{last_epoch_swing(runs):.4f}" if runs else "—" for runs in (runs_by_bn[False], runs_by_bn[True])]
-        lines.append(f"| {setting['learning_rate']:g} | {setting['activation']} | {epochs} | "
-                     f"{summary_cell(runs_by_bn[False])} | {summary_cell(runs_by_bn[True])} | {article_cell} | "
-                     f"{swings[0]} | {swings[1]} |")
+        row = (f"| {setting['learning_rate']:g} | {setting['activation']} | {epochs} | "
+               f"{summary_cell(runs_by_bn[False])} | {summary_cell(runs_by_bn[True])} | {article_cell} | "
+               f"{swings[0]} | {swings[1]} |")
+        if cost is not None:
+            bn = runs_by_bn[True]
+            row += (f" {summary_cell(bn, 'precise_val_accuracy')} | {last_epoch_swing(bn, 'precise_val_accuracy'):.4f} |"
+                    if has_precise(bn) else " — | — |")
+        lines.append(row)
     return "\n".join(lines) + "\n"
 
 
