@@ -18,15 +18,13 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from bnjax.config import EVAL_STATISTICS
 from bnjax.precise_bn import precise_statistics
 from bnjax.runs import for_each_run, stack_runs
-from bnjax.steps import DATA_AXIS, TrainState, eval_step, to_float_images
+from bnjax.steps import DATA_AXIS, TrainState, eval_step, logits_totals, model_of, to_float_images
 
 # ---------------------------------------------------------------- running averages
 
@@ -41,15 +39,23 @@ def evaluate_runs(state: TrainState, images_uint8, labels, batch_size: int = 100
     (device-resident) set, in eval mode, as arrays of R values. With a `mesh`,
     each batch is split over its devices (eval is per example, so no
     statistics cross devices); `chunk`: see `eval_step` (one device only)."""
-    loss_sum, correct = 0.0, 0
     split = NamedSharding(mesh, P(DATA_AXIS)) if mesh is not None and mesh.size > 1 else None
+
+    def totals_of(images, batch_labels):
+        if split is not None and len(batch_labels) % mesh.size == 0:
+            return _eval_runs(state, *jax.device_put((images, batch_labels), split), chunk=None)
+        return _eval_runs(state, images, batch_labels, chunk=chunk)
+
+    return _mean_over_set(totals_of, images_uint8, labels, batch_size)
+
+
+def _mean_over_set(totals_of, images_uint8, labels, batch_size: int) -> dict[str, np.ndarray]:
+    """Mean loss and accuracy per run over a whole set, from
+    `totals_of(float_images, labels)` of each batch of `batch_size`."""
+    loss_sum, correct = 0.0, 0
     for first in range(0, len(labels), batch_size):
         batch = slice(first, first + batch_size)
-        images, batch_labels = to_float_images(images_uint8[batch]), labels[batch]
-        if split is not None and len(batch_labels) % mesh.size == 0:
-            totals = _eval_runs(state, *jax.device_put((images, batch_labels), split), chunk=None)
-        else:
-            totals = _eval_runs(state, images, batch_labels, chunk=chunk)
+        totals = totals_of(to_float_images(images_uint8[batch]), labels[batch])
         loss_sum, correct = loss_sum + totals["loss_sum"], correct + totals["correct"]
     return {"loss": np.asarray(loss_sum, np.float64) / len(labels),
             "accuracy": np.asarray(correct, np.float64) / len(labels)}
@@ -65,17 +71,13 @@ def evaluate(state: TrainState, images_uint8, labels, batch_size: int = 1000, me
 
 # ---------------------------------------------------------------- precise statistics
 
-def _model_of(state: TrainState):
-    return state.apply_fn.__self__  # TrainState.apply_fn is the model's bound `apply`
-
-
 @jax.jit
 def precise_batch_stats_of_runs(state: TrainState, batches):
     """Every run's precise BN statistics (bnjax/precise_bn.py, equal-weight
     average of per-batch means and variances) from `batches` (K, B, ...) of
     float images, as a stacked `batch_stats` (an update `count` is kept)."""
     def precise(run):
-        stats = precise_statistics(_model_of(run), run.params, run.batch_stats, batches)
+        stats = precise_statistics(model_of(run), run.params, run.batch_stats, batches)
         return {layer: {**run.batch_stats[layer], **layer_stats} for layer, layer_stats in stats.items()}
     return for_each_run(precise, state)
 
@@ -88,11 +90,10 @@ def _batch_statistics_totals(state, images, labels):
         # Statistics of this whole batch, on whichever devices hold it: the
         # model's cross-device axis (if any) is not bound outside shard_map;
         # a frozen BN, which would use its running statistics, thaws here.
-        model = _model_of(run).clone(bn_axis_name=None, bn_frozen=False)
+        model = model_of(run).clone(bn_axis_name=None, bn_frozen=False)
         logits, _ = model.apply({"params": run.params, "batch_stats": run.batch_stats}, images, train=True,
                                 mutable=["batch_stats"])
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-        return {"loss_sum": losses.sum(), "correct": jnp.sum(jnp.argmax(logits, -1) == labels)}
+        return logits_totals(logits, labels)
     return for_each_run(totals, state)
 
 
@@ -100,13 +101,7 @@ def evaluate_runs_with_batch_statistics(state: TrainState, images_uint8, labels,
                                         batch_size: int = 1000) -> dict[str, np.ndarray]:
     """Like `evaluate_runs`, but BN normalizes each test batch of `batch_size`
     (the last one may be smaller) by its own statistics (train mode)."""
-    loss_sum, correct = 0.0, 0
-    for first in range(0, len(labels), batch_size):
-        batch = slice(first, first + batch_size)
-        totals = _batch_statistics_totals(state, to_float_images(images_uint8[batch]), labels[batch])
-        loss_sum, correct = loss_sum + totals["loss_sum"], correct + totals["correct"]
-    return {"loss": np.asarray(loss_sum, np.float64) / len(labels),
-            "accuracy": np.asarray(correct, np.float64) / len(labels)}
+    return _mean_over_set(functools.partial(_batch_statistics_totals, state), images_uint8, labels, batch_size)
 
 
 def evaluate_runs_with(statistics: str, state: TrainState, images_uint8, labels, batch_size: int = 1000,

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bnjax.steps import to_float_images
+from bnjax.steps import model_of, to_float_images
 
 VARIANCES = ("batch_average", "pooled")
 
@@ -109,6 +109,5 @@ def recompute_batch_stats(state, images, batch_size: int = 32, num_batches: int 
         raise ValueError("precise BN needs a model with BN; this state has no batch_stats")
     _check_variance(variance)  # before the batches are copied
     batches = sample_batches(images, batch_size, num_batches, seed)
-    model = state.apply_fn.__self__  # TrainState.apply_fn is the model's bound `apply`
-    precise = precise_statistics(model, state.params, state.batch_stats, batches, variance)
+    precise = precise_statistics(model_of(state), state.params, state.batch_stats, batches, variance)
     return {layer: {**state.batch_stats[layer], **stats} for layer, stats in precise.items()}

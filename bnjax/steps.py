@@ -167,13 +167,22 @@ def train_step_body(state: TrainState, images, labels, axis_name: str | None = N
 train_step = jax.jit(train_step_body, static_argnames=("axis_name", "ghost_bn"))
 
 
+def model_of(state: TrainState):
+    """The model a state was made for: TrainState.apply_fn is its bound `apply`."""
+    return state.apply_fn.__self__
+
+
+def logits_totals(logits, labels):
+    """Summed cross-entropy and number correct of a batch's logits."""
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    return {"loss_sum": losses.sum(), "correct": jnp.sum(jnp.argmax(logits, -1) == labels)}
+
+
 def _eval_totals(state: TrainState, images, labels):
     variables = {"params": state.params}
     if state.batch_stats is not None:
         variables["batch_stats"] = state.batch_stats
-    logits = state.apply_fn(variables, images, train=False)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    return {"loss_sum": losses.sum(), "correct": jnp.sum(jnp.argmax(logits, -1) == labels)}
+    return logits_totals(state.apply_fn(variables, images, train=False), labels)
 
 
 @functools.partial(jax.jit, static_argnames=("chunk",))
