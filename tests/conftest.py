@@ -1,10 +1,31 @@
 """Shared fixtures: real MNIST (fetched once per machine and cached) and small
 synthetic data sets for fast training tests."""
 
+import os
+import shutil
+import tempfile
+
 import numpy as np
 import pytest
 
-from bnjax.data import Dataset, load_mnist
+# One JAX compilation cache for the whole test run, shared by the xdist
+# workers and by what the tests start (notebook kernels, CLI and multi-device
+# subprocesses inherit the environment): a program that one test compiled is
+# loaded, not compiled again, by the next one (the article CNN's train step
+# is built in a dozen test files; a CNN step compiles in ~18 CPU-s, loads in
+# ~3). The cache starts empty in every run and is removed at its end; a
+# loaded program is the same XLA executable, so no number changes. A
+# JAX_COMPILATION_CACHE_DIR set by the user is used as it is and kept.
+_OWN_COMPILATION_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_COMPILATION_CACHE:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="bnjax-tests-jax-cache-")
+
+from bnjax.data import Dataset, load_mnist  # noqa: E402  (after the cache is chosen: it may import JAX)
+
+
+def pytest_unconfigure(config):
+    if _OWN_COMPILATION_CACHE:  # in the process that made it (xdist workers inherit the variable)
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
