@@ -80,7 +80,7 @@ def normalize(x, mean, var, scale, bias, epsilon: float):
     return (x - mean) * (inverse_std * scale) + bias
 
 
-def _check_running_average(running_average: str) -> None:
+def check_running_average(running_average: str) -> None:
     if running_average not in RUNNING_AVERAGES:
         raise ValueError(f"unknown running_average {running_average!r}; allowed: {', '.join(RUNNING_AVERAGES)}")
 
@@ -102,7 +102,7 @@ def running_average_weights(running_average: str, momentum: float, count):
       "cumulative"    take = 1 / t: the equal-weight mean of every batch
                       statistic so far, PyTorch's momentum=None.
     """
-    _check_running_average(running_average)
+    check_running_average(running_average)
     if running_average == "ema":
         return momentum, 1.0 - momentum  # the expression used before the other rules existed: same numbers
     t = jnp.asarray(count, jnp.float32)
@@ -285,7 +285,7 @@ class BatchNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x, *, train: bool):
-        _check_running_average(self.running_average)  # in eval mode too, which never weighs an update
+        check_running_average(self.running_average)  # in eval mode too, which never weighs an update
         _check_variant(self)
         features = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)

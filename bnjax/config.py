@@ -13,9 +13,15 @@ import math
 
 from bnjax.batchnorm import RUNNING_AVERAGES, check_renorm_settings
 from bnjax.models import ACTIVATIONS, BN_POSITIONS, KERNEL_INITS
+from bnjax.recurrent import SEQUENCES
 
-OPTIMIZERS = ("adam", "sgd")
-MODELS = ("convnet", "mlp")  # the article's CNN; the BN paper's 3 x 100 MLP
+OPTIMIZERS = ("adam", "sgd", "rmsprop")
+# The article's CNN; the BN paper's 3 x 100 MLP; an LSTM or BN-LSTM reading
+# the image as a sequence (bnjax/recurrent.py; PAPER_SETTINGS there).
+MODELS = ("convnet", "mlp", "lstm")
+# What model "lstm" does not have (bnjax/recurrent.py: its own initializers,
+# per-step statistics without Renorm or frozen BN, one device's statistics).
+NOT_FOR_LSTM = dict(kernel_init="glorot_uniform", bn_renorm=False, bn_frozen=False, ghost_bn=False)
 EVAL_STATISTICS = ("running", "precise", "batch")  # bnjax/evaluation.py
 
 
@@ -34,6 +40,8 @@ class TrainConfig:
     adam_b1: float = 0.9
     adam_b2: float = 0.999
     adam_eps: float = 1e-8
+    rmsprop_decay: float = 0.9  # optimizer "rmsprop": the squared gradients' average keeps this much
+    grad_clip_norm: float | None = None  # None, or the gradient's global norm is clipped to this first
     batch_size: int = 32
     epochs: int = 3
     steps_per_epoch: int | None = None  # None: one pass, len(x_train) // batch_size
@@ -80,6 +88,14 @@ class TrainConfig:
     # whether Conv/Dense keep their bias under BN (the article drops it).
     bn_position: str = "before"
     bn_use_bias: bool = False
+    # Model "lstm" (bnjax/recurrent.py): how the image is read (SEQUENCES), the
+    # hidden units, the rows of per-step BN statistics (None: one per step),
+    # the initial BN scale (the paper's 0.1) and the pixel order's seed.
+    sequence: str = "rows"
+    lstm_hidden_size: int = 100
+    lstm_t_max: int | None = None
+    lstm_bn_scale_init: float = 0.1
+    permutation_seed: int = 0
 
     def __post_init__(self):
         _check_choice("activation", self.activation, ACTIVATIONS)
@@ -101,11 +117,24 @@ class TrainConfig:
             raise ValueError("bn_frozen uses the running statistics, also in training: bn_renorm does not apply")
         if self.model != "convnet" and (self.bn_position != "before" or self.bn_use_bias):
             raise ValueError(f"bn_position and bn_use_bias apply to model 'convnet' only, not {self.model!r}")
+        _check_choice("sequence", self.sequence, SEQUENCES)
+        if self.model == "lstm":
+            for name, only in NOT_FOR_LSTM.items():
+                if getattr(self, name) != only:
+                    raise ValueError(f"model 'lstm' takes {name}={only!r} only, got {getattr(self, name)!r}")
+            steps = SEQUENCES[self.sequence][0]
+            if self.lstm_t_max is not None and (isinstance(self.lstm_t_max, bool) or not isinstance(
+                    self.lstm_t_max, int) or not 1 <= self.lstm_t_max <= steps):
+                raise ValueError(f"lstm_t_max must be None or an integer from 1 to the {self.sequence!r} sequence's "
+                                 f"{steps} steps, got {self.lstm_t_max!r}")
+        elif (self.sequence, self.lstm_hidden_size, self.lstm_t_max, self.lstm_bn_scale_init,
+              self.permutation_seed) != ("rows", 100, None, 0.1, 0):
+            raise ValueError(f"sequence and the lstm_ fields apply to model 'lstm' only, not {self.model!r}")
         for name in ("batch_norm", "shuffle", "ghost_bn", "bn_use_bias", "bn_two_pass_variance", "bn_renorm",
                      "bn_frozen"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        for name in ("batch_size", "epochs", "eval_every", "eval_batch_size", "precise_bn_batches",
+        for name in ("batch_size", "epochs", "eval_every", "eval_batch_size", "precise_bn_batches", "lstm_hidden_size",
                      "steps_per_epoch", "max_steps", "num_devices"):
             value = getattr(self, name)
             optional = name in ("steps_per_epoch", "max_steps", "num_devices")
@@ -114,11 +143,15 @@ class TrainConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 allowed = "a positive integer" + (" or None" if optional else "")
                 raise ValueError(f"{name} must be {allowed}, got {value!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
-        for name in ("learning_rate", "adam_eps", "bn_epsilon"):
+        for name in ("seed", "permutation_seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        for name in ("learning_rate", "adam_eps", "bn_epsilon", "lstm_bn_scale_init"):
             _check_positive_float(name, getattr(self, name))
-        for name in ("adam_b1", "adam_b2", "bn_momentum"):
+        if self.grad_clip_norm is not None:
+            _check_positive_float("grad_clip_norm", self.grad_clip_norm)
+        for name in ("adam_b1", "adam_b2", "bn_momentum", "rmsprop_decay"):
             value = getattr(self, name)
             if not _is_real(value) or not 0.0 <= value < 1.0:
                 raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")

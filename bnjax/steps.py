@@ -25,6 +25,7 @@ from flax.training import train_state
 from bnjax.batchnorm import Renorm
 from bnjax.config import TrainConfig
 from bnjax.models import MLP, ConvNet
+from bnjax.recurrent import LSTM
 
 class TrainState(train_state.TrainState):
     """Flax's TrainState (step, params, opt_state, apply_fn, tx) plus BN's
@@ -36,9 +37,18 @@ class TrainState(train_state.TrainState):
 DATA_AXIS = "data"  # the mesh axis the batch is split along
 
 
-def make_model(config: TrainConfig, num_devices: int = 1) -> ConvNet | MLP:
+def make_model(config: TrainConfig, num_devices: int = 1) -> ConvNet | MLP | LSTM:
     """The config's net. Over several devices with synchronized BN, every BN
     averages its statistics over DATA_AXIS: the statistics of the global batch."""
+    bn_axis_name = DATA_AXIS if num_devices > 1 and not config.ghost_bn else None
+    if config.model == "lstm":
+        return _shared_model(LSTM, batch_norm=config.batch_norm, sequence=config.sequence,
+                             hidden_size=config.lstm_hidden_size, t_max=config.lstm_t_max,
+                             bn_scale_init=config.lstm_bn_scale_init, permutation_seed=config.permutation_seed,
+                             activation=config.activation, bn_momentum=config.bn_momentum,
+                             bn_epsilon=config.bn_epsilon, bn_two_pass_variance=config.bn_two_pass_variance,
+                             bn_running_average=config.bn_running_average,
+                             bn_axis_name=bn_axis_name)
     common = dict(
         batch_norm=config.batch_norm,
         activation=config.activation,
@@ -50,7 +60,7 @@ def make_model(config: TrainConfig, num_devices: int = 1) -> ConvNet | MLP:
         bn_renorm=(Renorm(config.bn_renorm_r_max, config.bn_renorm_d_max, config.bn_renorm_momentum,
                           config.bn_renorm_warmup_steps) if config.bn_renorm else None),
         bn_frozen=config.bn_frozen,
-        bn_axis_name=DATA_AXIS if num_devices > 1 and not config.ghost_bn else None,
+        bn_axis_name=bn_axis_name,
     )
     if config.model == "mlp":
         return _shared_model(MLP, **common)
@@ -66,12 +76,16 @@ def _shared_model(model_class, **fields):
     return model_class(**fields)
 
 
+OPTIMIZER_FIELDS = ("optimizer", "adam_b1", "adam_b2", "adam_eps", "rmsprop_decay", "grad_clip_norm")
+
+
 @functools.lru_cache(maxsize=None)
-def _shared_optimizer(optimizer: str, b1: float, b2: float, eps: float) -> optax.GradientTransformation:
-    """The optimizer of every run with these settings, whatever its learning
-    rate: `inject_hyperparams` reads the learning rate from each run's
-    optimizer state (set by `create_train_state`), never from this object."""
-    return make_optimizer(TrainConfig(optimizer=optimizer, adam_b1=b1, adam_b2=b2, adam_eps=eps))
+def _shared_optimizer(**settings) -> optax.GradientTransformation:
+    """The optimizer of every run with these settings (OPTIMIZER_FIELDS),
+    whatever its learning rate: `inject_hyperparams` reads the learning rate
+    from each run's optimizer state (set by `create_train_state`), never from
+    this object."""
+    return make_optimizer(TrainConfig(**settings))
 
 
 def make_mesh(config: TrainConfig) -> jax.sharding.Mesh:
@@ -97,9 +111,16 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
     differed from the earlier per-run optimizer after one step by 3e-8; with
     only the learning rate injected it is bit-identical)."""
     if config.optimizer == "adam":
-        return optax.inject_hyperparams(optax.adam, static_args=("b1", "b2", "eps"))(
+        optimizer = optax.inject_hyperparams(optax.adam, static_args=("b1", "b2", "eps"))(
             learning_rate=config.learning_rate, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps)
-    return optax.inject_hyperparams(optax.sgd)(learning_rate=config.learning_rate)
+    elif config.optimizer == "rmsprop":
+        optimizer = optax.inject_hyperparams(optax.rmsprop, static_args=("decay",))(
+            learning_rate=config.learning_rate, decay=config.rmsprop_decay)
+    else:
+        optimizer = optax.inject_hyperparams(optax.sgd)(learning_rate=config.learning_rate)
+    if config.grad_clip_norm is None:
+        return optimizer
+    return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), optimizer)
 
 
 def create_train_state(config: TrainConfig, rng: jax.Array, num_devices: int = 1) -> TrainState:
@@ -112,7 +133,7 @@ def create_train_state(config: TrainConfig, rng: jax.Array, num_devices: int = 1
         step=0,
         apply_fn=model.apply,
         params=params,
-        tx=_shared_optimizer(config.optimizer, config.adam_b1, config.adam_b2, config.adam_eps),
+        tx=_shared_optimizer(**{name: getattr(config, name) for name in OPTIMIZER_FIELDS}),
         opt_state=make_optimizer(config).init(params),  # holds this run's learning rate
         batch_stats=variables.get("batch_stats"),
     )

@@ -17,7 +17,7 @@ BAD_VALUES = [
     ("batch_size", 0, "batch_size must be a positive integer, got 0"),
     ("batch_size", 32.5, "got 32.5"),
     ("epochs", -1, "epochs must be a positive integer, got -1"),
-    ("optimizer", "adamw2", "unknown optimizer 'adamw2'; allowed: adam, sgd"),
+    ("optimizer", "adamw2", "unknown optimizer 'adamw2'; allowed: adam, rmsprop, sgd"),
     ("activation", "swish!", "unknown activation 'swish!'; allowed: elu, gelu, relu, sigmoid, tanh"),
     ("kernel_init", "he", "unknown kernel_init 'he'; allowed: glorot_uniform, lecun_normal"),
     ("bn_momentum", 1.0, r"bn_momentum must be a number in \[0, 1\), got 1.0"),
@@ -30,7 +30,7 @@ BAD_VALUES = [
     ("shuffle", 1, "shuffle must be True or False, got 1"),
     ("num_devices", 0, "num_devices must be a positive integer or None, got 0"),
     ("ghost_bn", "yes", "ghost_bn must be True or False, got 'yes'"),
-    ("model", "resnet", "unknown model 'resnet'; allowed: convnet, mlp"),
+    ("model", "resnet", "unknown model 'resnet'; allowed: convnet, lstm, mlp"),
     ("bn_position", "middle", "unknown bn_position 'middle'; allowed: after, before"),
     ("bn_use_bias", "no", "bn_use_bias must be True or False, got 'no'"),
 ]
