@@ -128,7 +128,8 @@ def plot_curves(runs: list[dict], task: str, path: Path) -> None:
         steps = np.array(group[0]["steps"])
         key = "precise_val_accuracy" if group[0]["config"]["batch_norm"] else "val_accuracy"
         mean, low, high = mean_band(group, key)
-        axes.plot(steps, mean, color=COLORS[label], label=f"{label}" + (" (population statistics)" if key != "val_accuracy" else ""))
+        suffix = " (population statistics)" if group[0]["config"]["batch_norm"] else ""
+        axes.plot(steps, mean, color=COLORS[label], label=label + suffix)
         if len(group) > 1:
             axes.fill_between(steps, low, high, color=COLORS[label], alpha=0.2, linewidth=0)
         if group[0]["config"]["batch_norm"]:
@@ -185,7 +186,8 @@ def summary_lines(runs: list[dict], flow: dict) -> list[str]:
                   "| task | model | t = 1 | last step | ratio |", "|---|---|---|---|---|"]
         for task, norms in flow.items():
             for label, values in norms.items():
-                lines.append(f"| {task} | {label} | {values[0]:.3g} | {values[-1]:.3g} | {values[0] / values[-1]:.3g} |")
+                first, last = values[0], values[-1]
+                lines.append(f"| {task} | {label} | {first:.3g} | {last:.3g} | {first / last:.3g} |")
     return lines
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from bnjax.recurrent import LSTM, PAPER_SETTINGS, image_sequences, pixel_permutation, shared_over_steps
+from bnjax.steps import model_of
 from bnjax.train import TrainConfig, create_train_state, train, train_step
 
 HIDDEN = 8
@@ -227,7 +228,7 @@ def test_bad_settings_name_the_value_and_what_is_allowed(fields, message):
 def test_lstm_fields_on_another_model_and_wrong_images_are_refused():
     with pytest.raises(ValueError, match="sequence and the lstm_ fields apply to model 'lstm' only, not 'convnet'"):
         TrainConfig(sequence="pixels")
-    with pytest.raises(ValueError, match=r"the LSTM reads 28 x 28 MNIST images, got an array of shape \(2, 30, 28, 1\)"):
+    with pytest.raises(ValueError, match=r"the LSTM reads 28 x 28 MNIST images, got an array of shape \(2, 30, 28"):
         image_sequences(jnp.zeros((2, 30, 28, 1)), "rows")
 
 
@@ -251,3 +252,19 @@ def test_rmsprop_with_clipping_trains_through_the_one_step():
 
 def optax_global_norm(tree):
     return float(jnp.sqrt(sum(jnp.sum(jnp.square(leaf)) for leaf in jax.tree_util.tree_leaves(tree))))
+
+
+def test_the_gradient_reaching_each_step_is_measured_through_the_hidden_offsets():
+    # experiments/recurrent_bn.py's gradient-flow measure: || dLoss/dh_t || for every t.
+    from experiments.recurrent_bn import hidden_gradient_norms
+    images, labels = scaled_rows(16) / 28, jnp.arange(16) % 10
+    config = TrainConfig(**{**PAPER_SETTINGS, "lstm_hidden_size": HIDDEN}, batch_norm=True)
+    norms = hidden_gradient_norms(config, images, labels)
+    assert norms.shape == (28,) and np.all(norms > 0)
+    # h_T reaches the loss through the output layer alone: dLoss/dh_T = (softmax - one-hot) W_out^T / N.
+    state = create_train_state(config, jax.random.key(config.seed))
+    logits, _ = apply(model_of(state), {"params": state.params, "batch_stats": state.batch_stats}, images, True,
+                      mutable=("batch_stats",))
+    error = (jax.nn.softmax(logits) - jax.nn.one_hot(labels, 10)) / len(labels)
+    last = float(jnp.linalg.norm(error @ state.params["output"]["kernel"].T))
+    assert abs(norms[-1] - last) < 1e-5 * last
