@@ -10,6 +10,7 @@ import pytest
 
 from bnjax import xla_flags
 from bnjax.engine import Strategy, default_strategy, program_key, train_many
+from bnjax.recurrent import PAPER_SETTINGS
 from bnjax.train import TrainConfig, train
 
 # A different but equivalent compilation (a loop body, a vmapped convolution)
@@ -233,3 +234,19 @@ def test_runs_of_different_programs_or_steps_are_refused_in_one_line(tiny_data, 
     with pytest.raises(ValueError, match="must resume from one step; their checkpoints are at steps 0, 6"):
         train_runs([dataclasses.replace(MLP_BASE, max_steps=6), dataclasses.replace(MLP_BASE, max_steps=6, seed=1)],
                    tiny_data, checkpoint_paths=paths)
+
+
+@pytest.mark.slow
+def test_the_bn_lstm_trains_as_stacked_runs_of_the_one_loop(tiny_data):
+    # The recurrent net (bnjax/recurrent.py), per-step statistics and all, is
+    # one more model of the same loop: two seeds in one vmapped program of 3
+    # steps per dispatch give each run's own History and state.
+    lstm = TrainConfig(**{**PAPER_SETTINGS, "lstm_hidden_size": 8, "batch_size": 32}, batch_norm=True,
+                       max_steps=6, eval_every=3, eval_batch_size=32, eval_statistics="precise", precise_bn_batches=2)
+    configs = [dataclasses.replace(lstm, seed=seed) for seed in (0, 1)]
+    together = train_many(configs, tiny_data, strategy=Strategy(steps_per_dispatch=3, models_per_program=2))
+    for config, result in zip(configs, together):
+        alone = train(config, tiny_data, strategy=PER_STEP)
+        assert_same_run(result, alone)
+        np.testing.assert_allclose(result[0].precise_val_loss, alone[0].precise_val_loss, rtol=RELATIVE_TOLERANCE)
+    assert together[0][1].batch_stats["bn_cell"]["mean"].shape == (28, 8)
