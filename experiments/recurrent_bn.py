@@ -163,8 +163,8 @@ def plot_flow(norms: dict, task: str, path: Path) -> None:
 
 
 def summary_lines(runs: list[dict], flow: dict) -> list[str]:
-    lines = ["| task | model | seeds | steps | final test accuracy, population statistics (mean ± std) | "
-             "running averages | per-step vs. shared statistics (precise) | paper (784 steps, early-stopped) |",
+    lines = ["| task | model | seeds | steps | final test accuracy (mean ± std; BN: population statistics) | "
+             "BN: running averages | BN: per-step vs. shared statistics | paper (784 steps, early-stopped) |",
              "|---|---|---|---|---|---|---|---|"]
     for task in SEQUENCES:
         for label in COLORS:
