@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 from bnjax.atomic import atomic_write  # noqa: E402
 from bnjax.data import load_mnist  # noqa: E402
 from bnjax.train import TrainConfig, cross_entropy_loss, to_float_images  # noqa: E402
-from experiments.results import run_resumable  # noqa: E402
+from experiments.results import run_resumable, save_figure  # noqa: E402
 from experiments.sweep import add_sweep_flags, positive_int, run_sweep, sweep_strategy  # noqa: E402
 
 ACTIVATIONS = ("sigmoid", "tanh", "relu", "elu")
@@ -120,11 +120,9 @@ def curve_panel(axes, runs: list[dict], label: str, color: str) -> None:
     axes.fill_between(steps, values.min(0), values.max(0), color=color, alpha=0.2, linewidth=0)
 
 
-def save_figure(figure, path: Path) -> None:
+def save_tight_figure(figure, path: Path) -> None:
     figure.tight_layout()
-    with atomic_write(path, "wb") as file:
-        figure.savefig(file, format="png", dpi=100)
-    plt.close(figure)
+    save_figure(figure, path, dpi=100)
 
 
 def two_variant_study(runs: list[dict], field: str, variants: dict, title: str, out: Path, extra_columns=()) -> str:
@@ -148,7 +146,7 @@ def two_variant_study(runs: list[dict], field: str, variants: dict, title: str, 
         panel.legend(fontsize=8, loc="lower right")
     axes[0].set_ylabel("test accuracy (band: min-max over seeds)")
     figure.suptitle(title)
-    save_figure(figure, out / f"{out.name}.png")
+    save_tight_figure(figure, out / f"{out.name}.png")
     return "\n".join(lines)
 
 
@@ -218,7 +216,7 @@ def summarize_lr_grid(runs: list[dict], out: Path) -> str:
         figure.colorbar(image, ax=panel)
     seeds = len({run["config"]["seed"] for run in runs})
     figure.suptitle(f"Final test accuracy after one epoch (mean of {seeds} seeds)")
-    save_figure(figure, out / "lr_grid.png")
+    save_tight_figure(figure, out / "lr_grid.png")
     lines = [f"Final test accuracy after one epoch, plain / BN, mean over {seeds} seeds "
              f"(std in results.json; {partial - len(runs)} runs of an incomplete seed left out).", "",
              "| activation | " + " | ".join(f"lr {lr:g}" for lr in learning_rates) + " |",
@@ -259,7 +257,7 @@ def summarize_batch_size(runs: list[dict], out: Path) -> str:
     axes.set_title(f"relu, Adam lr 0.001, {examples} training examples seen", fontsize=10)
     axes.grid(alpha=0.3)
     axes.legend()
-    save_figure(figure, out / "batch_size.png")
+    save_tight_figure(figure, out / "batch_size.png")
     return (f"Final test accuracy after {examples} training examples (one pass, fixed order), mean ± std over "
             "seeds (eval mode: running averages). The learning rate is not scaled with the batch size. Last "
             "column: mean training accuracy over the last full evaluation interval, in train mode (batch "

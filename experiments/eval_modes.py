@@ -41,7 +41,7 @@ from bnjax.atomic import atomic_write  # noqa: E402
 from bnjax.data import load_mnist  # noqa: E402
 from bnjax.precise_bn import precise_statistics, sample_batches  # noqa: E402
 from bnjax.train import TrainConfig, evaluate, make_model, to_float_images  # noqa: E402
-from experiments.results import load_results, run_resumable  # noqa: E402
+from experiments.results import load_results, run_resumable, save_figure  # noqa: E402
 from experiments.sweep import add_sweep_flags, run_sweep, sweep_strategy  # noqa: E402
 
 MOMENTA = (0.9, 0.99, 0.999)
@@ -173,9 +173,7 @@ def plot_and_summarize(results_path: Path) -> None:
     axes[0][0].legend(fontsize=7, loc="lower right")
     figure.suptitle("BN net, sigmoid, Adam: test accuracy by how BN gets its statistics (band: min-max over seeds)")
     figure.tight_layout()
-    with atomic_write(out / "eval_modes.png", "wb") as file:
-        figure.savefig(file, format="png", dpi=100)
-    plt.close(figure)
+    save_figure(figure, out / "eval_modes.png", dpi=100)
 
     layers = sorted({key.split("/")[0] for key in runs[0]["probes"][0] if "/" in key})
     figure, axes = plt.subplots(1, 2, figsize=(11, 3.8))
@@ -193,9 +191,7 @@ def plot_and_summarize(results_path: Path) -> None:
         panel.legend(fontsize=7)
     figure.suptitle("How far the running averages lag the weights (lr 0.01, momentum 0.99, mean over seeds)")
     figure.tight_layout()
-    with atomic_write(out / "running_average_lag.png", "wb") as file:
-        figure.savefig(file, format="png", dpi=100)
-    plt.close(figure)
+    save_figure(figure, out / "running_average_lag.png", dpi=100)
 
     lines = [
         "Test accuracy (mean over seeds) of the BN net (sigmoid, Adam, batch 32). `running`: eval mode; "

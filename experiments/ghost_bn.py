@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 from bnjax.atomic import atomic_write  # noqa: E402
 from bnjax.data import load_mnist  # noqa: E402
 from bnjax.train import TrainConfig  # noqa: E402
-from experiments.results import load_results, run_resumable  # noqa: E402
+from experiments.results import load_results, run_resumable, save_figure  # noqa: E402
 from experiments.sweep import add_sweep_flags, run_sweep, sweep_strategy  # noqa: E402
 
 # (label, num_devices, ghost_bn)
@@ -72,9 +72,7 @@ def plot(results_path: Path) -> None:
     axes.set_title("BN net, Adam lr=0.01, relu, global batch 32")
     axes.legend(loc="lower right", fontsize=7)
     figure.tight_layout()
-    with atomic_write(results_path.parent / "ghost_bn.png", "wb") as file:
-        figure.savefig(file, format="png", dpi=110)
-    plt.close(figure)
+    save_figure(figure, results_path.parent / "ghost_bn.png", dpi=110)
     with atomic_write(results_path.parent / "summary.md", "w") as file:
         file.write("\n".join(lines) + "\n")
 

@@ -29,10 +29,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bnjax.atomic import atomic_write  # noqa: E402
 from bnjax.data import load_mnist  # noqa: E402
 from bnjax.train import TrainConfig, to_float_images  # noqa: E402
-from experiments.results import load_results, run_resumable  # noqa: E402
+from experiments.results import load_results, run_resumable, save_figure  # noqa: E402
 from experiments.sweep import add_sweep_flags, positive_int, run_sweep, sweep_strategy  # noqa: E402
 
 PERCENTILES = (15, 50, 85)
@@ -86,9 +85,7 @@ def plot(results_path: Path) -> None:
         panel.set_xlabel("training step")
         panel.grid(alpha=0.3)
     figure.tight_layout()
-    with atomic_write(results_path.parent / "paper_mnist.png", "wb") as file:
-        figure.savefig(file, format="png", dpi=100)
-    plt.close(figure)
+    save_figure(figure, results_path.parent / "paper_mnist.png", dpi=100)
 
 
 def main(argv=None) -> None:

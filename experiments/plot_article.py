@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 
 from bnjax.atomic import atomic_write  # noqa: E402
 from bnjax.data import DATASETS  # noqa: E402
-from experiments.results import load_results  # noqa: E402
+from experiments.results import load_results, save_figure  # noqa: E402
 
 # Final validation accuracies logged in the article's notebook
 # (Keras_Batch_Normalization.ipynb, one run each): (lr, activation) -> (plain, BN).
@@ -98,9 +98,7 @@ def plot_group(setting: dict, runs_by_bn: dict[bool, list[dict]], path: Path, da
     axes.set_title(f"{dataset} CNN, Adam lr={setting['learning_rate']:g}, {setting['activation']}, batch {setting['batch_size']}")
     axes.legend(loc="lower right", fontsize=8)
     figure.tight_layout()
-    with atomic_write(path, "wb") as file:
-        figure.savefig(file, format="png", dpi=110)
-    plt.close(figure)
+    save_figure(figure, path, dpi=110)
 
 
 def has_precise(runs: list[dict]) -> bool:

@@ -46,7 +46,7 @@ from bnjax.precise_bn import recompute_batch_stats  # noqa: E402
 from bnjax.recurrent import PAPER_SETTINGS, SEQUENCES, shared_over_steps  # noqa: E402
 from bnjax.steps import cross_entropy_loss, model_of  # noqa: E402
 from bnjax.train import TrainConfig, create_train_state, evaluate, to_float_images  # noqa: E402
-from experiments.results import run_key, run_resumable  # noqa: E402
+from experiments.results import run_key, run_resumable, save_figure  # noqa: E402
 from experiments.sweep import add_sweep_flags, positive_int, run_sweep, sweep_strategy  # noqa: E402
 
 # The paper's numbers (its table 2: test accuracy, %, early-stopped models,
@@ -142,9 +142,7 @@ def plot_curves(runs: list[dict], task: str, path: Path) -> None:
     axes.set_title(f"sequential MNIST, {task} ({SEQUENCES[task][0]} steps), RMSProp lr 1e-3")
     axes.legend(loc="lower right", fontsize=7)
     figure.tight_layout()
-    with atomic_write(path, "wb") as file:
-        figure.savefig(file, format="png", dpi=110)
-    plt.close(figure)
+    save_figure(figure, path, dpi=110)
 
 
 def plot_flow(norms: dict, task: str, path: Path) -> None:
@@ -157,9 +155,7 @@ def plot_flow(norms: dict, task: str, path: Path) -> None:
     axes.set_title(f"gradient reaching each step at initialization, {task}")
     axes.legend(fontsize=8)
     figure.tight_layout()
-    with atomic_write(path, "wb") as file:
-        figure.savefig(file, format="png", dpi=110)
-    plt.close(figure)
+    save_figure(figure, path, dpi=110)
 
 
 def summary_lines(runs: list[dict], flow: dict) -> list[str]:

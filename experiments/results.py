@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from bnjax.atomic import write_json
+from bnjax.atomic import atomic_write, write_json
 from bnjax.data import DataError
 from bnjax.provenance import environment
 from bnjax.train import TrainConfig
@@ -65,3 +65,13 @@ def run_resumable(main) -> None:
         sys.exit("interrupted; finished runs are saved and will be skipped next time")
     except DataError as error:
         sys.exit(f"error: {error}")
+
+
+def save_figure(figure, path: Path, dpi: int) -> None:
+    """Write a matplotlib figure as PNG atomically (a reader never sees half a
+    file) and close it."""
+    import matplotlib.pyplot as plt  # the studies that plot choose the Agg backend first
+
+    with atomic_write(path, "wb") as file:
+        figure.savefig(file, format="png", dpi=dpi)
+    plt.close(figure)
