@@ -159,9 +159,8 @@ class LSTM(nn.Module):
     """LSTM (`batch_norm=False`) or BN-LSTM over an MNIST image read as a
     `sequence`, with a 10-way Dense on the last hidden state.
     `model.apply(variables, images, train=...)`: (N, 28, 28, 1) floats in, (N, 10)
-    logits out. `hidden_offsets` (N, steps, H), added to each h_t, lets a caller
-    take the gradient of the loss with respect to every hidden state (zeros
-    change nothing)."""
+    logits out. `hidden_offsets` (N, steps, H), if given, is added to each h_t:
+    its gradient is the loss's gradient with respect to every hidden state."""
 
     batch_norm: bool = False
     sequence: str = "rows"
@@ -199,8 +198,6 @@ class LSTM(nn.Module):
         # BN's 1 / sqrt(var + eps) makes the gradient explode.
         h = self.param("initial_hidden", nn.initializers.zeros, (hidden,)) + x.mean(axis=(1, 2))[:, None]
         c = jnp.broadcast_to(self.param("initial_cell", nn.initializers.zeros, (hidden,)), (examples, hidden))
-        if hidden_offsets is None:
-            hidden_offsets = jnp.zeros((examples, steps, hidden), x.dtype)
 
         if self.batch_norm:
             scale = nn.initializers.constant(self.bn_scale_init)
@@ -232,11 +229,14 @@ class LSTM(nn.Module):
             cell_out, statistics = c, None
             if self.batch_norm:
                 cell_out, cell_stats = bn("bn_cell", c, population_t, cell_scale, cell_bias)
-                statistics = {"bn_hidden": hidden_stats, "bn_input": input_stats, "bn_cell": cell_stats}
-            h = nn.sigmoid(output) * activation(cell_out) + offset_t
+                if train:  # each step's batch statistics, for the running ones
+                    statistics = {"bn_hidden": hidden_stats, "bn_input": input_stats, "bn_cell": cell_stats}
+            h = nn.sigmoid(output) * activation(cell_out)
+            if offset_t is not None:
+                h = h + offset_t
             return (h, c), statistics
 
-        time_major = (jnp.swapaxes(x, 0, 1), jnp.swapaxes(hidden_offsets, 0, 1),
+        time_major = (jnp.swapaxes(x, 0, 1), None if hidden_offsets is None else jnp.swapaxes(hidden_offsets, 0, 1),
                       population if self.batch_norm else None)
         (h, _), statistics = jax.lax.scan(cell, (h, c), time_major)
 
