@@ -13,15 +13,17 @@ import math
 
 from bnjax.batchnorm import RUNNING_AVERAGES, check_renorm_settings
 from bnjax.models import ACTIVATIONS, BN_POSITIONS, KERNEL_INITS
-from bnjax.recurrent import SEQUENCES
+from bnjax.recurrent import SEQUENCES, sequence_length
 
 OPTIMIZERS = ("adam", "sgd", "rmsprop")
 # The article's CNN; the BN paper's 3 x 100 MLP; an LSTM or BN-LSTM reading
 # the image as a sequence (bnjax/recurrent.py; PAPER_SETTINGS there).
 MODELS = ("convnet", "mlp", "lstm")
-# What model "lstm" does not have (bnjax/recurrent.py: its own initializers,
-# per-step statistics without Renorm or frozen BN, one device's statistics).
-NOT_FOR_LSTM = dict(kernel_init="glorot_uniform", bn_renorm=False, bn_frozen=False, ghost_bn=False)
+# Fields model "lstm" takes at their defaults only (bnjax/recurrent.py: its own
+# initializers, per-step statistics without Renorm or frozen BN, one device's
+# statistics), and the fields of model "lstm" alone.
+NOT_FOR_LSTM = ("kernel_init", "bn_renorm", "bn_frozen", "ghost_bn")
+LSTM_ONLY = ("sequence", "lstm_hidden_size", "lstm_t_max", "lstm_bn_scale_init", "permutation_seed")
 EVAL_STATISTICS = ("running", "precise", "batch")  # bnjax/evaluation.py
 
 
@@ -118,17 +120,17 @@ class TrainConfig:
         if self.model != "convnet" and (self.bn_position != "before" or self.bn_use_bias):
             raise ValueError(f"bn_position and bn_use_bias apply to model 'convnet' only, not {self.model!r}")
         _check_choice("sequence", self.sequence, SEQUENCES)
+        defaults = {field.name: field.default for field in dataclasses.fields(self)}
         if self.model == "lstm":
-            for name, only in NOT_FOR_LSTM.items():
-                if getattr(self, name) != only:
-                    raise ValueError(f"model 'lstm' takes {name}={only!r} only, got {getattr(self, name)!r}")
-            steps = SEQUENCES[self.sequence][0]
+            for name in NOT_FOR_LSTM:
+                if getattr(self, name) != defaults[name]:
+                    raise ValueError(f"model 'lstm' takes {name}={defaults[name]!r} only, got {getattr(self, name)!r}")
+            steps = sequence_length(self.sequence)
             if self.lstm_t_max is not None and (isinstance(self.lstm_t_max, bool) or not isinstance(
                     self.lstm_t_max, int) or not 1 <= self.lstm_t_max <= steps):
                 raise ValueError(f"lstm_t_max must be None or an integer from 1 to the {self.sequence!r} sequence's "
                                  f"{steps} steps, got {self.lstm_t_max!r}")
-        elif (self.sequence, self.lstm_hidden_size, self.lstm_t_max, self.lstm_bn_scale_init,
-              self.permutation_seed) != ("rows", 100, None, 0.1, 0):
+        elif any(getattr(self, name) != defaults[name] for name in LSTM_ONLY):
             raise ValueError(f"sequence and the lstm_ fields apply to model 'lstm' only, not {self.model!r}")
         for name in ("batch_norm", "shuffle", "ghost_bn", "bn_use_bias", "bn_two_pass_variance", "bn_renorm",
                      "bn_frozen"):
