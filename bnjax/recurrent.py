@@ -108,20 +108,6 @@ def step_rows(steps: int, t_max: int):
     return jnp.minimum(jnp.arange(steps), t_max - 1)
 
 
-def shared_over_steps(batch_stats, steps: int):
-    """One set of statistics for all steps, as a BN shared over time would
-    estimate it: for each BN, the mean and the (pooled) variance of its values
-    over the first `steps` steps, copied into every row. For comparing eval
-    mode with per-step statistics against shared ones."""
-    def shared(stats):
-        means, variances = stats["mean"][:steps], stats["var"][:steps]
-        mean = means.mean(axis=0)
-        var = variances.mean(axis=0) + jnp.square(means - mean).mean(axis=0)
-        return {**stats, "mean": jnp.broadcast_to(mean, stats["mean"].shape),
-                "var": jnp.broadcast_to(var, stats["var"].shape)}
-    return {layer: shared(stats) for layer, stats in batch_stats.items()}
-
-
 class StepStatistics(nn.Module):
     """The population statistics of one BN of the cell, a row per time step,
     and how they move: `update` folds in the batch statistics of every step."""

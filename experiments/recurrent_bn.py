@@ -42,8 +42,8 @@ import numpy as np  # noqa: E402
 
 from bnjax.atomic import atomic_write, write_json  # noqa: E402
 from bnjax.data import load_mnist  # noqa: E402
-from bnjax.precise_bn import recompute_batch_stats  # noqa: E402
-from bnjax.recurrent import PAPER_SETTINGS, SEQUENCES, shared_over_steps  # noqa: E402
+from bnjax.precise_bn import average_statistics, recompute_batch_stats  # noqa: E402
+from bnjax.recurrent import PAPER_SETTINGS, SEQUENCES, sequence_length  # noqa: E402
 from bnjax.steps import cross_entropy_loss, model_of  # noqa: E402
 from bnjax.train import TrainConfig, create_train_state, evaluate, to_float_images  # noqa: E402
 from experiments.results import run_key, run_resumable, save_figure  # noqa: E402
@@ -71,12 +71,24 @@ def sweep_configs(task: str, seeds: int, epochs: int, max_steps: int | None, eva
             for _, batch_norm, scale in MODELS for seed in range(seeds)]
 
 
+def shared_over_steps(batch_stats, steps: int):
+    """One set of statistics for all steps, as a BN shared over time would
+    estimate it: each BN's first `steps` rows averaged as precise BN averages
+    batches, with the pooled variance (the variance of all those steps'
+    values together), copied into every row."""
+    pooled = average_statistics({layer: {name: stats[name][:steps] for name in ("mean", "var")}
+                                 for layer, stats in batch_stats.items()}, variance="pooled")
+    return {layer: {**stats, **{name: jnp.broadcast_to(value, stats[name].shape)
+                                for name, value in pooled[layer].items()}}
+            for layer, stats in batch_stats.items()}
+
+
 def per_step_vs_shared(config: TrainConfig, history, state, data) -> dict:
     """A finished BN-LSTM tested with its per-step statistics and with one set
     shared by all steps, for the running averages and the precise ones."""
     if not config.batch_norm:
         return {}
-    steps = SEQUENCES[config.sequence][0]
+    steps = sequence_length(config.sequence)
     precise = recompute_batch_stats(state, data.x_train, config.batch_size, config.precise_bn_batches)
     accuracy = {}
     for name, batch_stats in (("running", state.batch_stats), ("precise", precise)):
@@ -91,7 +103,7 @@ def hidden_gradient_norms(config: TrainConfig, images, labels) -> np.ndarray:
     units) at initialization, in train mode (batch statistics)."""
     state = create_train_state(config, jax.random.key(config.seed))
     model = model_of(state)
-    steps = SEQUENCES[config.sequence][0]
+    steps = sequence_length(config.sequence)
     variables = {"params": state.params, **({"batch_stats": state.batch_stats} if state.batch_stats else {})}
 
     @jax.jit
@@ -139,7 +151,7 @@ def plot_curves(runs: list[dict], task: str, path: Path) -> None:
     axes.set_ylabel("test accuracy")
     axes.set_ylim(0.0, 1.0)
     axes.grid(alpha=0.3)
-    axes.set_title(f"sequential MNIST, {task} ({SEQUENCES[task][0]} steps), RMSProp lr 1e-3")
+    axes.set_title(f"sequential MNIST, {task} ({sequence_length(task)} steps), RMSProp lr 1e-3")
     axes.legend(loc="lower right", fontsize=7)
     figure.tight_layout()
     save_figure(figure, path, dpi=110)

@@ -24,6 +24,7 @@ EXPECTED = {
     "bnjax/loop.py::train_runs": "_train_chunk(",
     "bnjax/loop.py::_train_chunk": "jax.lax.scan",
     "bnjax/loop.py::_step": "jax.shard_map",
+    "experiments/recurrent_bn.py::shared_over_steps": 'variance="pooled"',
 }
 REFERENCE = re.compile(r"`((?:bnjax|experiments|benchmarks)/\w+\.py)::([\w.]+)`")
 LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")

@@ -7,9 +7,10 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-from bnjax.recurrent import LSTM, PAPER_SETTINGS, image_sequences, pixel_permutation, shared_over_steps
+from bnjax.recurrent import LSTM, PAPER_SETTINGS, image_sequences, pixel_permutation
 from bnjax.steps import model_of
 from bnjax.train import TrainConfig, create_train_state, train, train_step
 
@@ -192,6 +193,7 @@ def test_sequences_read_the_image_in_the_papers_orders():
 
 
 def test_shared_statistics_are_the_pooled_statistics_of_all_steps():
+    from experiments.recurrent_bn import shared_over_steps
     means = jnp.array([[0.0], [2.0]])
     variances = jnp.array([[1.0], [3.0]])
     shared = shared_over_steps({"bn_cell": {"mean": means, "var": variances}}, steps=2)["bn_cell"]
@@ -246,12 +248,8 @@ def test_rmsprop_with_clipping_trains_through_the_one_step():
     sgd = dataclasses.replace(config, optimizer="sgd", learning_rate=0.5, grad_clip_norm=1e-3)
     state = create_train_state(sgd, jax.random.key(0))
     stepped, _ = train_step(state, images, labels)
-    change = optax_global_norm(jax.tree_util.tree_map(jnp.subtract, stepped.params, state.params))
+    change = float(optax.global_norm(jax.tree_util.tree_map(jnp.subtract, stepped.params, state.params)))
     assert abs(change - 0.5 * 1e-3) < 1e-6
-
-
-def optax_global_norm(tree):
-    return float(jnp.sqrt(sum(jnp.sum(jnp.square(leaf)) for leaf in jax.tree_util.tree_leaves(tree))))
 
 
 def test_the_gradient_reaching_each_step_is_measured_through_the_hidden_offsets():
