@@ -13,9 +13,10 @@ The names and shapes are those of `flax.linen.BatchNorm`, so variables move
 between the two unchanged.
 
 The variants live beside them, so that one file shows every way BN's state
-moves (hence its ~330 lines): the running-average rules
-(`running_average_weights`), Batch Renormalization (`batch_renorm_train`)
-and frozen BN (`BatchNorm(frozen=True)`).
+moves (hence its ~370 lines): the running-average rules
+(`running_average_weights`), Batch Renormalization (`batch_renorm_train`),
+frozen BN (`BatchNorm(frozen=True)`) and ghost batches inside a device
+(`ghost_batch_statistics`).
 
 The feature axis is the last one (NHWC images, (batch, features) vectors), as in
 Keras (`axis=-1`) and Flax.
@@ -74,6 +75,24 @@ def batch_statistics(x, axis_name: str | None = None, two_pass_variance: bool = 
     return mean, var
 
 
+def ghost_batch_statistics(x, ghost_batch_size: int, two_pass_variance: bool = False):
+    """Mean and biased variance of each ghost batch: `x` (B, ..., features)
+    split along its first axis into B // ghost_batch_size groups of
+    consecutive examples. Returns two (groups, features) arrays.
+
+    Ghost batches (Hoffer et al., 2017) normalize each group by its own
+    statistics inside one device: the normalization batch size is
+    `ghost_batch_size` whatever the batch the optimizer steps with (Wu &
+    Johnson 2021, section 4, vary it the same way)."""
+    batch = x.shape[0]
+    if isinstance(ghost_batch_size, bool) or not isinstance(ghost_batch_size, int) or ghost_batch_size < 1 \
+            or batch % ghost_batch_size:
+        raise ValueError(f"ghost_batch_size must be a positive integer that divides the batch of {batch} examples, "
+                         f"got {ghost_batch_size!r}")
+    groups = x.reshape(batch // ghost_batch_size, ghost_batch_size, *x.shape[1:])
+    return jax.vmap(lambda group: batch_statistics(group, None, two_pass_variance))(groups)
+
+
 def normalize(x, mean, var, scale, bias, epsilon: float):
     """y = scale * (x - mean) / sqrt(var + epsilon) + bias, per feature."""
     inverse_std = jax.lax.rsqrt(var + epsilon)
@@ -123,6 +142,7 @@ def batch_norm_train(
     running_average: str = "ema",
     count=1,
     two_pass_variance: bool = False,
+    ghost_batch_size: int | None = None,
 ):
     """Train mode: normalize with this batch's statistics, update the running ones.
 
@@ -135,14 +155,32 @@ def batch_norm_train(
     `unbiased_running_var` the N / (N - 1)-corrected one (PyTorch).
     Gradients flow through the batch mean and variance (that is what makes BN
     more than a fixed rescaling); the running averages are not differentiated.
+
+    `ghost_batch_size`: each group of that many consecutive examples is
+    normalized with its own statistics (`ghost_batch_statistics`), and the
+    running averages take the mean over the groups (and over devices, with
+    `axis_name`) of the group means and group variances: what ghost BN over
+    devices records (bnjax/steps.py averages each device's update).
     """
     keep, take = running_average_weights(running_average, momentum, count)
-    mean, var = batch_statistics(x, axis_name, two_pass_variance)
-    y = normalize(x, mean, var, scale, bias, epsilon)
+    if ghost_batch_size is None:
+        mean, var = batch_statistics(x, axis_name, two_pass_variance)
+        y = normalize(x, mean, var, scale, bias, epsilon)
+    else:
+        group_mean, group_var = ghost_batch_statistics(x, ghost_batch_size, two_pass_variance)
+        groups = x.reshape(group_mean.shape[0], ghost_batch_size, *x.shape[1:])
+        per_group = (group_mean.shape[0],) + (1,) * (x.ndim - 1) + (x.shape[-1],)
+        y = normalize(groups, group_mean.reshape(per_group), group_var.reshape(per_group), scale, bias,
+                      epsilon).reshape(x.shape)
+        mean, var = group_mean.mean(axis=0), group_var.mean(axis=0)
+        if axis_name is not None:
+            mean, var = jax.lax.pmean((mean, var), axis_name)
     var_for_running = var
     if unbiased_running_var:
         values = x.size // x.shape[-1]  # values per feature in this (local) batch
-        if axis_name is not None:
+        if ghost_batch_size is not None:
+            values = values * ghost_batch_size // x.shape[0]  # ... in one ghost batch
+        if axis_name is not None and ghost_batch_size is None:
             values = values * jax.lax.psum(1, axis_name)
         var_for_running = var * (values / max(values - 1, 1))
     new_running_mean = keep * running_mean + take * jax.lax.stop_gradient(mean)
@@ -163,6 +201,9 @@ def _check_variant(module) -> None:
                          f"{' with unbiased_running_var' if module.unbiased_running_var else ''}")
     if module.renorm is not None and module.frozen:
         raise ValueError("frozen BN uses its running statistics, also in train mode: Batch Renorm does not apply")
+    if module.ghost_batch_size is not None and (module.renorm is not None or module.frozen):
+        raise ValueError(f"ghost_batch_size {module.ghost_batch_size!r} applies to plain BN only, not with "
+                         f"{'Batch Renorm' if module.renorm is not None else 'frozen BN'}")
 
 
 # ---------------------------------------------------------------- Batch Renormalization
@@ -282,6 +323,7 @@ class BatchNorm(nn.Module):
     two_pass_variance: bool = False  # batch_statistics: E[(x - E[x])^2] instead of E[x^2] - E[x]^2
     renorm: Renorm | None = None
     frozen: bool = False
+    ghost_batch_size: int | None = None  # train mode: groups of this many examples, each by its own statistics
 
     @nn.compact
     def __call__(self, x, *, train: bool):
@@ -329,6 +371,7 @@ class BatchNorm(nn.Module):
             running_average=self.running_average,
             count=1 if count is None else count.value + 1,
             two_pass_variance=self.two_pass_variance,
+            ghost_batch_size=self.ghost_batch_size,
         )
         # THE line where running statistics change. `init` only creates them
         # (as flax.linen.BatchNorm does), so a freshly initialized model starts

@@ -22,7 +22,7 @@ MODELS = ("convnet", "mlp", "lstm")
 # Fields model "lstm" takes at their defaults only (bnjax/recurrent.py: its own
 # initializers, per-step statistics without Renorm or frozen BN, one device's
 # statistics), and the fields of model "lstm" alone.
-NOT_FOR_LSTM = ("kernel_init", "bn_renorm", "bn_frozen", "ghost_bn")
+NOT_FOR_LSTM = ("kernel_init", "bn_renorm", "bn_frozen", "ghost_bn", "bn_ghost_batch_size")
 LSTM_ONLY = ("sequence", "lstm_hidden_size", "lstm_t_max", "lstm_bn_scale_init", "permutation_seed")
 EVAL_STATISTICS = ("running", "precise", "batch")  # bnjax/evaluation.py
 
@@ -70,6 +70,11 @@ class TrainConfig:
     # Frozen BN (fine-tuning): BN normalizes with its running statistics in
     # training too, never updates them, and its scale and bias get no gradient.
     bn_frozen: bool = False
+    # Ghost batches inside a device: in training every BN normalizes each group
+    # of this many consecutive examples of a device's batch by the group's own
+    # statistics (the normalization batch size; None: the whole batch).
+    # bnjax/batchnorm.py::ghost_batch_statistics.
+    bn_ghost_batch_size: int | None = None
     eval_every: int = 100  # steps between evaluations on the whole test set
     eval_batch_size: int = 1000
     # Each evaluation uses BN's running averages (val_accuracy); "precise" or
@@ -117,6 +122,8 @@ class TrainConfig:
                              f"not {self.bn_running_average!r}")
         if self.bn_renorm and self.bn_frozen:
             raise ValueError("bn_frozen uses the running statistics, also in training: bn_renorm does not apply")
+        if self.bn_ghost_batch_size is not None:
+            self._check_ghost_batch_size()
         if self.model != "convnet" and (self.bn_position != "before" or self.bn_use_bias):
             raise ValueError(f"bn_position and bn_use_bias apply to model 'convnet' only, not {self.model!r}")
         _check_choice("sequence", self.sequence, SEQUENCES)
@@ -157,6 +164,19 @@ class TrainConfig:
             value = getattr(self, name)
             if not _is_real(value) or not 0.0 <= value < 1.0:
                 raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+
+    def _check_ghost_batch_size(self) -> None:
+        size = self.bn_ghost_batch_size
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"bn_ghost_batch_size must be None or a positive integer, got {size!r}")
+        if self.batch_size % size:
+            raise ValueError(f"bn_ghost_batch_size {size} must divide batch_size {self.batch_size}")
+        if self.eval_statistics == "batch" and self.eval_batch_size % size:
+            raise ValueError(f"bn_ghost_batch_size {size} must divide eval_batch_size {self.eval_batch_size} "
+                             "(eval_statistics 'batch' evaluates test batches in train mode)")
+        if self.bn_renorm or self.bn_frozen:
+            raise ValueError(f"bn_ghost_batch_size applies to plain BN only, not with "
+                             f"{'bn_renorm' if self.bn_renorm else 'bn_frozen'}")
 
 
 def _is_real(value) -> bool:

@@ -7,7 +7,9 @@ three kinds of statistics (`TrainConfig.eval_statistics`):
             (bnjax/precise_bn.py) from `precise_bn_batches` training batches;
   batch     train mode on each test batch of `eval_batch_size`: every batch
             normalized by its own statistics (Haiku's `test_local_stats=True`,
-            Equinox's `mode="batch"`); the updated running averages are dropped.
+            Equinox's `mode="batch"`), or each ghost batch of it by its own
+            under `bn_ghost_batch_size`, as in training; the updated running
+            averages are dropped.
 
 "running" is always measured; the loop (bnjax/loop.py) records "precise" or
 "batch" beside it when the config asks (`precise_val_accuracy`, ...).

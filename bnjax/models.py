@@ -80,6 +80,7 @@ class ConvNet(nn.Module):
     bn_two_pass_variance: bool = False  # bnjax/batchnorm.py::batch_statistics
     bn_renorm: Renorm | None = None  # Batch Renormalization (bnjax/batchnorm.py::batch_renorm_train)
     bn_frozen: bool = False  # frozen BN: running statistics in train mode too, nothing learned or updated
+    bn_ghost_batch_size: int | None = None  # train mode: groups of this many examples, each by its own statistics
     # Ablations of the article's keypoints (experiments/ablations.py); the
     # defaults are the article's BN net.
     bn_position: str = "before"  # BN_POSITIONS; the output layer has no activation, so BN stays last there
@@ -106,6 +107,7 @@ class ConvNet(nn.Module):
                 two_pass_variance=self.bn_two_pass_variance,
                 renorm=self.bn_renorm,
                 frozen=self.bn_frozen,
+                ghost_batch_size=self.bn_ghost_batch_size,
             )
             if not hidden:
                 return batch_norm(x, train=train)
@@ -149,6 +151,7 @@ class MLP(nn.Module):
     bn_two_pass_variance: bool = False  # bnjax/batchnorm.py::batch_statistics
     bn_renorm: Renorm | None = None
     bn_frozen: bool = False
+    bn_ghost_batch_size: int | None = None
 
     @nn.compact
     def __call__(self, x, *, train: bool):
@@ -160,7 +163,8 @@ class MLP(nn.Module):
             if self.batch_norm:
                 x = BatchNorm(momentum=self.bn_momentum, epsilon=self.bn_epsilon, axis_name=self.bn_axis_name,
                               running_average=self.bn_running_average, two_pass_variance=self.bn_two_pass_variance,
-                              renorm=self.bn_renorm, frozen=self.bn_frozen)(x, train=train)
+                              renorm=self.bn_renorm, frozen=self.bn_frozen,
+                              ghost_batch_size=self.bn_ghost_batch_size)(x, train=train)
             # The input to this layer's nonlinearity, which the paper's figure 1(b, c) tracks.
             self.sow("intermediates", "sigmoid_input", x)
             x = activation(x)

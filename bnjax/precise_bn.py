@@ -43,9 +43,11 @@ def statistics_of_each_batch(model, variables, batches):
     `model` is a bnjax ConvNet or MLP; with BN momentum 0 its train-mode update
     of the running statistics is exactly the batch's statistics (on one device:
     a model built for a mesh averages over no axis here; a frozen BN thaws
-    here; under Batch Renorm the layers below keep their r and d corrections,
+    here; ghost batches are not split: these are the statistics of whole
+    batches, an estimate of the population's; under Batch Renorm the layers below keep their r and d corrections,
     as in training)."""
-    one_batch = model.clone(bn_momentum=0.0, bn_running_average="ema", bn_axis_name=None, bn_frozen=False)
+    one_batch = model.clone(bn_momentum=0.0, bn_running_average="ema", bn_axis_name=None, bn_frozen=False,
+                            bn_ghost_batch_size=None)
 
     def statistics_of(batch):
         _, updates = one_batch.apply(variables, batch, train=True, mutable=["batch_stats"])

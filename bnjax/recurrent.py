@@ -160,15 +160,18 @@ class LSTM(nn.Module):
     bn_two_pass_variance: bool = False
     bn_axis_name: str | None = None
     bn_running_average: str = "ema"  # RUNNING_AVERAGES (bnjax/batchnorm.py::running_average_weights)
-    # Frozen BN is not a variant of the per-step BN; a field so that precise
-    # BN and batch-statistics evaluation can clone any bnjax model the same way.
+    # Frozen BN and ghost batches are not variants of the per-step BN; fields so
+    # that precise BN and batch-statistics evaluation clone any bnjax model the same way.
     bn_frozen: bool = False
+    bn_ghost_batch_size: int | None = None
 
     @nn.compact
     def __call__(self, images, *, train: bool, hidden_offsets=None):
         check_running_average(self.bn_running_average)
         if self.bn_frozen:
             raise ValueError("the BN-LSTM has no frozen BN; bn_frozen False only")
+        if self.bn_ghost_batch_size is not None:
+            raise ValueError("the BN-LSTM has no ghost batches; bn_ghost_batch_size None only")
         activation = get_activation(self.activation)
         x = image_sequences(images, self.sequence, self.permutation_seed)  # (N, T, D)
         examples, steps, width = x.shape

@@ -60,6 +60,7 @@ def make_model(config: TrainConfig, num_devices: int = 1) -> ConvNet | MLP | LST
         bn_renorm=(Renorm(config.bn_renorm_r_max, config.bn_renorm_d_max, config.bn_renorm_momentum,
                           config.bn_renorm_warmup_steps) if config.bn_renorm else None),
         bn_frozen=config.bn_frozen,
+        bn_ghost_batch_size=config.bn_ghost_batch_size,
         bn_axis_name=bn_axis_name,
     )
     if config.model == "mlp":

@@ -1,0 +1,120 @@
+"""Ghost batches inside a device (`BatchNorm(ghost_batch_size=...)`,
+`TrainConfig(bn_ghost_batch_size=...)`): each group of consecutive examples is
+normalized as a BN over that group alone would normalize it, and the running
+averages take the mean of the groups' statistics."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bnjax.batchnorm import BatchNorm, Renorm
+from bnjax.precise_bn import recompute_batch_stats
+from bnjax.train import TrainConfig, create_train_state, train
+from conftest import make_dataset
+
+X = jax.random.normal(jax.random.key(1), (16, 5, 5, 3)) * 2.0 + 0.5
+
+
+def apply_train(module, x, variables=None):
+    variables = variables or module.init(jax.random.key(0), x, train=False)
+    variables = {"params": {"scale": jnp.arange(1.0, 4.0), "bias": jnp.asarray([0.1, -0.2, 0.3])},
+                 "batch_stats": variables["batch_stats"]}
+    y, updates = module.apply(variables, x, train=True, mutable=["batch_stats"])
+    return y, updates["batch_stats"], variables
+
+
+def test_each_group_is_normalized_by_its_own_statistics():
+    y, stats, _ = apply_train(BatchNorm(momentum=0.9, ghost_batch_size=4), X)
+    per_group = [apply_train(BatchNorm(momentum=0.9), X[first:first + 4]) for first in range(0, 16, 4)]
+    np.testing.assert_allclose(y, jnp.concatenate([group_y for group_y, _, _ in per_group]), rtol=1e-6, atol=1e-6)
+    # The running update is linear in the batch statistics: the mean of the groups' updates.
+    for name in ("mean", "var"):
+        np.testing.assert_allclose(stats[name], np.mean([group_stats[name] for _, group_stats, _ in per_group], 0),
+                                   rtol=1e-6, atol=1e-6)
+    whole_y, whole_stats, _ = apply_train(BatchNorm(momentum=0.9), X)
+    assert float(jnp.abs(y - whole_y).max()) > 0.05  # not the whole batch's normalization
+    assert float(jnp.abs(stats["var"] - whole_stats["var"]).max()) > 1e-3  # group variances are smaller
+
+
+def test_gradients_flow_within_each_group_only():
+    def loss(x, ghost):
+        y, _, _ = apply_train(BatchNorm(ghost_batch_size=ghost), x)
+        return jnp.sum(jnp.sin(y[:4]))  # depends on the first group's outputs only
+
+    grads = jax.grad(loss)(X, 4)
+    assert float(jnp.abs(grads[4:]).max()) == 0.0  # other groups' examples do not enter the first group's BN
+    assert float(jnp.abs(grads[:4]).max()) > 0.0
+    assert float(jnp.abs(jax.grad(loss)(X, None)[4:]).max()) > 0.0  # whole-batch BN: they do
+
+
+def test_one_group_of_the_whole_batch_is_plain_bn():
+    y, stats, _ = apply_train(BatchNorm(ghost_batch_size=16), X)
+    plain_y, plain_stats, _ = apply_train(BatchNorm(), X)
+    np.testing.assert_allclose(y, plain_y, rtol=1e-6, atol=1e-6)
+    for name in ("mean", "var"):
+        np.testing.assert_allclose(stats[name], plain_stats[name], rtol=1e-6, atol=1e-7)
+
+
+def test_eval_mode_ignores_ghost_batches():
+    _, _, variables = apply_train(BatchNorm(ghost_batch_size=4), X)
+    np.testing.assert_array_equal(BatchNorm(ghost_batch_size=4).apply(variables, X, train=False),
+                                  BatchNorm().apply(variables, X, train=False))
+
+
+@pytest.mark.parametrize("size, message", [
+    (5, "ghost_batch_size must be a positive integer that divides the batch of 16 examples, got 5"),
+    (0, "ghost_batch_size must be a positive integer that divides the batch of 16 examples, got 0"),
+])
+def test_a_size_that_does_not_divide_the_batch_is_refused(size, message):
+    with pytest.raises(ValueError) as error:
+        apply_train(BatchNorm(ghost_batch_size=size), X)
+    assert str(error.value) == message
+
+
+def test_variants_that_do_not_take_ghost_batches_are_refused():
+    with pytest.raises(ValueError, match="^ghost_batch_size 4 applies to plain BN only, not with Batch Renorm"):
+        apply_train(BatchNorm(ghost_batch_size=4, renorm=Renorm()), X)
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(bn_ghost_batch_size=5), "bn_ghost_batch_size 5 must divide batch_size 32"),
+    (dict(bn_ghost_batch_size=0), "bn_ghost_batch_size must be None or a positive integer, got 0"),
+    (dict(bn_ghost_batch_size=True), "bn_ghost_batch_size must be None or a positive integer, got True"),
+    (dict(bn_ghost_batch_size=16, eval_statistics="batch", eval_batch_size=1000),
+     "bn_ghost_batch_size 16 must divide eval_batch_size 1000 (eval_statistics 'batch' evaluates test batches in "
+     "train mode)"),
+    (dict(bn_ghost_batch_size=8, bn_renorm=True), "bn_ghost_batch_size applies to plain BN only, not with bn_renorm"),
+    (dict(bn_ghost_batch_size=8, model="lstm"), "model 'lstm' takes bn_ghost_batch_size=None only, got 8"),
+])
+def test_config_refuses_bad_ghost_batch_sizes_in_one_line(fields, message):
+    with pytest.raises(ValueError) as error:
+        TrainConfig(batch_norm=True, **fields)
+    assert str(error.value) == message
+
+
+@pytest.mark.slow
+def test_ghost_batches_reach_a_run_through_the_loop():
+    data = make_dataset(num_train=256, num_test=64)
+    base = TrainConfig(batch_norm=True, model="mlp", batch_size=16, max_steps=6, eval_every=3, eval_batch_size=32,
+                       eval_statistics="batch")
+    plain = train(base, data)[0]
+    whole = train(dataclasses.replace(base, bn_ghost_batch_size=16), data)[0]
+    ghost = train(dataclasses.replace(base, bn_ghost_batch_size=4), data)[0]
+    # One ghost batch of the whole batch is plain BN computed in another order (float32 round-off).
+    np.testing.assert_allclose(whole.train_loss, plain.train_loss, rtol=1e-5)
+    np.testing.assert_allclose(whole.batch_val_accuracy, plain.batch_val_accuracy, atol=1 / 64)
+    assert np.abs(np.array(ghost.train_loss) - np.array(plain.train_loss)).max() > 1e-3
+
+
+def test_precise_bn_estimates_whole_batches_whatever_the_ghost_batch_size():
+    data = make_dataset(num_train=256, num_test=64)
+    config = TrainConfig(batch_norm=True, model="mlp", batch_size=16)
+    state = create_train_state(config, jax.random.key(0))
+    ghost_state = create_train_state(dataclasses.replace(config, bn_ghost_batch_size=4), jax.random.key(0))
+    precise = recompute_batch_stats(state, data.x_train, batch_size=16, num_batches=8)
+    ghost_precise = recompute_batch_stats(ghost_state, data.x_train, batch_size=16, num_batches=8)
+    for a, b in zip(jax.tree_util.tree_leaves(precise), jax.tree_util.tree_leaves(ghost_precise)):
+        np.testing.assert_array_equal(a, b)
