@@ -10,9 +10,10 @@
 Each part trains the article's BN net through the sweep driver (resumable,
 seeds, worker processes), measures each finished run, and writes
 `results.json`, a figure and `summary.md` to `<out>/<part>/` (default
-outputs/rethinking_batch). Sized to 2 CPU cores (every part says how in its
-docstring, with the flag or constant that runs it in full); the wall time of
-each part is printed at its end and recorded in its summary.
+outputs/rethinking_batch). `--size cpu` (the default, the committed results)
+is sized to 2 CPU cores; `--size full` runs every part at the size it was cut
+down from (`SIZES`). The wall time of each part is printed at its end and
+recorded in its summary.
 """
 
 from __future__ import annotations
@@ -40,6 +41,27 @@ from experiments.eval_modes import batch_statistics_accuracy  # noqa: E402
 from experiments.results import load_results, run_resumable, save_figure  # noqa: E402
 from experiments.sweep import add_sweep_flags, run_sweep, sweep_strategy  # noqa: E402
 
+@dataclasses.dataclass(frozen=True)
+class Size:
+    rule_steps: int        # (a) steps per run (sigmoid, batch 32)
+    rule_eval_every: int
+    epochs: int            # (b), (e): epochs of the article's BN net
+    norm_batch: int        # (c) the batch the optimizer steps with
+    norm_steps: int
+    norm_sizes: tuple      # (c) normalization batch sizes
+    renorm_examples: int   # (d) training examples at each batch size
+
+
+SIZES = {
+    # 2 CPU cores: (a) a third of an epoch, (b) and (e) one epoch, (c) batch
+    # 256 for 2 epochs, (d) a third of an epoch.
+    "cpu": Size(rule_steps=600, rule_eval_every=50, epochs=1, norm_batch=256, norm_steps=468,
+                norm_sizes=(2, 4, 8, 16, 32, 64, 256), renorm_examples=20000),
+    # The article's 3 epochs, batch 1024 with normalization batches up to
+    # 1024 as in the paper's experiment, a whole epoch at batch 2, 4, 8.
+    "full": Size(rule_steps=5625, rule_eval_every=100, epochs=3, norm_batch=1024, norm_steps=174,
+                 norm_sizes=(2, 4, 8, 16, 32, 64, 128, 256, 512, 1024), renorm_examples=60000),
+}
 PRECISE_BATCHES = 200  # precise BN's batches of 32 (6400 training examples), as the article sweep's
 # Population statistics for tests at other batch sizes (parts c, d): 40 batches
 # of 256 (10,240 training examples) with the ghost batches taken out.
@@ -60,19 +82,16 @@ def mean_std(values) -> str:
 
 
 # ------------------------------------------------------------------ (a) rules
-# Sigmoid, where the running averages fail (outputs/article), 600 steps (a
-# third of an epoch), the test set every 50 steps. Train mode never reads the
+# Sigmoid, where the running averages fail (outputs/article); the test set
+# every 50 steps of a third of an epoch (SIZES). Train mode never reads the
 # running statistics, so for one lr and seed every rule and momentum trains the
 # same weights (the summary checks it on the losses): one run per lr and seed
 # also measures precise BN, whose curve is then every rule's reference.
-RULE_STEPS, RULE_EVAL_EVERY = 600, 50
-
-
-def rules_configs(seeds: int) -> list[TrainConfig]:
+def rules_configs(seeds: int, size: Size = SIZES["cpu"]) -> list[TrainConfig]:
     settings = ([(lr, rule, 0.99) for lr in (0.001, 0.01) for rule in RUNNING_AVERAGES]
                 + [(0.01, rule, momentum) for momentum in (0.9, 0.999) for rule in ("ema", "debiased_ema")])
     return [TrainConfig(batch_norm=True, activation="sigmoid", learning_rate=lr, bn_running_average=rule,
-                        bn_momentum=momentum, max_steps=RULE_STEPS, eval_every=RULE_EVAL_EVERY, seed=seed,
+                        bn_momentum=momentum, max_steps=size.rule_steps, eval_every=size.rule_eval_every, seed=seed,
                         eval_statistics="precise" if (rule, momentum) == ("ema", 0.99) else "running",
                         precise_bn_batches=PRECISE_BATCHES)
             for lr, rule, momentum in settings for seed in range(seeds)]
@@ -99,8 +118,9 @@ def summarize_rules(runs: list[dict], out: Path) -> str:
                if run["config"]["eval_statistics"] == "precise"}
     settings = sorted({(run["config"]["learning_rate"], rule_label(run["config"])) for run in runs},
                       key=lambda setting: (setting[0], setting[1]))
-    last = RULE_STEPS // 2 // RULE_EVAL_EVERY  # evaluations in the second half of the run
-    lines = [f"BN net, sigmoid, Adam, batch 32, {RULE_STEPS} steps, test set every {RULE_EVAL_EVERY} steps; "
+    steps_run, every = runs[0]["steps"][-1], runs[0]["config"]["eval_every"]
+    last = steps_run // 2 // every  # evaluations in the second half of the run
+    lines = [f"BN net, sigmoid, Adam, batch 32, {steps_run} steps, test set every {every} steps; "
              f"precise BN: {PRECISE_BATCHES} training batches of 32 for the current weights (measured in the "
              "'ema 0.99' runs; every rule trains the same weights). Swing: max - min over the second half's "
              f"{last} evaluations; gap: mean over all evaluations of precise - running; start-up: first step from "
@@ -151,13 +171,14 @@ def summarize_rules(runs: list[dict], out: Path) -> str:
 
 # ---------------------------------------------------------------- (b) samples
 # Precise BN from N training examples (N / 32 batches of 32, three draws each
-# but the whole set) for the final weights of one epoch of the article's BN net.
+# but the whole set) for the final weights of the article's BN net (SIZES: one epoch).
 SAMPLE_SIZES = (32, 128, 512, 2048, 8192, 32768, 60000)
 SAMPLE_DRAWS = 3
 
 
-def samples_configs(seeds: int) -> list[TrainConfig]:
-    return [TrainConfig(batch_norm=True, activation=activation, learning_rate=lr, epochs=1, eval_every=625, seed=seed)
+def samples_configs(seeds: int, size: Size = SIZES["cpu"]) -> list[TrainConfig]:
+    return [TrainConfig(batch_norm=True, activation=activation, learning_rate=lr, epochs=size.epochs, eval_every=625,
+                        seed=seed)
             for activation, lr in (("relu", 0.001), ("sigmoid", 0.01)) for seed in range(seeds)]
 
 
@@ -177,7 +198,7 @@ def measure_samples(config: TrainConfig, history, state, data) -> dict:
 
 
 def summarize_samples(runs: list[dict], out: Path) -> str:
-    lines = ["Final weights of one epoch (1875 steps) of the BN net, batch 32. Test accuracy with precise BN "
+    lines = [f"Final weights of {runs[0]['steps'][-1]} steps of the BN net, batch 32. Test accuracy with precise BN "
              f"statistics from N training examples (N/32 batches of 32; mean over seeds and {SAMPLE_DRAWS} draws, "
              "the whole set drawn once) against the running averages (EMA, momentum 0.99). Worst: the lowest "
              "single draw. Time: one re-estimation and test, compile included.", "",
@@ -212,35 +233,34 @@ def summarize_samples(runs: list[dict], out: Path) -> str:
 
 
 # ------------------------------------------------------------- (c) norm_batch
-# A batch of 256 (the paper's experiment varies the normalization batch inside
-# a larger batch the same way) for 2 epochs (468 steps), normalized in ghost
-# batches of NBS examples. Full size: NORM_BATCH = 1024 and 1024 in NBS_SIZES.
-NORM_BATCH, NORM_STEPS = 256, 468
-NBS_SIZES = (2, 4, 8, 16, 32, 64, 256)
+# The optimizer steps with a batch of 256 (SIZES; the paper's experiment
+# varies the normalization batch inside a larger batch the same way), every BN
+# normalizing ghost batches of NBS examples.
 GROUPED_EXAMPLES = 8192  # training examples (and test images, up to the test set) evaluated with batch statistics
 
 
-def norm_batch_configs(seeds: int) -> list[TrainConfig]:
-    return [TrainConfig(batch_norm=True, activation="relu", batch_size=NORM_BATCH, max_steps=NORM_STEPS,
-                        eval_every=NORM_STEPS // 4, bn_ghost_batch_size=None if size == NORM_BATCH else size, seed=seed)
-            for size in NBS_SIZES for seed in range(seeds)]
+def norm_batch_configs(seeds: int, size: Size = SIZES["cpu"]) -> list[TrainConfig]:
+    return [TrainConfig(batch_norm=True, activation="relu", batch_size=size.norm_batch, max_steps=size.norm_steps,
+                        eval_every=size.norm_steps // 4, seed=seed,
+                        bn_ghost_batch_size=None if nbs == size.norm_batch else nbs)
+            for nbs in size.norm_sizes for seed in range(seeds)]
 
 
 def normalization_batch(config) -> int:
-    size = config["bn_ghost_batch_size"] if isinstance(config, dict) else config.bn_ghost_batch_size
-    return NORM_BATCH if size is None else size
+    config = config if isinstance(config, dict) else dataclasses.asdict(config)
+    return config["batch_size"] if config["bn_ghost_batch_size"] is None else config["bn_ghost_batch_size"]
 
 
 def measure_norm_batch(config: TrainConfig, history, state, data) -> dict:
-    # Batch statistics: batches of NORM_BATCH through the model, which splits
+    # Batch statistics: batches of the training batch size through the model, which splits
     # them into its ghost batches exactly as in training.
     train_images, train_labels = jnp.asarray(data.x_train[:GROUPED_EXAMPLES]), jnp.asarray(data.y_train[:GROUPED_EXAMPLES])
     test_images, test_labels = jnp.asarray(data.x_test), jnp.asarray(data.y_test)
     population = recompute_batch_stats(state, data.x_train, POPULATION_BATCH, POPULATION_BATCHES)
     populated = state.replace(batch_stats=population)
     record = {
-        "train_batch_accuracy": float(batch_statistics_accuracy(state, train_images, train_labels, NORM_BATCH)),
-        "test_batch_accuracy": float(batch_statistics_accuracy(state, test_images, test_labels, NORM_BATCH)),
+        "train_batch_accuracy": float(batch_statistics_accuracy(state, train_images, train_labels, config.batch_size)),
+        "test_batch_accuracy": float(batch_statistics_accuracy(state, test_images, test_labels, config.batch_size)),
         "test_population_accuracy": evaluate(populated, data.x_test, data.y_test)["accuracy"],
         "train_population_accuracy": evaluate(populated, data.x_train[:GROUPED_EXAMPLES],
                                               data.y_train[:GROUPED_EXAMPLES])["accuracy"],
@@ -259,9 +279,10 @@ NORM_COLUMNS = (("train_batch_accuracy", "train set, batch statistics"),
 
 def summarize_norm_batch(runs: list[dict], out: Path) -> str:
     sizes = sorted({normalization_batch(run["config"]) for run in runs})
-    lines = [f"BN net, relu, Adam lr 0.001, batch {NORM_BATCH}, {NORM_STEPS} steps, every BN normalizing ghost batches "
+    batch, steps_run = runs[0]["config"]["batch_size"], runs[0]["steps"][-1]
+    lines = [f"BN net, relu, Adam lr 0.001, batch {batch}, {steps_run} steps, every BN normalizing ghost batches "
              f"of NBS examples. Batch statistics: train mode on {GROUPED_EXAMPLES} training examples / the test set "
-             f"in batches of {NORM_BATCH} split as in training; population statistics: precise BN from "
+             f"in batches of {batch} split as in training; population statistics: precise BN from "
              f"{POPULATION_BATCHES} training batches of {POPULATION_BATCH} (no ghost batches). Accuracy, mean ± std "
              "over seeds.", "",
              "| NBS | seeds | " + " | ".join(name for _, name in NORM_COLUMNS) + " |",
@@ -285,7 +306,7 @@ def summarize_norm_batch(runs: list[dict], out: Path) -> str:
     panel.set_ylabel("error (1 - accuracy)")
     panel.grid(alpha=0.3, which="both")
     panel.legend(fontsize=7)
-    panel.set_title(f"(c) Normalization batch size inside a batch of {NORM_BATCH} (mean ± std over seeds)", fontsize=9)
+    panel.set_title(f"(c) Normalization batch size inside a batch of {batch} (mean ± std over seeds)", fontsize=9)
     figure.tight_layout()
     save_figure(figure, out / "norm_batch.png", dpi=100)
     return "\n".join(lines)
@@ -293,16 +314,16 @@ def summarize_norm_batch(runs: list[dict], out: Path) -> str:
 
 # ----------------------------------------------------------------- (d) renorm
 # BN vs. Batch Renorm (r_max 3, d_max 5, both opened over RENORM_WARMUP steps)
-# at batch 2, 4, 8, over RENORM_EXAMPLES training examples (the batch-size
-# ablation's full size: RENORM_EXAMPLES = 60000).
+# at batch 2, 4, 8, over a third of an epoch (SIZES; the batch-size ablation
+# trains a whole one).
 RENORM_BATCH_SIZES = (2, 4, 8)
-RENORM_EXAMPLES, RENORM_WARMUP = 20000, 500
+RENORM_WARMUP = 500
 
 
-def renorm_configs(seeds: int) -> list[TrainConfig]:
+def renorm_configs(seeds: int, size: Size = SIZES["cpu"]) -> list[TrainConfig]:
     configs = []
     for batch_size in RENORM_BATCH_SIZES:
-        steps = RENORM_EXAMPLES // batch_size
+        steps = size.renorm_examples // batch_size
         for renorm in (False, True):
             configs += [TrainConfig(batch_norm=True, activation="relu", batch_size=batch_size, epochs=1,
                                     steps_per_epoch=steps, eval_every=steps // 8, bn_renorm=renorm,
@@ -319,7 +340,8 @@ def measure_renorm(config: TrainConfig, history, state, data) -> dict:
 
 
 def summarize_renorm(runs: list[dict], out: Path) -> str:
-    lines = [f"BN net, relu, Adam lr 0.001, {RENORM_EXAMPLES} training examples at each batch size (fixed order); "
+    examples = runs[0]["steps"][-1] * runs[0]["config"]["batch_size"]
+    lines = [f"BN net, relu, Adam lr 0.001, {examples} training examples at each batch size (fixed order); "
              f"Batch Renorm: r_max 3, d_max 5, opened over the first {RENORM_WARMUP} steps. Final test accuracy with "
              "the running averages (eval mode) and with population statistics (precise BN from "
              f"{POPULATION_BATCHES} batches of {POPULATION_BATCH}); training accuracy in train mode over the last "
@@ -355,7 +377,7 @@ def summarize_renorm(runs: list[dict], out: Path) -> str:
 
 
 # ------------------------------------------------------------------ (e) shift
-# One epoch of the article's BN net (relu, lr 0.001), tested on shifted copies
+# The article's BN net (relu, lr 0.001; SIZES: one epoch), tested on shifted copies
 # of the test set: its BN statistics from the training set vs. re-estimated on
 # the shifted images themselves (no labels used; every image is both).
 def shifted_test_sets(images):
@@ -372,8 +394,8 @@ def shifted_test_sets(images):
     }
 
 
-def shift_configs(seeds: int) -> list[TrainConfig]:
-    return [TrainConfig(batch_norm=True, activation="relu", epochs=1, eval_every=625, seed=seed)
+def shift_configs(seeds: int, size: Size = SIZES["cpu"]) -> list[TrainConfig]:
+    return [TrainConfig(batch_norm=True, activation="relu", epochs=size.epochs, eval_every=625, seed=seed)
             for seed in range(seeds)]
 
 
@@ -397,7 +419,7 @@ def summarize_shift(runs: list[dict], out: Path) -> str:
     names = list(runs[0]["shift_accuracy"])
     columns = (("running", "running averages"), ("train_population", "training set's statistics"),
                ("target_population", "re-estimated on the shifted images"))
-    lines = [f"BN net, relu, Adam lr 0.001, batch 32, one epoch; test accuracy on shifted copies of the test set "
+    lines = [f"BN net, relu, Adam lr 0.001, batch 32, {runs[0]['steps'][-1]} steps; test accuracy on shifted copies of the test set "
              f"(mean ± std over seeds). Statistics: the running averages; precise BN from {PRECISE_BATCHES} batches of "
              f"32 training images; precise BN from {PRECISE_BATCHES} batches of 32 of the shifted test images "
              "(labels unused).", "",
@@ -437,13 +459,13 @@ def run_part(part: str, args: argparse.Namespace) -> None:
     out = args.out / part
     configs = [config if args.max_steps is None else dataclasses.replace(
         config, max_steps=min(args.max_steps, config.max_steps or args.max_steps),
-        eval_every=min(config.eval_every, args.max_steps)) for config in make_configs(args.seeds)]
+        eval_every=min(config.eval_every, args.max_steps)) for config in make_configs(args.seeds, SIZES[args.size])]
     start = time.perf_counter()
     run_sweep(configs, out / "results.json", load_mnist, strategy=sweep_strategy(args), measure=measure, name=part)
     minutes = (time.perf_counter() - start) / 60
     table = summarize(load_results(out / "results.json")["runs"], out)
     command = f"python -m experiments.rethinking_batch {part} --seeds {args.seeds}" + (
-        f" --max-steps {args.max_steps}" if args.max_steps else "")
+        f" --max-steps {args.max_steps}" if args.max_steps else "") + (f" --size {args.size}" if args.size != "cpu" else "")
     with atomic_write(out / "summary.md", "w") as file:
         file.write(f"Made by `{command}` (this sitting: {minutes:.1f} min on {jax.device_count()} "
                    f"{jax.default_backend()} device(s)).\n\n{table}\n")
@@ -454,6 +476,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("part", choices=[*PARTS, "all"])
+    parser.add_argument("--size", choices=sorted(SIZES), default="cpu",
+                        help="cpu: sized to 2 CPU cores (the committed results); full: the sizes they were cut from")
     add_sweep_flags(parser, seeds=3, epochs=None, out="outputs/rethinking_batch")
     args = parser.parse_args(argv)
     for part in PARTS if args.part == "all" else [args.part]:

@@ -20,12 +20,17 @@ def test_every_part_trains_the_configs_its_question_needs():
     assert sorted(precise) == sorted((lr, seed) for lr in (0.001, 0.01) for seed in range(3))
     assert all(config.bn_running_average == "ema" and config.bn_momentum == 0.99 for config in rules
                if config.eval_statistics == "precise")
-    norm = study.norm_batch_configs(1)
-    assert [study.normalization_batch(config) for config in norm] == list(study.NBS_SIZES)
-    assert all(config.batch_size == study.NORM_BATCH for config in norm)
-    renorm = study.renorm_configs(1)
-    assert [(config.batch_size, config.bn_renorm, config.steps_per_epoch) for config in renorm] == [
-        (size, renorm, study.RENORM_EXAMPLES // size) for size in study.RENORM_BATCH_SIZES for renorm in (False, True)]
+    for size in study.SIZES.values():
+        norm = study.norm_batch_configs(1, size)
+        assert [study.normalization_batch(config) for config in norm] == list(size.norm_sizes)
+        assert all(config.batch_size == size.norm_batch for config in norm)
+        assert norm[-1].bn_ghost_batch_size is None and norm[0].bn_ghost_batch_size == 2
+        renorm = study.renorm_configs(1, size)
+        assert [(config.batch_size, config.bn_renorm, config.steps_per_epoch) for config in renorm] == [
+            (batch, renorm, size.renorm_examples // batch) for batch in study.RENORM_BATCH_SIZES
+            for renorm in (False, True)]
+        assert {config.epochs for config in study.samples_configs(1, size) + study.shift_configs(1, size)} == {
+            size.epochs}
     assert len(study.samples_configs(3)) == 6 and len(study.shift_configs(3)) == 3
 
 
@@ -55,7 +60,7 @@ def test_norm_batch_measurement_and_summary(tmp_path, monkeypatch):
     data = make_dataset(num_train=512, num_test=256)
     runs = []
     for size in (8, None):
-        config = TrainConfig(batch_norm=True, model="mlp", batch_size=study.NORM_BATCH, max_steps=2, eval_every=2,
+        config = TrainConfig(batch_norm=True, model="mlp", batch_size=256, max_steps=2, eval_every=2,
                              bn_ghost_batch_size=size)
         history, state = train(config, data)
         record = study.measure_norm_batch(config, history, state, data)
