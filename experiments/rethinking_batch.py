@@ -460,15 +460,20 @@ def run_part(part: str, args: argparse.Namespace) -> None:
     configs = [config if args.max_steps is None else dataclasses.replace(
         config, max_steps=min(args.max_steps, config.max_steps or args.max_steps),
         eval_every=min(config.eval_every, args.max_steps)) for config in make_configs(args.seeds, SIZES[args.size])]
+    saved_before = len(load_results(out / "results.json")["runs"])
     start = time.perf_counter()
-    run_sweep(configs, out / "results.json", load_mnist, strategy=sweep_strategy(args), measure=measure, name=part)
+    results = run_sweep(configs, out / "results.json", load_mnist, strategy=sweep_strategy(args), measure=measure,
+                        name=part)
     minutes = (time.perf_counter() - start) / 60
-    table = summarize(load_results(out / "results.json")["runs"], out)
+    table = summarize(results["runs"], out)
     command = f"python -m experiments.rethinking_batch {part} --seeds {args.seeds}" + (
         f" --max-steps {args.max_steps}" if args.max_steps else "") + (f" --size {args.size}" if args.size != "cpu" else "")
+    trained = len(results["runs"]) - saved_before
+    sitting = (f"this sitting trained {trained} of its runs in {minutes:.1f} min on {jax.device_count()} "
+               f"{jax.default_backend()} device(s)" if trained else "redrawn from results.json, nothing trained")
+    commit = results.get("environment", {}).get("bnjax_commit", "unknown")
     with atomic_write(out / "summary.md", "w") as file:
-        file.write(f"Made by `{command}` (this sitting: {minutes:.1f} min on {jax.device_count()} "
-                   f"{jax.default_backend()} device(s)).\n\n{table}\n")
+        file.write(f"Made by `{command}` (runs trained at bnjax commit {commit}; {sitting}).\n\n{table}\n")
     print(f"{part}: {minutes:.1f} min; wrote {out}/summary.md and its figure", flush=True)
 
 
