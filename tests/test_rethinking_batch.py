@@ -34,11 +34,11 @@ def test_every_part_trains_the_configs_its_question_needs():
     assert len(study.samples_configs(3)) == 6 and len(study.shift_configs(3)) == 3
 
 
-def test_startup_lag_is_the_first_step_from_which_running_stays_close():
+def test_startup_lag_is_the_first_step_at_which_running_comes_close():
     steps = [50, 100, 150, 200]
-    assert study.startup_lag(steps, [0.1, 0.90, 0.96, 0.97], [0.96, 0.96, 0.97, 0.97]) == 150
-    assert study.startup_lag(steps, [0.97, 0.97, 0.97, 0.97], [0.97, 0.97, 0.97, 0.97]) == 50
-    assert study.startup_lag(steps, [0.97, 0.97, 0.97, 0.5], [0.97, 0.97, 0.97, 0.97]) is None
+    assert study.startup_lag(steps, [0.1, 0.90, 0.93, 0.5], [0.96, 0.96, 0.97, 0.97]) == 150
+    assert study.startup_lag(steps, [0.97, 0.5, 0.97, 0.97], [0.97, 0.97, 0.97, 0.97]) == 50
+    assert study.startup_lag(steps, [0.1, 0.2, 0.3, 0.5], [0.97, 0.97, 0.97, 0.97]) is None
 
 
 def test_shifted_test_sets_are_deterministic_uint8_copies():
