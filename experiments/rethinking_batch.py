@@ -155,7 +155,7 @@ def summarize_rules(runs: list[dict], out: Path) -> str:
                    color="black", linestyle=":", linewidth=2, label="precise BN (same weights)")
         panel.set_xlabel("training step")
         panel.grid(alpha=0.3)
-        panel.legend(fontsize=7, loc="lower right")
+        panel.legend(fontsize=7, loc="lower right" if panel is not axes[2] else "center right")
     axes[0].set_title("lr 0.001: the three rules at momentum 0.99", fontsize=10)
     axes[1].set_title("lr 0.01: the three rules at momentum 0.99", fontsize=10)
     axes[2].set_title("lr 0.01: EMA and debiased EMA by momentum", fontsize=10)
