@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -119,3 +120,25 @@ def evaluate_runs_with(statistics: str, state: TrainState, images_uint8, labels,
     if statistics == "running":
         return evaluate_runs(state, images_uint8, labels, batch_size, mesh, chunk)
     raise ValueError(f"unknown eval_statistics {statistics!r}; allowed: {', '.join(EVAL_STATISTICS)}")
+
+
+@functools.partial(jax.jit, static_argnames="group_size")
+def batch_statistics_accuracy(state, images_uint8, labels, group_size: int):
+    """Test accuracy in train mode: the images are cut into groups of
+    `group_size` (a remainder is dropped), and each group is normalized with
+    its own statistics (each ghost batch of it by its own, under
+    `bn_ghost_batch_size`). The returned running averages are thrown away.
+    One run (no runs axis); experiments/eval_modes.py and rethinking_batch.py
+    test with it at batch sizes from 1 to the whole test set."""
+    if not 1 <= group_size <= labels.shape[0]:
+        raise ValueError(f"test batch size {group_size} must be in [1, {labels.shape[0]}], the test set's size")
+    n = labels.shape[0] // group_size * group_size
+    groups = to_float_images(images_uint8[:n]).reshape(-1, group_size, *images_uint8.shape[1:])
+
+    def logits_of(group):
+        logits, _ = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, group, train=True,
+                                   mutable=["batch_stats"])
+        return logits
+
+    logits = jax.lax.map(logits_of, groups, batch_size=max(1, 1000 // group_size))
+    return jnp.mean(jnp.argmax(logits.reshape(n, -1), -1) == labels[:n])

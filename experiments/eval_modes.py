@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import time
 from pathlib import Path
 
@@ -39,8 +38,9 @@ import numpy as np  # noqa: E402
 
 from bnjax.atomic import atomic_write  # noqa: E402
 from bnjax.data import load_mnist  # noqa: E402
+from bnjax.evaluation import batch_statistics_accuracy  # noqa: E402
 from bnjax.precise_bn import precise_statistics, sample_batches  # noqa: E402
-from bnjax.train import TrainConfig, evaluate, make_model, to_float_images  # noqa: E402
+from bnjax.train import TrainConfig, evaluate, make_model  # noqa: E402
 from experiments.results import load_results, run_resumable, save_figure  # noqa: E402
 from experiments.sweep import add_sweep_flags, run_sweep, sweep_strategy  # noqa: E402
 
@@ -55,28 +55,6 @@ def study_configs(seeds: int, epochs: int) -> list[TrainConfig]:
     return [TrainConfig(batch_norm=True, activation="sigmoid", learning_rate=learning_rate, bn_momentum=momentum,
                         epochs=epochs, seed=seed)
             for learning_rate, momentum in settings for seed in range(seeds)]
-
-
-def _variables(state, batch_stats=None):
-    return {"params": state.params, "batch_stats": state.batch_stats if batch_stats is None else batch_stats}
-
-
-@functools.partial(jax.jit, static_argnames="group_size")
-def batch_statistics_accuracy(state, images_uint8, labels, group_size: int):
-    """Test accuracy in train mode: the images are cut into groups of
-    `group_size` (a remainder is dropped), and each group is normalized with
-    its own statistics. The returned running averages are thrown away."""
-    if not 1 <= group_size <= labels.shape[0]:
-        raise ValueError(f"test batch size {group_size} must be in [1, {labels.shape[0]}], the test set's size")
-    n = labels.shape[0] // group_size * group_size
-    groups = to_float_images(images_uint8[:n]).reshape(-1, group_size, *images_uint8.shape[1:])
-
-    def logits_of(group):
-        logits, _ = state.apply_fn(_variables(state), group, train=True, mutable=["batch_stats"])
-        return logits
-
-    logits = jax.lax.map(logits_of, groups, batch_size=max(1, 1000 // group_size))
-    return jnp.mean(jnp.argmax(logits.reshape(n, -1), -1) == labels[:n])
 
 
 def lag_by_layer(running: dict, precise: dict, epsilon: float) -> dict[str, float]:

@@ -35,9 +35,9 @@ from scipy import ndimage  # noqa: E402  (a dependency of jax)
 from bnjax.atomic import atomic_write  # noqa: E402
 from bnjax.batchnorm import RUNNING_AVERAGES  # noqa: E402
 from bnjax.data import load_mnist  # noqa: E402
+from bnjax.evaluation import batch_statistics_accuracy  # noqa: E402
 from bnjax.precise_bn import recompute_batch_stats  # noqa: E402
 from bnjax.train import TrainConfig, evaluate  # noqa: E402
-from experiments.eval_modes import batch_statistics_accuracy  # noqa: E402
 from experiments.results import load_results, run_resumable, save_figure  # noqa: E402
 from experiments.sweep import add_sweep_flags, run_sweep, sweep_strategy  # noqa: E402
 
@@ -212,7 +212,7 @@ def summarize_samples(runs: list[dict], out: Path) -> str:
         lines.append(f"| {activation}, lr {lr:g} ({len(group)} seeds) | {mean_std(running)} | "
                      + " | ".join(f"{np.mean(values):.4f} (worst {np.min(values):.4f})" for values in by_size) + " |")
         seconds = [np.mean([run["precise_seconds_by_examples"][str(size)] for run in group]) for size in SAMPLE_SIZES]
-        lines.append(f"| time, s | | " + " | ".join(f"{value:.2f}" for value in seconds) + " |")
+        lines.append("| time, s | | " + " | ".join(f"{value:.2f}" for value in seconds) + " |")
         panel.plot(SAMPLE_SIZES, [np.mean(values) for values in by_size], color=color, marker="o",
                    label=f"{activation}, lr {lr:g}: precise BN (mean)")
         panel.fill_between(SAMPLE_SIZES, [np.min(values) for values in by_size], [np.max(values) for values in by_size],

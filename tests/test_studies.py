@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from bnjax import evaluation
 from bnjax.precise_bn import precise_statistics
 from bnjax.train import TrainConfig, create_train_state, make_model, to_float_images, train
 from conftest import make_dataset
@@ -37,18 +38,18 @@ def test_batch_statistics_accuracy_normalizes_each_group_by_itself(trained):
     for group_size in (64, 16):
         expected = np.concatenate([np.argmax(train_mode_logits(state, data.x_test[i:i + group_size]), -1)
                                    for i in range(0, 64, group_size)]) == data.y_test
-        got = eval_modes.batch_statistics_accuracy(state, images, labels, group_size)
+        got = evaluation.batch_statistics_accuracy(state, images, labels, group_size)
         assert float(got) == pytest.approx(expected.mean())
     # A batch of one: the output BN subtracts the example's own value, so every
     # example gets the same logits (BN's bias): one class for all.
     logits = jax.vmap(lambda image: train_mode_logits(state, image[None])[0])(jnp.asarray(data.x_test))
     np.testing.assert_allclose(logits, np.broadcast_to(state.params["BatchNorm_4"]["bias"], logits.shape), atol=1e-5)
     majority = max(np.mean(data.y_test == c) for c in range(10))
-    single = float(eval_modes.batch_statistics_accuracy(state, images, labels, 1))
+    single = float(evaluation.batch_statistics_accuracy(state, images, labels, 1))
     assert single == pytest.approx(np.mean(data.y_test == int(np.argmax(logits[0]))))
     assert single <= majority
     with pytest.raises(ValueError, match=r"test batch size 65 must be in \[1, 64\], the test set's size"):
-        eval_modes.batch_statistics_accuracy(state, images, labels, 65)
+        evaluation.batch_statistics_accuracy(state, images, labels, 65)
 
 
 def test_precise_statistics_are_the_mean_of_batch_statistics(trained):  # bnjax/precise_bn.py, on the article's CNN
