@@ -18,6 +18,7 @@ EXPECTED = {
     "bnjax/batchnorm.py::batch_norm_train": "momentum",
     "bnjax/batchnorm.py::running_average_weights": "(1.0 - momentum) / (1.0 - momentum**t)",
     "bnjax/batchnorm.py::batch_renorm_train": "jax.lax.stop_gradient(jnp.clip(std / stats[\"renorm_std\"], 1.0 / r_max, r_max))",
+    "bnjax/batchnorm.py::ghost_batch_statistics": "x.reshape(batch // ghost_batch_size, ghost_batch_size, *x.shape[1:])",
     "bnjax/precise_bn.py::recompute_batch_stats": "precise_statistics(",
     "bnjax/steps.py::train_step_body": 'mutable=["batch_stats"]',
     "bnjax/steps.py::_eval_totals": "train=False",
