@@ -329,6 +329,14 @@ def renorm_configs(seeds: int, size: Size = SIZES["cpu"]) -> list[TrainConfig]:
     return configs
 
 
+def last_full_interval_accuracy(run: dict) -> float:
+    """Training accuracy (train mode) over the last evaluation interval of
+    `eval_every` steps: a run's last interval can be a few steps long."""
+    steps, every = run["steps"], run["config"]["eval_every"]
+    short = len(steps) > 1 and steps[-1] - steps[-2] < every
+    return run["train_accuracy"][-2 if short else -1]
+
+
 def measure_renorm(config: TrainConfig, history, state, data) -> dict:
     record = {"test_population_accuracy": population_accuracy(state, data)}
     print(f"renorm {config.bn_renorm} batch {config.batch_size} seed {config.seed}: running "
@@ -341,7 +349,7 @@ def summarize_renorm(runs: list[dict], out: Path) -> str:
     lines = [f"BN net, relu, Adam lr 0.001, {examples} training examples at each batch size (fixed order); "
              f"Batch Renorm: r_max 3, d_max 5, opened over the first {RENORM_WARMUP} steps. Final test accuracy with "
              "the running averages (eval mode) and with population statistics (precise BN from "
-             f"{POPULATION_BATCHES} batches of {POPULATION_BATCH}); training accuracy in train mode over the last "
+             f"{POPULATION_BATCHES} batches of {POPULATION_BATCH}); training accuracy in train mode over the last full "
              "evaluation interval. Mean ± std over seeds.", "",
              "| batch | steps | net | seeds | running | population | training (train mode) |", "|---" * 7 + "|"]
     figure, axes = plt.subplots(1, len(RENORM_BATCH_SIZES), figsize=(13, 3.8), sharey=True)
@@ -361,7 +369,7 @@ def summarize_renorm(runs: list[dict], out: Path) -> str:
             lines.append(f"| {batch_size} | {steps[-1]} | {name} | {len(group)} | "
                          f"{mean_std([run['val_accuracy'][-1] for run in group])} | "
                          f"{mean_std([run['test_population_accuracy'] for run in group])} | "
-                         f"{mean_std([run['train_accuracy'][-1] for run in group])} |")
+                         f"{mean_std([last_full_interval_accuracy(run) for run in group])} |")
         panel.set_title(f"batch {batch_size}", fontsize=10)
         panel.set_xlabel("training step")
         panel.grid(alpha=0.3)

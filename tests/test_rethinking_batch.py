@@ -41,6 +41,13 @@ def test_startup_lag_is_the_first_step_at_which_running_comes_close():
     assert study.startup_lag(steps, [0.1, 0.2, 0.3, 0.5], [0.97, 0.97, 0.97, 0.97]) is None
 
 
+def test_training_accuracy_comes_from_the_last_full_evaluation_interval():
+    run = {"steps": [312, 624, 626], "config": {"eval_every": 312}, "train_accuracy": [0.9, 0.95, 1.0]}
+    assert study.last_full_interval_accuracy(run) == 0.95  # the last 2 steps are not an interval's worth
+    run = {"steps": [312, 624], "config": {"eval_every": 312}, "train_accuracy": [0.9, 0.95]}
+    assert study.last_full_interval_accuracy(run) == 0.95
+
+
 def test_shifted_test_sets_are_deterministic_uint8_copies():
     images = make_dataset(num_train=32, num_test=16).x_test
     first, second = study.shifted_test_sets(images), study.shifted_test_sets(images)
