@@ -13,7 +13,7 @@ The names and shapes are those of `flax.linen.BatchNorm`, so variables move
 between the two unchanged.
 
 The variants live beside them, so that one file shows every way BN's state
-moves (hence its ~370 lines): the running-average rules
+moves (hence its ~380 lines): the running-average rules
 (`running_average_weights`), Batch Renormalization (`batch_renorm_train`),
 frozen BN (`BatchNorm(frozen=True)`) and ghost batches inside a device
 (`ghost_batch_statistics`).
@@ -83,7 +83,7 @@ def ghost_batch_statistics(x, ghost_batch_size: int, two_pass_variance: bool = F
     Ghost batches (Hoffer et al., 2017) normalize each group by its own
     statistics inside one device: the normalization batch size is
     `ghost_batch_size` whatever the batch the optimizer steps with (Wu &
-    Johnson 2021, section 4, vary it the same way)."""
+    Johnson 2021 study this normalization batch size from 2 to 1024)."""
     batch = x.shape[0]
     if isinstance(ghost_batch_size, bool) or not isinstance(ghost_batch_size, int) or ghost_batch_size < 1 \
             or batch % ghost_batch_size:

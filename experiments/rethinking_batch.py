@@ -58,7 +58,7 @@ SIZES = {
     "cpu": Size(rule_steps=600, rule_eval_every=50, epochs=1, norm_batch=256, norm_steps=468,
                 norm_sizes=(2, 4, 8, 16, 32, 64, 256), renorm_examples=20000),
     # The article's 3 epochs, batch 1024 with normalization batches up to
-    # 1024 as in the paper's experiment, a whole epoch at batch 2, 4, 8.
+    # 1024 (the paper's range of NBS), a whole epoch at batch 2, 4, 8.
     "full": Size(rule_steps=5625, rule_eval_every=100, epochs=3, norm_batch=1024, norm_steps=174,
                  norm_sizes=(2, 4, 8, 16, 32, 64, 128, 256, 512, 1024), renorm_examples=60000),
 }
@@ -230,9 +230,8 @@ def summarize_samples(runs: list[dict], out: Path) -> str:
 
 
 # ------------------------------------------------------------- (c) norm_batch
-# The optimizer steps with a batch of 256 (SIZES; the paper's experiment
-# varies the normalization batch inside a larger batch the same way), every BN
-# normalizing ghost batches of NBS examples.
+# The optimizer steps with a batch of 256 (SIZES), every BN normalizing ghost
+# batches of NBS examples (the paper studies NBS from 2 to 1024).
 GROUPED_EXAMPLES = 8192  # training examples (and test images, up to the test set) evaluated with batch statistics
 
 
