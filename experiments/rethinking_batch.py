@@ -328,12 +328,17 @@ def renorm_configs(seeds: int, size: Size = SIZES["cpu"]) -> list[TrainConfig]:
     return configs
 
 
+def full_intervals(run: dict) -> int:
+    """How many of a run's evaluations close an interval of `eval_every`
+    steps: all, or all but a last one a few steps long."""
+    steps, every = run["steps"], run["config"]["eval_every"]
+    return len(steps) - (len(steps) > 1 and steps[-1] - steps[-2] < every)
+
+
 def last_full_interval_accuracy(run: dict) -> float:
     """Training accuracy (train mode) over the last evaluation interval of
-    `eval_every` steps: a run's last interval can be a few steps long."""
-    steps, every = run["steps"], run["config"]["eval_every"]
-    short = len(steps) > 1 and steps[-1] - steps[-2] < every
-    return run["train_accuracy"][-2 if short else -1]
+    `eval_every` steps."""
+    return run["train_accuracy"][full_intervals(run) - 1]
 
 
 def measure_renorm(config: TrainConfig, history, state, data) -> dict:
@@ -363,8 +368,9 @@ def summarize_renorm(runs: list[dict], out: Path) -> str:
             curves = np.array([run["val_accuracy"] for run in group])
             panel.plot(steps, curves.mean(0), color=color, label=f"{name}: test (running averages)")
             panel.fill_between(steps, curves.min(0), curves.max(0), color=color, alpha=0.2, linewidth=0)
-            panel.plot(steps, np.mean([run["train_accuracy"] for run in group], 0), color=color, linestyle="--",
-                       linewidth=1, label=f"{name}: training (train mode)")
+            full = full_intervals(group[0])
+            panel.plot(steps[:full], np.mean([run["train_accuracy"][:full] for run in group], 0), color=color,
+                       linestyle="--", linewidth=1, label=f"{name}: training (train mode, whole intervals)")
             lines.append(f"| {batch_size} | {steps[-1]} | {name} | {len(group)} | "
                          f"{mean_std([run['val_accuracy'][-1] for run in group])} | "
                          f"{mean_std([run['test_population_accuracy'] for run in group])} | "
