@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 from bnjax.atomic import atomic_write  # noqa: E402
 from bnjax.data import load_mnist  # noqa: E402
 from bnjax.train import TrainConfig, cross_entropy_loss, to_float_images  # noqa: E402
-from experiments.results import run_resumable, save_figure  # noqa: E402
+from experiments.results import last_full_interval, run_resumable, save_figure  # noqa: E402
 from experiments.sweep import add_sweep_flags, positive_int, run_sweep, sweep_strategy  # noqa: E402
 
 ACTIVATIONS = ("sigmoid", "tanh", "relu", "elu")
@@ -225,14 +225,6 @@ def summarize_lr_grid(runs: list[dict], out: Path) -> str:
         lines.append(f"| {activation} | " + " | ".join(f"{grids[False][i, j]:.3f} / {grids[True][i, j]:.3f}"
                                                      for j in range(len(learning_rates))) + " |")
     return "\n".join(lines)
-
-
-def last_full_interval(run: dict, key: str) -> float:
-    """`key` over the last evaluation interval of a full `eval_every` steps (the
-    final interval may be a short remainder)."""
-    steps = [0] + run["steps"]
-    full = [i for i in range(1, len(steps)) if steps[i] - steps[i - 1] == run["config"]["eval_every"]]
-    return run[key][full[-1] - 1]
 
 
 def summarize_batch_size(runs: list[dict], out: Path) -> str:

@@ -56,6 +56,19 @@ def add_run(path: Path, results: dict, config: TrainConfig, history, extra: dict
     save_results(path, results)
 
 
+def last_full_interval_index(run: dict) -> int:
+    """The index of a saved run's last evaluation that closes a full interval
+    of `eval_every` steps (the final interval may be a short remainder)."""
+    steps = [0] + run["steps"]
+    full = [i for i in range(1, len(steps)) if steps[i] - steps[i - 1] == run["config"]["eval_every"]]
+    return full[-1] - 1
+
+
+def last_full_interval(run: dict, key: str) -> float:
+    """`key` (e.g. "train_accuracy") over the last full evaluation interval."""
+    return run[key][last_full_interval_index(run)]
+
+
 def run_resumable(main) -> None:
     """Run a study's `main()` from the command line: an interrupt or a data
     error ends it with one line (its finished runs are already saved)."""

@@ -38,7 +38,8 @@ from bnjax.data import load_mnist  # noqa: E402
 from bnjax.evaluation import batch_statistics_accuracy  # noqa: E402
 from bnjax.precise_bn import recompute_batch_stats  # noqa: E402
 from bnjax.train import TrainConfig, evaluate  # noqa: E402
-from experiments.results import load_results, run_resumable, save_figure  # noqa: E402
+from experiments.results import (  # noqa: E402
+    last_full_interval, last_full_interval_index, load_results, run_resumable, save_figure)
 from experiments.sweep import add_sweep_flags, run_sweep, sweep_strategy  # noqa: E402
 
 @dataclasses.dataclass(frozen=True)
@@ -328,19 +329,6 @@ def renorm_configs(seeds: int, size: Size = SIZES["cpu"]) -> list[TrainConfig]:
     return configs
 
 
-def full_intervals(run: dict) -> int:
-    """How many of a run's evaluations close an interval of `eval_every`
-    steps: all, or all but a last one a few steps long."""
-    steps, every = run["steps"], run["config"]["eval_every"]
-    return len(steps) - (len(steps) > 1 and steps[-1] - steps[-2] < every)
-
-
-def last_full_interval_accuracy(run: dict) -> float:
-    """Training accuracy (train mode) over the last evaluation interval of
-    `eval_every` steps."""
-    return run["train_accuracy"][full_intervals(run) - 1]
-
-
 def measure_renorm(config: TrainConfig, history, state, data) -> dict:
     record = {"test_population_accuracy": population_accuracy(state, data)}
     print(f"renorm {config.bn_renorm} batch {config.batch_size} seed {config.seed}: running "
@@ -368,13 +356,13 @@ def summarize_renorm(runs: list[dict], out: Path) -> str:
             curves = np.array([run["val_accuracy"] for run in group])
             panel.plot(steps, curves.mean(0), color=color, label=f"{name}: test (running averages)")
             panel.fill_between(steps, curves.min(0), curves.max(0), color=color, alpha=0.2, linewidth=0)
-            full = full_intervals(group[0])
+            full = last_full_interval_index(group[0]) + 1
             panel.plot(steps[:full], np.mean([run["train_accuracy"][:full] for run in group], 0), color=color,
                        linestyle="--", linewidth=1, label=f"{name}: training (train mode, whole intervals)")
             lines.append(f"| {batch_size} | {steps[-1]} | {name} | {len(group)} | "
                          f"{mean_std([run['val_accuracy'][-1] for run in group])} | "
                          f"{mean_std([run['test_population_accuracy'] for run in group])} | "
-                         f"{mean_std([last_full_interval_accuracy(run) for run in group])} |")
+                         f"{mean_std([last_full_interval(run, 'train_accuracy') for run in group])} |")
         panel.set_title(f"batch {batch_size}", fontsize=10)
         panel.set_xlabel("training step")
         panel.grid(alpha=0.3)

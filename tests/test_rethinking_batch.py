@@ -10,6 +10,7 @@ import pytest
 from bnjax.train import TrainConfig, train
 from conftest import make_dataset
 from experiments import rethinking_batch as study
+from experiments.results import last_full_interval, last_full_interval_index
 
 
 def test_every_part_trains_the_configs_its_question_needs():
@@ -42,10 +43,12 @@ def test_startup_lag_is_the_first_step_at_which_running_comes_close():
 
 
 def test_training_accuracy_comes_from_the_last_full_evaluation_interval():
+    # experiments/results.py, shared with the batch-size ablation
     run = {"steps": [312, 624, 626], "config": {"eval_every": 312}, "train_accuracy": [0.9, 0.95, 1.0]}
-    assert study.last_full_interval_accuracy(run) == 0.95  # the last 2 steps are not an interval's worth
+    assert last_full_interval(run, "train_accuracy") == 0.95  # the last 2 steps are not an interval's worth
+    assert last_full_interval_index(run) == 1
     run = {"steps": [312, 624], "config": {"eval_every": 312}, "train_accuracy": [0.9, 0.95]}
-    assert study.last_full_interval_accuracy(run) == 0.95
+    assert last_full_interval(run, "train_accuracy") == 0.95 and last_full_interval_index(run) == 1
 
 
 def test_shifted_test_sets_are_deterministic_uint8_copies():
