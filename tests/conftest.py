@@ -16,9 +16,14 @@ import pytest
 # ~3). The cache starts empty in every run and is removed at its end; a
 # loaded program is the same XLA executable, so no number changes. A
 # JAX_COMPILATION_CACHE_DIR set by the user is used as it is and kept.
+# Every program is cached, not only those that compiled for over a second
+# (JAX's default): a model's first initialization runs ~100 small programs
+# one operation each (~10 CPU-s to compile for the CNN, ~1.3 to load), paid
+# once by each process: two test workers and every process a test starts.
 _OWN_COMPILATION_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
 if _OWN_COMPILATION_CACHE:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="bnjax-tests-jax-cache-")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 from bnjax.data import Dataset, load_mnist  # noqa: E402  (after the cache is chosen: it may import JAX)
 

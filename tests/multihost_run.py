@@ -15,7 +15,8 @@ from bnjax.train import TrainConfig, train  # noqa: E402
 from conftest import make_dataset  # noqa: E402
 
 assert jax.device_count() == 2 and jax.local_device_count() == 1, (jax.device_count(), jax.local_device_count())
-config = TrainConfig(batch_norm=True, activation="relu", batch_size=32, epochs=1, eval_every=4, eval_batch_size=64)
+config = TrainConfig(model="mlp", batch_norm=True, activation="relu", batch_size=32, epochs=1, eval_every=4,
+                     eval_batch_size=64)
 history, _ = train(config, make_dataset(num_train=512, num_test=128), checkpoint_path=checkpoint.format(process=process_id))
 print(json.dumps({"process": process_id, **history.to_dict()}))
 jax.distributed.shutdown()
