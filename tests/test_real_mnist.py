@@ -1,5 +1,9 @@
-"""End to end on real MNIST through the public API: a short run clearly learns,
-and the article sweep writes complete, resumable results."""
+"""End to end on real MNIST through the public API: the article sweep writes
+complete, resumable results. That a short run of the article's BN net clearly
+learns MNIST (test accuracy > 0.9 with the running averages after 600 steps;
+not fewer: with momentum 0.99 the first BN's running variance still carries
+its start of 1 at step 300, where eval mode scores ~0.16) is asserted by the
+BN state tour notebook, which trains that run (tests/test_notebooks.py)."""
 
 import json
 import shutil
@@ -7,21 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bnjax.train import TrainConfig, train
 from experiments import article
-
-
-@pytest.mark.slow
-def test_short_bn_run_learns_mnist(mnist):
-    # Not fewer steps: the first BN's running variance starts at 1 while its
-    # inputs' variance is ~0.003, and with momentum 0.99 that start still
-    # dominates (0.99**300 = 0.05) at step 300, where eval-mode accuracy is
-    # ~0.16 although batch-statistics accuracy is ~0.96 (a real BN effect).
-    config = TrainConfig(batch_norm=True, activation="relu", learning_rate=0.001, max_steps=800, eval_every=400)
-    history, _ = train(config, mnist)
-    assert history.steps == [400, 800]
-    assert history.val_accuracy[-1] >= 0.95, history.val_accuracy  # chance is 0.10
-    assert history.train_loss[-1] < history.train_loss[0]
 
 
 @pytest.mark.slow
