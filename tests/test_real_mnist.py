@@ -20,7 +20,10 @@ def test_article_sweep_smoke_writes_results_and_resumes(tmp_path, mnist, monkeyp
     # One run at a time in this process: two worker processes would each start
     # JAX and compile every model afresh (124 vs. 71 CPU-s for this test);
     # tests/test_engine.py and tests/test_sweep.py cover the worker processes.
-    argv = ["--seeds", "1", "--max-steps", "20", "--parallel-runs", "1", "--out", str(tmp_path)]
+    # Without the precise-BN curves (12 of this test's 55 s): the Colab
+    # notebook's smoke run (tests/test_notebooks.py) runs the sweep as it
+    # comes, precise BN included.
+    argv = ["--seeds", "1", "--max-steps", "20", "--parallel-runs", "1", "--no-precise-bn", "--out", str(tmp_path)]
     article.main(argv)
     results = json.loads((tmp_path / "results.json").read_text())
     assert len(results["runs"]) == 6  # 3 (lr, activation) pairs x plain/BN x 1 seed
@@ -41,7 +44,7 @@ def test_article_sweep_smoke_writes_results_and_resumes(tmp_path, mnist, monkeyp
     assert "6 already in" in output and "0 to train" in output
     assert "Nothing was trained" in output and "This machine differs" not in output  # made right here
     assert "| 0.01 | sigmoid |" in output  # the summary table, shown
-    assert "python -m experiments.article --seeds 1 --max-steps 20 --out runs/article" in output
+    assert "python -m experiments.article --seeds 1 --max-steps 20 --no-precise-bn --out runs/article" in output
     assert {path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in tmp_path.iterdir()} == written
 
 
