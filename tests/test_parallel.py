@@ -90,14 +90,17 @@ def test_every_bn_of_the_cnn_averages_over_the_devices():
         return sharded, whole, alone
 
     (logits, updates), (whole_logits, whole_updates), (alone_logits, _) = train_mode(images)
-    np.testing.assert_allclose(logits.reshape(32, 10), whole_logits, atol=1e-5)
+    # Sums over the devices in another order: measured logits within 6.6e-6
+    # (jax 0.10.2) and 2.5e-5 (0.7.1, the floor), running-statistics updates
+    # within 1.2e-7 (the means' updates, 0.01 x the batch means, can be as small as 1e-5).
+    np.testing.assert_allclose(logits.reshape(32, 10), whole_logits, atol=1e-4)
     for layer in (f"BatchNorm_{i}" for i in range(5)):
         for name in ("mean", "var"):
             for device in range(4):  # every device records the global batch's statistics
                 np.testing.assert_allclose(updates["batch_stats"][layer][name][device],
-                                           whole_updates["batch_stats"][layer][name], rtol=1e-5, atol=1e-7)
-    # Normalized by its own 8 images, a device's logits differ: the check can fail.
-    assert not np.allclose(alone_logits, whole_logits[:8], atol=1e-3)
+                                           whole_updates["batch_stats"][layer][name], rtol=1e-5, atol=5e-7)
+    # Normalized by its own 8 images, a device's logits differ (by 1.7): the check can fail.
+    assert not np.allclose(alone_logits, whole_logits[:8], atol=1e-2)
 
 
 @pytest.mark.slow
