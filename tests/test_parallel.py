@@ -70,6 +70,7 @@ def test_synced_bn_on_1_2_and_8_devices_trains_the_same_model(histories):
     assert_same_curves(histories["plain_8"], histories["plain_1"], "plain")
 
 
+@pytest.mark.slow
 def test_every_bn_of_the_cnn_averages_over_the_devices():
     # The article's CNN, whose BN statistics span batch and spatial axes, as
     # make_model builds it for 4 devices; a vmap named DATA_AXIS stands in for
