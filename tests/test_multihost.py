@@ -17,9 +17,10 @@ from conftest import make_dataset
 TESTS = Path(__file__).resolve().parent
 # As for simulated devices (tests/test_parallel.py): float32 sums in another
 # order, grown by 16 Adam steps of a BN net. Measured on the BN paper's MLP
-# (the model here; BN over spatial axes on a mesh is tests/test_parallel.py's
-# CNN pair): losses within 5e-7 with jaxlib 0.10.2; earlier, on the article's
-# CNN, within 1e-4 with jaxlib 0.10 and 1.0e-3 with jaxlib 0.7.1 (the floor).
+# (the model here; that the CNN's BN averages batch and spatial axes over the
+# devices is tests/test_parallel.py's in-process check): losses within 5e-7
+# with jaxlib 0.10.2; earlier, on the article's CNN, within 1e-4 with jaxlib
+# 0.10 and 1.0e-3 with jaxlib 0.7.1 (the floor).
 # Normalizing each device's part of the batch by itself (ghost BN) moved the
 # MLP's losses by 0.53 over 8 simulated devices (tests/test_parallel.py).
 LOSS_TOLERANCE = 5e-3
