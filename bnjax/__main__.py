@@ -19,6 +19,7 @@ import dataclasses
 import typing
 
 from bnjax.atomic import write_json
+from bnjax.compilation_cache import use_persistent_cache
 from bnjax.data import DATASETS, SOURCES, DataError, load_dataset
 from bnjax.provenance import environment
 from bnjax.train import TrainConfig, train
@@ -98,6 +99,7 @@ def main(argv=None) -> None:
     except (DataError, ValueError) as error:
         parser.exit(1, f"error: {error}\n")
 
+    use_persistent_cache()
     other = f"{config.eval_statistics}_val_accuracy"  # with eval_statistics "precise" or "batch"
 
     def show(config, step, total_steps, record):

@@ -31,37 +31,69 @@ from bnjax.steps import DATA_AXIS, TrainState, eval_step, logits_totals, model_o
 
 # ---------------------------------------------------------------- running averages
 
-@functools.partial(jax.jit, static_argnames=("chunk",))
 def _eval_runs(state, images, labels, chunk):
     return for_each_run(functools.partial(eval_step, chunk=chunk), state, images, labels)
+
+
+_eval_runs_jitted = jax.jit(_eval_runs, static_argnames="chunk")
+
+
+def _totals_over_set(totals_of, images_uint8, labels, batch_size: int):
+    """Summed totals of every run over a whole set, inside one program: the
+    full batches of `batch_size` in a `lax.scan` that adds each batch's
+    `totals_of(float_images, labels)` in order, then the smaller last batch
+    if any (the order in which a loop over the batches would add them)."""
+    def batch_totals(batch):
+        images, batch_labels = batch
+        return totals_of(to_float_images(images), batch_labels)
+
+    num_full = labels.shape[0] // batch_size
+    full = num_full * batch_size
+    totals = None
+    if num_full:
+        batches = (images_uint8[:full].reshape(num_full, batch_size, *images_uint8.shape[1:]),
+                   labels[:full].reshape(num_full, batch_size))
+        one_batch = jax.eval_shape(batch_totals, jax.tree_util.tree_map(lambda x: x[0], batches))
+        zeros = jax.tree_util.tree_map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), one_batch)
+        totals, _ = jax.lax.scan(
+            lambda sums, batch: (jax.tree_util.tree_map(jnp.add, sums, batch_totals(batch)), None), zeros, batches)
+    if full < labels.shape[0]:
+        last = batch_totals((images_uint8[full:], labels[full:]))
+        totals = last if totals is None else jax.tree_util.tree_map(jnp.add, totals, last)
+    return totals
+
+
+@functools.partial(jax.jit, static_argnames=("batch_size", "chunk"))
+def _running_totals(state, images_uint8, labels, batch_size, chunk):
+    return _totals_over_set(functools.partial(_eval_runs, state, chunk=chunk), images_uint8, labels, batch_size)
+
+
+def _means(totals, num_examples: int) -> dict[str, np.ndarray]:
+    return {"loss": np.asarray(totals["loss_sum"], np.float64) / num_examples,
+            "accuracy": np.asarray(totals["correct"], np.float64) / num_examples}
 
 
 def evaluate_runs(state: TrainState, images_uint8, labels, batch_size: int = 1000, mesh=None,
                   chunk: int | None = None) -> dict[str, np.ndarray]:
     """Mean loss and accuracy of every run of a stacked `state` over a whole
-    (device-resident) set, in eval mode, as arrays of R values. With a `mesh`,
-    each batch is split over its devices (eval is per example, so no
-    statistics cross devices); `chunk`: see `eval_step` (one device only)."""
-    split = NamedSharding(mesh, P(DATA_AXIS)) if mesh is not None and mesh.size > 1 else None
-
-    def totals_of(images, batch_labels):
-        if split is not None and len(batch_labels) % mesh.size == 0:
-            return _eval_runs(state, *jax.device_put((images, batch_labels), split), chunk=None)
-        return _eval_runs(state, images, batch_labels, chunk=chunk)
-
-    return _mean_over_set(totals_of, images_uint8, labels, batch_size)
-
-
-def _mean_over_set(totals_of, images_uint8, labels, batch_size: int) -> dict[str, np.ndarray]:
-    """Mean loss and accuracy per run over a whole set, from
-    `totals_of(float_images, labels)` of each batch of `batch_size`."""
+    (device-resident) set, in eval mode, as arrays of R values: on one device
+    the whole set in one dispatch (batches of `batch_size`; `chunk`: see
+    `eval_step`). With a `mesh` of several devices, each batch is split over
+    them, one dispatch per batch (eval is per example, so no statistics cross
+    devices)."""
+    if mesh is None or mesh.size == 1:
+        return _means(_running_totals(state, images_uint8, labels, batch_size, chunk), len(labels))
+    split = NamedSharding(mesh, P(DATA_AXIS))
     loss_sum, correct = 0.0, 0
     for first in range(0, len(labels), batch_size):
         batch = slice(first, first + batch_size)
-        totals = totals_of(to_float_images(images_uint8[batch]), labels[batch])
+        images, batch_labels = to_float_images(images_uint8[batch]), labels[batch]
+        if len(batch_labels) % mesh.size == 0:
+            totals = _eval_runs_jitted(state, *jax.device_put((images, batch_labels), split), chunk=None)
+        else:
+            totals = _eval_runs_jitted(state, images, batch_labels, chunk=chunk)
         loss_sum, correct = loss_sum + totals["loss_sum"], correct + totals["correct"]
-    return {"loss": np.asarray(loss_sum, np.float64) / len(labels),
-            "accuracy": np.asarray(correct, np.float64) / len(labels)}
+    return _means({"loss_sum": loss_sum, "correct": correct}, len(labels))
 
 
 def evaluate(state: TrainState, images_uint8, labels, batch_size: int = 1000, mesh=None,
@@ -85,9 +117,14 @@ def precise_batch_stats_of_runs(state: TrainState, batches):
     return for_each_run(precise, state)
 
 
+@functools.partial(jax.jit, static_argnames=("batch_size", "chunk"))
+def _precise_totals(state, precise_batches, images_uint8, labels, batch_size, chunk):
+    state = state.replace(batch_stats=precise_batch_stats_of_runs(state, precise_batches))
+    return _running_totals(state, images_uint8, labels, batch_size, chunk)
+
+
 # ---------------------------------------------------------------- batch statistics
 
-@jax.jit
 def _batch_statistics_totals(state, images, labels):
     def totals(run):
         # Statistics of this whole batch, on whichever devices hold it: the
@@ -103,8 +140,14 @@ def _batch_statistics_totals(state, images, labels):
 def evaluate_runs_with_batch_statistics(state: TrainState, images_uint8, labels,
                                         batch_size: int = 1000) -> dict[str, np.ndarray]:
     """Like `evaluate_runs`, but BN normalizes each test batch of `batch_size`
-    (the last one may be smaller) by its own statistics (train mode)."""
-    return _mean_over_set(functools.partial(_batch_statistics_totals, state), images_uint8, labels, batch_size)
+    (the last one may be smaller) by its own statistics (train mode); the
+    whole set in one dispatch."""
+    return _means(_batch_statistics_totals_over_set(state, images_uint8, labels, batch_size), len(labels))
+
+
+@functools.partial(jax.jit, static_argnames="batch_size")
+def _batch_statistics_totals_over_set(state, images_uint8, labels, batch_size):
+    return _totals_over_set(functools.partial(_batch_statistics_totals, state), images_uint8, labels, batch_size)
 
 
 def evaluate_runs_with(statistics: str, state: TrainState, images_uint8, labels, batch_size: int = 1000,
@@ -112,6 +155,8 @@ def evaluate_runs_with(statistics: str, state: TrainState, images_uint8, labels,
     """`evaluate_runs` with BN normalizing by `statistics` ("precise" needs
     `precise_batches`: (K, B, ...) float training images on the device;
     `mesh` and `chunk` apply to eval mode, "running" and "precise")."""
+    if statistics == "precise" and (mesh is None or mesh.size == 1):  # statistics and test set in one dispatch
+        return _means(_precise_totals(state, precise_batches, images_uint8, labels, batch_size, chunk), len(labels))
     if statistics == "precise":
         state = state.replace(batch_stats=precise_batch_stats_of_runs(state, precise_batches))
         return evaluate_runs(state, images_uint8, labels, batch_size, mesh, chunk)

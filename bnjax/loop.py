@@ -109,29 +109,52 @@ def _step(carry, step, train_images, train_labels, epoch_orders, steps_per_epoch
     return state, jax.tree_util.tree_map(jnp.add, metric_sums, metrics)
 
 
-@functools.partial(jax.jit, static_argnames=("length", "steps_per_epoch", "batch_size", "mesh", "ghost_bn", "unroll"),
-                   donate_argnames=("state", "metric_sums"))
-def _train_chunk(state, metric_sums, train_images, train_labels, epoch_orders, first_step, length, steps_per_epoch,
-                 batch_size, mesh, ghost_bn, unroll):
-    """`length` consecutive steps of every run from global step `first_step`,
-    in one dispatch: the step itself when `length` is 1, else a `lax.scan`
-    (which may cross an epoch boundary)."""
+def _chunk(state, metric_sums, train_images, train_labels, epoch_orders, first_step, num_steps,
+                 steps_per_epoch, batch_size, mesh, ghost_bn, loop):
+    """`num_steps` consecutive steps of every run from global step
+    `first_step`, in one dispatch. `loop` says how (both step numbers are
+    traced, so every interval runs one compiled program, an epoch boundary
+    inside it included):
+      "step"      one step (`num_steps` must be 1): no loop at all;
+      "while"     a `lax.fori_loop` over a traced number of steps;
+      "unrolled"  a `lax.scan` of exactly `num_steps` steps, unrolled
+                  (`num_steps` is then static: one program per length).
+    """
     step = functools.partial(_step, train_images=train_images, train_labels=train_labels, epoch_orders=epoch_orders,
                              steps_per_epoch=steps_per_epoch, batch_size=batch_size, mesh=mesh, ghost_bn=ghost_bn)
-    if length == 1:
+    if loop == "step":
         return step((state, metric_sums), first_step)
-    carry, _ = jax.lax.scan(lambda carry, offset: (step(carry, first_step + offset), None), (state, metric_sums),
-                            jnp.arange(length), unroll=unroll)
-    return carry
+    if loop == "unrolled":
+        carry, _ = jax.lax.scan(lambda carry, offset: (step(carry, first_step + offset), None),
+                                (state, metric_sums), jnp.arange(num_steps), unroll=True)
+        return carry
+    return jax.lax.fori_loop(0, num_steps, lambda offset, carry: step(carry, first_step + offset),
+                             (state, metric_sums))
+
+
+_CHUNK_STATIC = ("steps_per_epoch", "batch_size", "mesh", "ghost_bn", "loop")
+_train_chunk = jax.jit(_chunk, static_argnames=_CHUNK_STATIC, donate_argnames=("state", "metric_sums"))
+_train_chunk_unrolled = jax.jit(_chunk, static_argnames=_CHUNK_STATIC + ("num_steps",),
+                                donate_argnames=("state", "metric_sums"))
+
+
+def _run_chunk(strategy: Strategy, state, metric_sums, first_step: int, num_steps: int, **fixed):
+    """`num_steps` steps of every run from `first_step`, launched as `strategy` says."""
+    if strategy.steps_per_dispatch == 1:
+        return _train_chunk(state, metric_sums, first_step=first_step, num_steps=1, loop="step", **fixed)
+    if strategy.unroll:
+        return _train_chunk_unrolled(state, metric_sums, first_step=first_step, num_steps=num_steps,
+                                     loop="unrolled", **fixed)
+    return _train_chunk(state, metric_sums, first_step=first_step, num_steps=num_steps, loop="while", **fixed)
 
 
 # ---------------------------------------------------------------- the loop
 
-def _initial_states(configs, num_devices, checkpoint_paths):
+def _initial_states(configs, num_devices, checkpoint_paths, conv_implementation):
     """Every run's fresh state, or its checkpoint's where one exists, and its History so far."""
     states, histories = [], []
     for config, path in zip(configs, checkpoint_paths):
-        state = create_train_state(config, jax.random.key(config.seed), num_devices)
+        state = create_train_state(config, jax.random.key(config.seed), num_devices, conv_implementation)
         history = History()
         if path is not None and os.path.exists(path):
             state, saved_history = restore_checkpoint(path, state, config)
@@ -187,7 +210,8 @@ def train_runs(
     checkpoint_paths = checkpoint_paths or [None] * num_runs
     replicated = NamedSharding(mesh, P())
 
-    states, histories = _initial_states(configs, mesh.size, checkpoint_paths)
+    conv_implementation = strategy.stacked_conv if num_runs > 1 else "lax"
+    states, histories = _initial_states(configs, mesh.size, checkpoint_paths, conv_implementation)
     state = jax.device_put(stack_runs(states), replicated)
     # The whole data set goes to every device once, as uint8 (47 MB for MNIST),
     # with every run's batch order for every epoch; batches are gathered and
@@ -206,17 +230,19 @@ def train_runs(
     epoch_orders = jax.device_put(np.stack([[epoch_order(c, epoch, num_examples) for epoch in range(c.epochs)]
                                             for c in configs]), replicated)
 
-    zero_sums = lambda: {"loss": jnp.zeros(num_runs), "accuracy": jnp.zeros(num_runs)}  # noqa: E731
+    # Placed as the chunk's outputs are, so that every chunk call finds the same program.
+    zero_sums = lambda: jax.device_put({"loss": jnp.zeros(num_runs), "accuracy": jnp.zeros(num_runs)},  # noqa: E731
+                                       replicated)
     metric_sums, steps_in_sums = zero_sums(), 0
     start_time = time.perf_counter() - max(history.total_wall_time_s for history in histories)
     step = int(states[0].step)
     while step < total_steps and not all(history.diverged for history in histories):
         next_eval = min(total_steps, (step // config.eval_every + 1) * config.eval_every)
         length = min(strategy.steps_per_dispatch, next_eval - step)
-        state, metric_sums = _train_chunk(state, metric_sums, train_images, train_labels, epoch_orders, step,
-                                          length=length, steps_per_epoch=steps_per_epoch,
-                                          batch_size=config.batch_size, mesh=mesh, ghost_bn=config.ghost_bn,
-                                          unroll=strategy.unroll)
+        state, metric_sums = _run_chunk(strategy, state, metric_sums, step, length, train_images=train_images,
+                                        train_labels=train_labels, epoch_orders=epoch_orders,
+                                        steps_per_epoch=steps_per_epoch, batch_size=config.batch_size, mesh=mesh,
+                                        ghost_bn=config.ghost_bn)
         if strategy.await_each_dispatch:
             jax.block_until_ready(state)
         step += length

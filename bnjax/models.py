@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from bnjax.batchnorm import DEFAULT_EPSILON, DEFAULT_MOMENTUM, BatchNorm, Renorm
+from bnjax.conv import CONV_IMPLEMENTATIONS, conv_as_matmul
 
 ACTIVATIONS: dict[str, Callable] = {
     "relu": nn.relu,
@@ -85,6 +86,10 @@ class ConvNet(nn.Module):
     # defaults are the article's BN net.
     bn_position: str = "before"  # BN_POSITIONS; the output layer has no activation, so BN stays last there
     bn_use_bias: bool = False    # True: Conv/Dense keep their bias under BN too
+    # How the convolutions are computed (bnjax/conv.py): "lax" (XLA's
+    # convolution) or "matmul" (patches and one matrix product, which stays a
+    # batched matrix product when runs are stacked). Same parameters either way.
+    conv_implementation: str = "lax"
 
     @nn.compact
     def __call__(self, x, *, train: bool):
@@ -92,6 +97,10 @@ class ConvNet(nn.Module):
         kernel_init = get_kernel_init(self.kernel_init)
         if self.bn_position not in BN_POSITIONS:
             raise ValueError(f"unknown bn_position {self.bn_position!r}; allowed: {', '.join(BN_POSITIONS)}")
+        if self.conv_implementation not in CONV_IMPLEMENTATIONS:
+            raise ValueError(f"unknown conv_implementation {self.conv_implementation!r}; "
+                             f"allowed: {', '.join(CONV_IMPLEMENTATIONS)}")
+        conv_function = conv_as_matmul if self.conv_implementation == "matmul" else jax.lax.conv_general_dilated
 
         def linear_unit(layer: nn.Module, x, hidden: bool):
             # Plain: layer(+bias) -> activation. BN: layer(no bias) -> BN -> activation.
@@ -116,7 +125,8 @@ class ConvNet(nn.Module):
             return activation(batch_norm(x, train=train))
 
         use_bias = not self.batch_norm or self.bn_use_bias
-        conv = lambda features: nn.Conv(features, (3, 3), padding="VALID", use_bias=use_bias, kernel_init=kernel_init)
+        conv = lambda features: nn.Conv(features, (3, 3), padding="VALID", use_bias=use_bias, kernel_init=kernel_init,
+                                        conv_general_dilated=conv_function)
         dense = lambda features: nn.Dense(features, use_bias=use_bias, kernel_init=kernel_init)
 
         x = linear_unit(conv(32), x, hidden=True)   # (N, 26, 26, 32)

@@ -13,15 +13,18 @@ import jax.numpy as jnp
 from bnjax.steps import TrainState
 
 
+@jax.jit
 def stack_runs(states: list[TrainState]) -> TrainState:
     """States of runs of one program, stacked along a new leading runs axis.
     (`create_train_state` gives runs of one program one model and one
-    optimizer object, so their states have one pytree structure.)"""
+    optimizer object, so their states have one pytree structure.) Jitted:
+    one program per model and number of runs, not one per array shape."""
     return jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *states)
 
 
-def run_of(state: TrainState, index: int) -> TrainState:
-    """Run `index`'s own state, out of a stacked one."""
+@jax.jit
+def run_of(state: TrainState, index) -> TrainState:
+    """Run `index`'s own state, out of a stacked one (one program for every index)."""
     return jax.tree_util.tree_map(lambda leaf: leaf[index], state)
 
 

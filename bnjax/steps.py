@@ -37,9 +37,10 @@ class TrainState(train_state.TrainState):
 DATA_AXIS = "data"  # the mesh axis the batch is split along
 
 
-def make_model(config: TrainConfig, num_devices: int = 1) -> ConvNet | MLP | LSTM:
+def make_model(config: TrainConfig, num_devices: int = 1, conv_implementation: str = "lax") -> ConvNet | MLP | LSTM:
     """The config's net. Over several devices with synchronized BN, every BN
-    averages its statistics over DATA_AXIS: the statistics of the global batch."""
+    averages its statistics over DATA_AXIS: the statistics of the global batch.
+    `conv_implementation` (bnjax/conv.py) applies to the CNN's convolutions."""
     bn_axis_name = DATA_AXIS if num_devices > 1 and not config.ghost_bn else None
     if config.model == "lstm":
         return _shared_model(LSTM, batch_norm=config.batch_norm, sequence=config.sequence,
@@ -65,7 +66,8 @@ def make_model(config: TrainConfig, num_devices: int = 1) -> ConvNet | MLP | LST
     )
     if config.model == "mlp":
         return _shared_model(MLP, **common)
-    return _shared_model(ConvNet, **common, bn_position=config.bn_position, bn_use_bias=config.bn_use_bias)
+    return _shared_model(ConvNet, **common, bn_position=config.bn_position, bn_use_bias=config.bn_use_bias,
+                         conv_implementation=conv_implementation)
 
 
 # One model object and one optimizer object per setting, so that the states of
@@ -124,11 +126,20 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), optimizer)
 
 
-def create_train_state(config: TrainConfig, rng: jax.Array, num_devices: int = 1) -> TrainState:
+@functools.partial(jax.jit, static_argnames="model")
+def _initial_variables(model, rng):
+    """`model.init` as one compiled program (eagerly it is ~100 programs of
+    one operation each, every one compiled on first use); the same numbers."""
+    return model.init(rng, jnp.zeros((1, 28, 28, 1), jnp.float32), train=False)
+
+
+def create_train_state(config: TrainConfig, rng: jax.Array, num_devices: int = 1,
+                       conv_implementation: str = "lax") -> TrainState:
     """Fresh parameters, BN statistics and optimizer state. The result is the
-    same for any `num_devices`; only how BN will average its statistics differs."""
-    model = make_model(config, num_devices)
-    variables = model.init(rng, jnp.zeros((1, 28, 28, 1), jnp.float32), train=False)
+    same for any `num_devices` and `conv_implementation`; only how BN will
+    average its statistics and how the convolutions are computed differ."""
+    model = make_model(config, num_devices, conv_implementation)
+    variables = _initial_variables(model, rng)
     params = variables["params"]
     return TrainState(
         step=0,

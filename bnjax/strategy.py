@@ -19,6 +19,11 @@ to the per-step History within stated round-off):
     once, each in its own worker process pinned to one CPU core. On a small
     CPU a batch-32 step cannot keep every core busy, so two runs on one core
     each get more done than two runs one after the other on both.
+  * stacked_conv: how a program of several stacked runs computes its
+    convolutions (bnjax/conv.py): "lax" (XLA's convolution, which `vmap`
+    over runs turns into one grouped convolution) or "matmul" (patches and
+    one batched matrix product over the runs axis). A program of one run
+    always uses "lax".
   * await_each_dispatch: wait for each dispatch to finish before queuing the
     next. XLA:CPU runs several CPU devices' programs on one shared thread
     pool; with hundreds of multi-device steps queued by asynchronous dispatch,
@@ -47,6 +52,8 @@ import os
 
 import jax
 
+from bnjax.conv import CONV_IMPLEMENTATIONS
+
 
 @dataclasses.dataclass(frozen=True)
 class Strategy:
@@ -56,6 +63,7 @@ class Strategy:
     eval_chunk: int | None = None
     parallel_runs: int = 1
     await_each_dispatch: bool = False
+    stacked_conv: str = "lax"
 
     def __post_init__(self):
         for name in ("steps_per_dispatch", "models_per_program", "parallel_runs"):
@@ -68,6 +76,8 @@ class Strategy:
         for name in ("unroll", "await_each_dispatch"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.stacked_conv not in CONV_IMPLEMENTATIONS:
+            raise ValueError(f"stacked_conv must be one of {', '.join(CONV_IMPLEMENTATIONS)}, got {self.stacked_conv!r}")
 
 
 def default_strategy(platform: str | None = None, num_devices: int = 1) -> Strategy:
@@ -79,4 +89,5 @@ def default_strategy(platform: str | None = None, num_devices: int = 1) -> Strat
     if platform == "cpu":
         return Strategy(steps_per_dispatch=1, unroll=False, models_per_program=1, eval_chunk=200,
                         parallel_runs=len(os.sched_getaffinity(0)))
-    return Strategy(steps_per_dispatch=100, unroll=False, models_per_program=64, eval_chunk=None)
+    return Strategy(steps_per_dispatch=100, unroll=False, models_per_program=64, eval_chunk=None,
+                    stacked_conv="matmul")

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from bnjax.compilation_cache import use_persistent_cache
 from bnjax.engine import default_strategy, train_many
 from bnjax.strategy import Strategy
 from bnjax.train import TrainConfig, resolve_steps
@@ -107,6 +108,7 @@ def run_sweep(
           f"{len(todo)} to train", flush=True)
     if not todo:
         return results
+    use_persistent_cache()  # a second sweep here loads its programs instead of compiling them
     data = load_data()
     fields = varying_fields(configs)
     labels = {id(config): f"[{index}/{len(todo)}] {describe(config, fields)}" for index, config in enumerate(todo, 1)}

@@ -1,8 +1,11 @@
 """Every launch strategy gives the History of the simple per-step path (same
 config, same seed), within float round-off: stated per test."""
 
+import collections
 import dataclasses
+import logging
 import os
+import re
 
 import jax
 import numpy as np
@@ -11,6 +14,7 @@ import pytest
 from bnjax import xla_flags
 from bnjax.engine import Strategy, default_strategy, program_key, train_many
 from bnjax.recurrent import PAPER_SETTINGS
+from bnjax.schedule import resolve_steps
 from bnjax.train import TrainConfig, train
 
 # A different but equivalent compilation (a loop body, a vmapped convolution)
@@ -106,14 +110,59 @@ def test_vmapped_programs_give_each_runs_history(tiny_data):
     configs = [dataclasses.replace(BASE, seed=seed, learning_rate=learning_rate)
                for learning_rate in (0.001, 0.0005) for seed in (0, 1)]
     configs.append(dataclasses.replace(MLP_RELU, seed=3))  # another program (the MLP: cheaper to compile)
-    # 4 BN runs -> programs of 3 and 1; test batches of 32 evaluated in pieces of 16
-    strategy = Strategy(steps_per_dispatch=5, models_per_program=3, eval_chunk=16)
+    # 4 BN runs -> programs of 3 and 1; test batches of 32 evaluated in pieces of 16.
+    # The stacked CNNs compute their convolutions as GPUs and TPUs do by
+    # default (bnjax/conv.py: patches and batched matrix products); the run
+    # alone and the per-step references with lax's convolution.
+    strategy = Strategy(steps_per_dispatch=5, models_per_program=3, eval_chunk=16, stacked_conv="matmul")
     seen = []
     together = train_many(configs, tiny_data, strategy=strategy, on_done=lambda c, h, s: seen.append(c))
     assert sorted(seen, key=configs.index) == configs
+    assert [state.apply_fn.__self__.conv_implementation for _, state in together[:4]] == ["matmul"] * 3 + ["lax"]
     for config, result in zip(configs, together):
         assert_same_run(result, train(config, tiny_data, strategy=PER_STEP))
     assert together[0][0].val_loss != together[1][0].val_loss  # seeds differ: not one run copied
+
+
+class CompileLog(logging.Handler):
+    """The names of the functions JAX compiles while it is attached."""
+
+    def __init__(self):
+        super().__init__()
+        self.compiled = []
+
+    def emit(self, record):
+        match = re.match(r"Compiling jit\((\w+)\)", record.getMessage())
+        if match:
+            self.compiled.append(match.group(1))
+
+
+@pytest.mark.slow
+def test_a_sweep_compiles_one_training_program_and_one_evaluation_per_kind(tiny_data):
+    # Intervals of 6, 6, 6 and 2 steps, two of them across an epoch boundary
+    # (8 steps per epoch), each run evaluated with running and with precise
+    # statistics: one program for all intervals, one per kind of evaluation,
+    # one model initialization. (A batch size no other test uses, so that no
+    # program is already in this process's memory.)
+    config = dataclasses.replace(MLP_BASE, batch_size=24, eval_batch_size=24, eval_statistics="precise",
+                                 precise_bn_batches=2)
+    assert resolve_steps(config, len(tiny_data.x_train)) == (10, 20)
+    config = dataclasses.replace(config, steps_per_epoch=8)
+    configs = [dataclasses.replace(config, seed=seed) for seed in (0, 1)]
+    log = CompileLog()
+    logger = logging.getLogger("jax._src.interpreters.pxla")
+    logger.addHandler(log)
+    try:
+        with jax.log_compiles(True):
+            results = train_many(configs, tiny_data, strategy=Strategy(steps_per_dispatch=6, models_per_program=2))
+    finally:
+        logger.removeHandler(log)
+    assert results[0][0].steps == [6, 12, 18, 20]
+    counts = collections.Counter(log.compiled)
+    assert (counts["_chunk"], counts["_running_totals"], counts["_precise_totals"]) == (1, 1, 1), counts
+    # The model's initialization (compiled once per net, here or by an earlier
+    # test), stacking the runs and taking each one out: one program each.
+    assert counts["_initial_variables"] <= 1 and counts["stack_runs"] == counts["run_of"] == 1, counts
 
 
 @pytest.mark.slow
@@ -162,6 +211,9 @@ def test_strategy_values_are_checked_and_cpu_runs_one_step_per_dispatch():
         Strategy(eval_chunk=0)
     assert default_strategy("cpu") == Strategy(1, False, 1, eval_chunk=200, parallel_runs=len(os.sched_getaffinity(0)))
     assert default_strategy("gpu").steps_per_dispatch > 1 and default_strategy("tpu").models_per_program > 1
+    assert default_strategy("gpu").stacked_conv == default_strategy("tpu").stacked_conv == "matmul"
+    with pytest.raises(ValueError, match="stacked_conv must be one of lax, matmul, got 'grouped'"):
+        Strategy(stacked_conv="grouped")
     several_cpus = default_strategy("cpu", num_devices=8)  # simulated devices: each step awaited, one process
     assert several_cpus.await_each_dispatch and several_cpus.parallel_runs == 1
     assert not default_strategy("gpu", num_devices=8).await_each_dispatch

@@ -22,8 +22,8 @@ EXPECTED = {
     "bnjax/precise_bn.py::recompute_batch_stats": "precise_statistics(",
     "bnjax/steps.py::train_step_body": 'mutable=["batch_stats"]',
     "bnjax/steps.py::_eval_totals": "train=False",
-    "bnjax/loop.py::train_runs": "_train_chunk(",
-    "bnjax/loop.py::_train_chunk": "jax.lax.scan",
+    "bnjax/loop.py::train_runs": "_run_chunk(",
+    "bnjax/loop.py::_chunk": "jax.lax.fori_loop(0, num_steps",
     "bnjax/loop.py::_step": "jax.shard_map",
     "experiments/recurrent_bn.py::shared_over_steps": 'variance="pooled"',
 }
