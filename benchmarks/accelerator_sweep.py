@@ -1,0 +1,222 @@
+"""The article sweep on an accelerator: bnjax cold and warm, beside PyTorch
+on the same workload, in one run.
+
+    python -m benchmarks.accelerator_sweep        # 30 runs x 3 epochs -> outputs/benchmarks/accelerator_sweep.json
+    python -m benchmarks.accelerator_sweep --seeds 1 --max-steps 200 --peers none --out /tmp/smoke.json
+
+The workload, the same for every contender: the article grid (3 settings of
+learning rate and activation, plain and BN) x `--seeds` seeds, `--epochs`
+epochs of 1875 steps at batch 32 with Adam (or `--max-steps`), the 10,000 test
+images evaluated every `--eval-every` steps and at the end, and on every BN
+run, at every evaluation, again with precise BN statistics from 200 training
+batches.
+
+Each contender runs in a process of its own, started from this one:
+  bnjax cold  `train_many(configs, data)` with the default strategy and an
+              empty persistent compilation cache (compiling included);
+  bnjax warm  the same again in a new process, the cache filled by the cold run;
+  pytorch-*   benchmarks/torch_sweep.py: eager, cudagraphs, vmap.
+Timed: from the configs to the last History (the data set is read from disk
+before the clock starts; moving it to the device is timed). A PyTorch way
+trains `--peer-fraction` of every run's steps and evaluations; its `seconds`
+are its one-time compilation plus the rest scaled up by 1 / fraction, and
+`extrapolated` says so. The JSON file is written atomically at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+DEFAULT_OUT = Path("outputs/benchmarks/accelerator_sweep.json")
+PEERS = ("eager", "cudagraphs", "vmap")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}")
+    return value
+
+
+def peer_list(text: str) -> list[str]:
+    if text == "none":
+        return []
+    names = text.split(",")
+    unknown = [name for name in names if name not in PEERS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown peer {unknown[0]!r}; allowed: {', '.join(PEERS)}, or none")
+    return names
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.accelerator_sweep",
+                                     description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=positive_int, default=5, help="seeds per setting (6 settings; default 5: 30 runs)")
+    parser.add_argument("--epochs", type=positive_int, default=3)
+    parser.add_argument("--max-steps", type=positive_int, default=None, help="stop every run here (a smoke size)")
+    parser.add_argument("--eval-every", type=positive_int, default=100)
+    parser.add_argument("--peers", type=peer_list, default=list(PEERS),
+                        help=f"comma-separated PyTorch ways ({','.join(PEERS)}) or none (default: all)")
+    parser.add_argument("--peer-fraction", type=fraction, default=0.2,
+                        help="share of every run's steps a PyTorch way trains; its time is scaled up (default 0.2)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"the JSON file (default {DEFAULT_OUT})")
+    parser.add_argument("--contender", help=argparse.SUPPRESS)  # set in the processes this one starts
+    args = parser.parse_args(argv)
+    if args.out.exists() and args.out.is_dir():
+        parser.error(f"--out {args.out} is a directory; give a file path")
+    if not args.out.parent.is_dir() and args.out.parent != Path(""):
+        parser.error(f"--out {args.out}: its folder {args.out.parent} does not exist")
+    return args
+
+
+def workload(args) -> dict:
+    return {"runs": 6 * args.seeds, "epochs": args.epochs, "max_steps": args.max_steps,
+            "eval_every": args.eval_every, "precise_bn": True}
+
+
+def sweep_configs(args):
+    import dataclasses
+
+    from experiments.article import sweep_configs as article_configs
+
+    configs = article_configs("article", seeds=args.seeds, epochs=args.epochs, max_steps=args.max_steps)
+    return [dataclasses.replace(config, eval_every=args.eval_every) for config in configs]
+
+
+# ---------------------------------------------------------------- in the contenders' processes
+
+def bnjax_contender(args) -> dict:
+    import jax
+
+    from bnjax.data import load_mnist
+    from bnjax.engine import train_many
+    from bnjax.provenance import environment
+    from bnjax.schedule import resolve_steps
+
+    compile_seconds = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, seconds, **kw: compile_seconds.append(seconds) if event in COMPILE_EVENTS else None)
+    data = load_mnist()
+    configs = sweep_configs(args)
+    start = time.perf_counter()
+    results = train_many(configs, data)
+    seconds = time.perf_counter() - start
+    run_steps = sum(resolve_steps(config, len(data.x_train))[1] for config in configs)
+    device = jax.devices()[0]
+    return {"seconds": seconds, "compile_seconds": sum(compile_seconds), "run_steps": run_steps,
+            "device": f"{device.device_kind} ({device.platform})", "num_devices": jax.device_count(),
+            "mean_final_val_accuracy": sum(h.val_accuracy[-1] for h, _ in results) / len(results),
+            "environment": environment()}
+
+
+# Tracing, lowering and XLA compilation (a persistent-cache hit reports its load here).
+COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                  "/jax/core/compile/backend_compile_duration")
+
+
+def torch_contender(args, way: str) -> dict:
+    from benchmarks.torch_sweep import run_workload
+    from bnjax.data import load_mnist
+    from bnjax.schedule import resolve_steps
+
+    data = load_mnist()
+    configs = sweep_configs(args)
+    runs = [(c.batch_norm, c.activation, c.learning_rate, c.seed) for c in configs]
+    total_steps = resolve_steps(configs[0], len(data.x_train))[1]
+    return run_workload(way, data, runs, total_steps, args.eval_every, args.peer_fraction)
+
+
+# ---------------------------------------------------------------- the run
+
+def run_contender(argv, contender: str, env: dict) -> dict:
+    """One contender in its own process; its one JSON line back, or why not."""
+    command = [sys.executable, "-m", "benchmarks.accelerator_sweep", *argv, "--contender", contender]
+    print(f"accelerator_sweep: {contender} ...", file=sys.stderr, flush=True)
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        reason = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        print(f"accelerator_sweep: {contender} failed: {reason}", file=sys.stderr, flush=True)
+        return {"error": reason}
+    outcome = json.loads(done.stdout.strip().splitlines()[-1])
+    shown = {key: value for key, value in outcome.items() if key != "environment"}
+    print(f"accelerator_sweep: {contender}: {json.dumps(shown)}", file=sys.stderr, flush=True)
+    return outcome
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.contender == "bnjax":
+        print(json.dumps(bnjax_contender(args)))
+        return
+    if args.contender:
+        print(json.dumps(torch_contender(args, args.contender)))
+        return
+
+    # This process never initializes a JAX backend: on a GPU it would hold
+    # the memory the contenders' processes need.
+    from bnjax.atomic import write_json
+    from benchmarks.peers import available
+
+    passed_on = [a for a in argv if not a.startswith("--contender")]
+    with tempfile.TemporaryDirectory(prefix="bnjax-accelerator-sweep-cache-") as cache:
+        env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": cache, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+        cold = run_contender(passed_on, "bnjax", env)
+        warm = run_contender(passed_on, "bnjax", env)
+    peers = {}
+    missing = available()["pytorch"]
+    for way in args.peers:
+        name = f"pytorch-{way}"
+        if missing:
+            peers[name] = {"seconds": None, "extrapolated": False, "skipped": missing}
+            continue
+        outcome = run_contender(passed_on, way, dict(os.environ))
+        if "error" in outcome:
+            peers[name] = {"seconds": None, "extrapolated": False, "error": outcome["error"]}
+            continue
+        seconds = outcome["setup_seconds"] + outcome["measured_seconds"] / outcome["fraction"]
+        peers[name] = {"seconds": seconds, "extrapolated": outcome["fraction"] < 1, **outcome}
+    env_facts = cold.get("environment") or warm.get("environment") or {}
+    result = {
+        "device": cold.get("device"), "bnjax_commit": env_facts.get("bnjax_commit"),
+        "jax": env_facts.get("jax"), "workload": workload(args),
+        "bnjax": {"seconds_cold": cold.get("seconds"), "seconds_warm": warm.get("seconds"),
+                  "compile_seconds": cold.get("compile_seconds"),
+                  "compile_seconds_warm": warm.get("compile_seconds"),
+                  "run_steps_per_s": (warm["run_steps"] / warm["seconds"]) if "seconds" in warm else None,
+                  "mean_final_val_accuracy": warm.get("mean_final_val_accuracy"),
+                  **({"error": cold.get("error") or warm.get("error")} if "error" in cold or "error" in warm else {})},
+        "peers": peers,
+        "command": "python -m benchmarks.accelerator_sweep " + " ".join(passed_on),
+        "environment": env_facts,
+    }
+    write_json(args.out, result)
+    print(f"accelerator_sweep: wrote {args.out}", file=sys.stderr)
+    fastest_peer = min((p["seconds"] for p in peers.values() if p.get("seconds")), default=None)
+    print(f"bnjax: {result['bnjax']['seconds_cold']} s cold, {result['bnjax']['seconds_warm']} s warm; "
+          f"fastest PyTorch way: {fastest_peer} s")
+
+
+if __name__ == "__main__":
+    main()
