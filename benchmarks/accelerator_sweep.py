@@ -15,6 +15,9 @@ Each contender runs in a process of its own, started from this one:
   bnjax cold  `train_many(configs, data)` with the default strategy and an
               empty persistent compilation cache (compiling included);
   bnjax warm  the same again in a new process, the cache filled by the cold run;
+  stacking    R = 1, 2, 4, 8, 16 BN runs of one program (sigmoid, lr 0.01):
+              steady-state run-steps/s, from the difference between runs of
+              `STACKING_STEPS` steps (one evaluation, at the end, in both);
   pytorch-*   benchmarks/torch_sweep.py: eager, cudagraphs, vmap.
 Timed: from the configs to the last History (the data set is read from disk
 before the clock starts; moving it to the device is timed). A PyTorch way
@@ -80,6 +83,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help=f"comma-separated PyTorch ways ({','.join(PEERS)}) or none (default: all)")
     parser.add_argument("--peer-fraction", type=fraction, default=0.2,
                         help="share of every run's steps a PyTorch way trains; its time is scaled up (default 0.2)")
+    parser.add_argument("--no-stacking", action="store_true", help="leave out the stacked-runs scaling measurement")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"the JSON file (default {DEFAULT_OUT})")
     parser.add_argument("--contender", help=argparse.SUPPRESS)  # set in the processes this one starts
     args = parser.parse_args(argv)
@@ -130,6 +134,35 @@ def bnjax_contender(args) -> dict:
             "environment": environment()}
 
 
+STACKING_RUNS = (1, 2, 4, 8, 16)
+STACKING_STEPS = (500, 5500)  # within one run of the default 3 epochs (5625 steps)
+
+
+def stacking_contender(args) -> dict:
+    """Run-steps/s of R stacked BN runs in steady state, for each R."""
+    import dataclasses
+
+    from bnjax.data import load_mnist
+    from bnjax.engine import default_strategy, train_many
+    from bnjax.train import TrainConfig
+
+    data = load_mnist()
+    # All R runs in one program, in this process (the CPU's default would train them side by side in workers).
+    stacked = dataclasses.replace(default_strategy(), models_per_program=max(STACKING_RUNS), parallel_runs=1)
+    rates = {}
+    for num_runs in STACKING_RUNS:
+        seconds = []
+        for steps in (STACKING_STEPS[0], *STACKING_STEPS):  # the first call compiles; not counted
+            configs = [TrainConfig(batch_norm=True, activation="sigmoid", learning_rate=0.01, max_steps=steps,
+                                   eval_every=steps, seed=seed) for seed in range(num_runs)]
+            start = time.perf_counter()
+            train_many(configs, data, strategy=stacked)
+            seconds.append(time.perf_counter() - start)
+        rates[num_runs] = num_runs * (STACKING_STEPS[1] - STACKING_STEPS[0]) / (seconds[2] - seconds[1])
+    return {"run_steps_per_s": rates,
+            "per_run_share": {r: rates[r] / (r * rates[1]) for r in STACKING_RUNS}}
+
+
 # Tracing, lowering and XLA compilation (a persistent-cache hit reports its load here).
 COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
                   "/jax/core/compile/backend_compile_duration")
@@ -170,6 +203,9 @@ def main(argv=None) -> None:
     if args.contender == "bnjax":
         print(json.dumps(bnjax_contender(args)))
         return
+    if args.contender == "stacking":
+        print(json.dumps(stacking_contender(args)))
+        return
     if args.contender:
         print(json.dumps(torch_contender(args, args.contender)))
         return
@@ -184,6 +220,7 @@ def main(argv=None) -> None:
         env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": cache, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
         cold = run_contender(passed_on, "bnjax", env)
         warm = run_contender(passed_on, "bnjax", env)
+        stacking = None if args.no_stacking else run_contender(passed_on, "stacking", env)
     peers = {}
     missing = available()["pytorch"]
     for way in args.peers:
@@ -207,6 +244,7 @@ def main(argv=None) -> None:
                   "run_steps_per_s": (warm["run_steps"] / warm["seconds"]) if "seconds" in warm else None,
                   "mean_final_val_accuracy": warm.get("mean_final_val_accuracy"),
                   **({"error": cold.get("error") or warm.get("error")} if "error" in cold or "error" in warm else {})},
+        "stacking": stacking,
         "peers": peers,
         "command": "python -m benchmarks.accelerator_sweep " + " ".join(passed_on),
         "environment": env_facts,

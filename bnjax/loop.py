@@ -1,11 +1,13 @@
-"""The one training loop: R >= 1 runs of one program, K steps per dispatch,
-on a mesh of one or more devices, with evaluation, probes, checkpoints and
-divergence for every run.
+"""The training loop: R >= 1 runs of one program, on a mesh of one or more
+devices, with evaluation, probes, checkpoints and divergence for every run.
 
     results = train_runs(configs, data)   # [(History, TrainState)] in config order
 
-The runs' states are stacked along a leading runs axis. One jitted chunk
-function (`_train_chunk`) does `length` steps of all R runs; each step is
+The runs' states are stacked along a leading runs axis. `train_runs` is one
+loop over evaluation intervals: train the interval (`_train_interval`: one or
+more dispatches of the jitted chunk `_chunk`, whose step count is traced, so
+every interval runs one compiled program), evaluate (`_evaluate`: one
+dispatch per kind of BN statistics), record, checkpoint, report. Each step is
 `train_step_body` (bnjax/steps.py), applied to the one run directly when
 R == 1 and `vmap`ped over the runs otherwise, inside `shard_map` over the
 mesh when it has several devices. `train` (bnjax/train.py) is the R == 1 case
@@ -168,6 +170,113 @@ def _initial_states(configs, num_devices, checkpoint_paths, conv_implementation)
     return states, histories
 
 
+def _check_program(configs: list[TrainConfig], mesh) -> None:
+    """Refuse, in one line, runs that cannot share one program."""
+    config = configs[0]
+    differing = [c for c in configs if program_key(c) != program_key(config)]
+    if differing:
+        raise ValueError(f"runs of one program may differ only in {', '.join(PER_RUN_FIELDS)}; "
+                         f"{differing[0]} differs from {config} elsewhere")
+    if len(configs) > 1 and mesh.size > 1 and config.ghost_bn and version_tuple(jax.__version__) < STACKED_GHOST_BN_FROM:
+        raise ValueError(f"ghost BN runs over {mesh.size} devices cannot share one program with jax {jax.__version__} "
+                         "(at jax 0.7.1 they trained differently from each run alone); train them one per program "
+                         "or use jax >= 0.10")
+
+
+def _device_inputs(configs: list[TrainConfig], data, replicated) -> dict:
+    """What the program reads, on every device once: the whole data set as
+    uint8 (47 MB for MNIST; batches are gathered and converted to float
+    there, then split over the devices), every run's batch order for every
+    epoch and, for precise BN, its training batches."""
+    config, num_examples = configs[0], len(data.x_train)
+    train_images, train_labels, test_images, test_labels = jax.device_put(tuple(data), replicated)
+    # Precise BN re-estimates from the same training batches at every evaluation
+    # of every run (seed 0), so the curve moves with the weights only.
+    precise_batches = None
+    if config.eval_statistics == "precise":
+        if config.precise_bn_batches * config.batch_size > num_examples:
+            raise ValueError(f"precise_bn_batches {config.precise_bn_batches} x batch_size {config.batch_size} = "
+                             f"{config.precise_bn_batches * config.batch_size} training images; the training set "
+                             f"has {num_examples}")
+        precise_batches = jax.device_put(
+            sample_batches(data.x_train, config.batch_size, config.precise_bn_batches, seed=0), replicated)
+    epoch_orders = jax.device_put(np.stack([[epoch_order(c, epoch, num_examples) for epoch in range(c.epochs)]
+                                            for c in configs]), replicated)
+    return {"train_images": train_images, "train_labels": train_labels, "test_images": test_images,
+            "test_labels": test_labels, "epoch_orders": epoch_orders, "precise_batches": precise_batches}
+
+
+def _evaluation_steps(first_step: int, total_steps: int, eval_every: int):
+    """The steps after which the runs are evaluated: every `eval_every`-th and the last."""
+    step = first_step
+    while step < total_steps:
+        step = min(total_steps, (step // eval_every + 1) * eval_every)
+        yield step
+
+
+def _train_interval(strategy: Strategy, state, metric_sums, first_step: int, last_step: int, **chunk_inputs):
+    """Steps `first_step` .. `last_step` - 1 of every run, `strategy.steps_per_dispatch` per dispatch."""
+    step = first_step
+    while step < last_step:
+        length = min(strategy.steps_per_dispatch, last_step - step)
+        state, metric_sums = _run_chunk(strategy, state, metric_sums, step, length, **chunk_inputs)
+        if strategy.await_each_dispatch:
+            jax.block_until_ready(state)
+        step += length
+    return state, metric_sums
+
+
+def _evaluate(state, config: TrainConfig, strategy: Strategy, mesh, inputs: dict) -> dict:
+    """The test set's loss and accuracy per run with the running averages and,
+    as `config.eval_statistics` asks, with precise or batch statistics; and
+    how long each took."""
+    start = time.perf_counter()
+    measured = {"running": evaluate_runs(state, inputs["test_images"], inputs["test_labels"],
+                                         config.eval_batch_size, mesh, strategy.eval_chunk)}
+    seconds = {"running": time.perf_counter() - start}
+    if config.eval_statistics != "running":
+        start = time.perf_counter()
+        measured["other"] = evaluate_runs_with(config.eval_statistics, state, inputs["test_images"],
+                                               inputs["test_labels"], config.eval_batch_size, mesh,
+                                               strategy.eval_chunk, inputs["precise_batches"])
+        seconds["other"] = time.perf_counter() - start
+    return {"values": measured, "seconds": seconds}
+
+
+def _record(histories: list[History], state, step: int, train_means: dict, evaluation: dict, config: TrainConfig,
+            probes, elapsed: Callable[[], float]) -> list[tuple[int, dict]]:
+    """Append one evaluation to every run's History that has not diverged;
+    return [(run index, its record)]. A run whose training loss is no longer
+    finite is marked diverged and records nothing after this."""
+    val, other = evaluation["values"]["running"], evaluation["values"].get("other")
+    recorded = []
+    for index, history in enumerate(histories):
+        if history.diverged:  # stopped recording where a run alone would have stopped
+            continue
+        record = {"steps": step, "val_accuracy": float(val["accuracy"][index]),
+                  "val_loss": float(val["loss"][index]), "train_accuracy": float(train_means["accuracy"][index]),
+                  "train_loss": float(train_means["loss"][index]), "wall_time_s": elapsed()}
+        if other is not None:
+            record[f"{config.eval_statistics}_val_accuracy"] = float(other["accuracy"][index])
+            record[f"{config.eval_statistics}_val_loss"] = float(other["loss"][index])
+            history.eval_statistics_time_s += evaluation["seconds"]["other"]
+        for key, value in record.items():
+            getattr(history, key).append(value)
+        if probes[index] is not None:
+            history.probes.append(probes[index](run_of(state, index)))
+        history.eval_time_s += evaluation["seconds"]["running"]
+        history.diverged = not math.isfinite(record["train_loss"])
+        recorded.append((index, record))
+    return recorded
+
+
+def _save_checkpoints(checkpoint_paths, state, histories: list[History], configs, elapsed: Callable[[], float]):
+    for index, history in enumerate(histories):
+        history.total_wall_time_s = elapsed()
+        if checkpoint_paths[index] is not None:
+            save_checkpoint(checkpoint_paths[index], run_of(state, index), history, configs[index])
+
+
 def train_runs(
     configs: list[TrainConfig],
     data,
@@ -193,18 +302,10 @@ def train_runs(
     steps are launched, never what they compute.
     """
     check_dataset(data)
-    config = configs[0]
-    differing = [c for c in configs if program_key(c) != program_key(config)]
-    if differing:
-        raise ValueError(f"runs of one program may differ only in {', '.join(PER_RUN_FIELDS)}; "
-                         f"{differing[0]} differs from {config} elsewhere")
-    num_runs, num_examples = len(configs), len(data.x_train)
-    steps_per_epoch, total_steps = resolve_steps(config, num_examples)
+    config, num_runs = configs[0], len(configs)
     mesh = make_mesh(config)
-    if num_runs > 1 and mesh.size > 1 and config.ghost_bn and version_tuple(jax.__version__) < STACKED_GHOST_BN_FROM:
-        raise ValueError(f"ghost BN runs over {mesh.size} devices cannot share one program with jax {jax.__version__} "
-                         "(at jax 0.7.1 they trained differently from each run alone); train them one per program "
-                         "or use jax >= 0.10")
+    _check_program(configs, mesh)
+    steps_per_epoch, total_steps = resolve_steps(config, len(data.x_train))
     strategy = strategy or default_strategy(mesh.devices.flat[0].platform, mesh.size)
     probes = probes or [None] * num_runs
     checkpoint_paths = checkpoint_paths or [None] * num_runs
@@ -213,81 +314,32 @@ def train_runs(
     conv_implementation = strategy.stacked_conv if num_runs > 1 else "lax"
     states, histories = _initial_states(configs, mesh.size, checkpoint_paths, conv_implementation)
     state = jax.device_put(stack_runs(states), replicated)
-    # The whole data set goes to every device once, as uint8 (47 MB for MNIST),
-    # with every run's batch order for every epoch; batches are gathered and
-    # converted to float there, then split over the devices.
-    train_images, train_labels, test_images, test_labels = jax.device_put(tuple(data), replicated)
-    # Precise BN re-estimates from the same training batches at every evaluation
-    # of every run (seed 0), so the curve moves with the weights only.
-    precise_batches = None
-    if config.eval_statistics == "precise":
-        if config.precise_bn_batches * config.batch_size > num_examples:
-            raise ValueError(f"precise_bn_batches {config.precise_bn_batches} x batch_size {config.batch_size} = "
-                             f"{config.precise_bn_batches * config.batch_size} training images; the training set "
-                             f"has {num_examples}")
-        precise_batches = jax.device_put(
-            sample_batches(data.x_train, config.batch_size, config.precise_bn_batches, seed=0), replicated)
-    epoch_orders = jax.device_put(np.stack([[epoch_order(c, epoch, num_examples) for epoch in range(c.epochs)]
-                                            for c in configs]), replicated)
-
+    inputs = _device_inputs(configs, data, replicated)
+    chunk_inputs = dict(train_images=inputs["train_images"], train_labels=inputs["train_labels"],
+                        epoch_orders=inputs["epoch_orders"], steps_per_epoch=steps_per_epoch,
+                        batch_size=config.batch_size, mesh=mesh, ghost_bn=config.ghost_bn)
     # Placed as the chunk's outputs are, so that every chunk call finds the same program.
     zero_sums = lambda: jax.device_put({"loss": jnp.zeros(num_runs), "accuracy": jnp.zeros(num_runs)},  # noqa: E731
                                        replicated)
-    metric_sums, steps_in_sums = zero_sums(), 0
     start_time = time.perf_counter() - max(history.total_wall_time_s for history in histories)
-    step = int(states[0].step)
-    while step < total_steps and not all(history.diverged for history in histories):
-        next_eval = min(total_steps, (step // config.eval_every + 1) * config.eval_every)
-        length = min(strategy.steps_per_dispatch, next_eval - step)
-        state, metric_sums = _run_chunk(strategy, state, metric_sums, step, length, train_images=train_images,
-                                        train_labels=train_labels, epoch_orders=epoch_orders,
-                                        steps_per_epoch=steps_per_epoch, batch_size=config.batch_size, mesh=mesh,
-                                        ghost_bn=config.ghost_bn)
-        if strategy.await_each_dispatch:
-            jax.block_until_ready(state)
-        step += length
-        steps_in_sums += length
-        if step % config.eval_every and step != total_steps:
-            continue
+    elapsed = lambda: time.perf_counter() - start_time  # noqa: E731
 
-        # Reading the sums waits for the queued steps, so it comes before the
-        # evaluation clock starts.
-        train_accuracy = np.asarray(metric_sums["accuracy"], np.float64) / steps_in_sums
-        train_loss = np.asarray(metric_sums["loss"], np.float64) / steps_in_sums
-        eval_start = time.perf_counter()
-        val = evaluate_runs(state, test_images, test_labels, config.eval_batch_size, mesh, strategy.eval_chunk)
-        eval_time = time.perf_counter() - eval_start
-        if config.eval_statistics != "running":
-            other = evaluate_runs_with(config.eval_statistics, state, test_images, test_labels,
-                                       config.eval_batch_size, mesh, strategy.eval_chunk, precise_batches)
-            other_time = time.perf_counter() - eval_start - eval_time
-        recorded = []
-        for index, history in enumerate(histories):
-            if history.diverged:  # stopped recording where a run alone would have stopped
-                continue
-            record = {"steps": step, "val_accuracy": float(val["accuracy"][index]),
-                      "val_loss": float(val["loss"][index]), "train_accuracy": float(train_accuracy[index]),
-                      "train_loss": float(train_loss[index]), "wall_time_s": time.perf_counter() - start_time}
-            if config.eval_statistics != "running":
-                record[f"{config.eval_statistics}_val_accuracy"] = float(other["accuracy"][index])
-                record[f"{config.eval_statistics}_val_loss"] = float(other["loss"][index])
-                history.eval_statistics_time_s += other_time
-            for key, value in record.items():
-                getattr(history, key).append(value)
-            if probes[index] is not None:
-                history.probes.append(probes[index](run_of(state, index)))
-            history.eval_time_s += eval_time
-            history.diverged = not math.isfinite(record["train_loss"])
-            recorded.append((index, record))
-        metric_sums, steps_in_sums = zero_sums(), 0
-        for index, history in enumerate(histories):
-            history.total_wall_time_s = time.perf_counter() - start_time
-            if checkpoint_paths[index] is not None:
-                save_checkpoint(checkpoint_paths[index], run_of(state, index), history, configs[index])
+    step = int(states[0].step)
+    for next_eval in _evaluation_steps(step, total_steps, config.eval_every):
+        if all(history.diverged for history in histories):
+            break
+        state, metric_sums = _train_interval(strategy, state, zero_sums(), step, next_eval, **chunk_inputs)
+        # Reading the sums waits for the queued steps, so it comes before the evaluation's clock starts.
+        train_means = {key: np.asarray(sums, np.float64) / (next_eval - step) for key, sums in metric_sums.items()}
+        step = next_eval
+        evaluation = _evaluate(state, config, strategy, mesh, inputs)
+        recorded = _record(histories, state, step, train_means, evaluation, config, probes, elapsed)
+        _save_checkpoints(checkpoint_paths, state, histories, configs, elapsed)
         if on_eval is not None:
             for index, record in recorded:
                 on_eval(configs[index], step, total_steps, record)
-    total_time = time.perf_counter() - start_time
+
+    total_time = elapsed()
     results = []
     for index, history in enumerate(histories):
         history.total_wall_time_s = total_time

@@ -15,6 +15,7 @@ COLD = {"seconds": 40.0, "compile_seconds": 25.0, "run_steps": 168750, "device":
 WARM = {**COLD, "seconds": 15.0, "compile_seconds": 0.5}
 EAGER = {"setup_seconds": 0.0, "measured_seconds": 60.0, "fraction": 0.2, "steps_per_run": 1125}
 CUDAGRAPHS = {"setup_seconds": 30.0, "measured_seconds": 20.0, "fraction": 0.2, "steps_per_run": 1125}
+STACKING = {"run_steps_per_s": {"1": 3800.0, "16": 50000.0}, "per_run_share": {"1": 1.0, "16": 0.82}}
 WHOLE = {"setup_seconds": 0.0, "measured_seconds": 90.0, "fraction": 1.0, "steps_per_run": 5625}
 
 
@@ -34,7 +35,7 @@ def test_bad_arguments_get_one_line_errors_before_any_work(argv, message, capsys
 
 
 def test_the_file_holds_the_workload_cold_and_warm_and_each_peer_scaled_up(tmp_path, monkeypatch):
-    reports = {"eager": EAGER, "cudagraphs": CUDAGRAPHS, "vmap": WHOLE}
+    reports = {"eager": EAGER, "cudagraphs": CUDAGRAPHS, "vmap": WHOLE, "stacking": STACKING}
     started = []
 
     def contender(argv, name, env):
@@ -46,8 +47,8 @@ def test_the_file_holds_the_workload_cold_and_warm_and_each_peer_scaled_up(tmp_p
     out = tmp_path / "sweep.json"
     accelerator_sweep.main(["--seeds", "5", "--out", str(out)])
     # cold and warm share one fresh compilation cache; the peers run without it
-    assert [name for name, _ in started] == ["bnjax", "bnjax", "eager", "cudagraphs", "vmap"]
-    assert started[0][1] == started[1][1] and started[0][1] is not None
+    assert [name for name, _ in started] == ["bnjax", "bnjax", "stacking", "eager", "cudagraphs", "vmap"]
+    assert started[0][1] == started[1][1] == started[2][1] and started[0][1] is not None
     result = json.loads(out.read_text())
     assert result["workload"] == {"runs": 30, "epochs": 3, "max_steps": None, "eval_every": 100, "precise_bn": True}
     assert (result["device"], result["jax"], result["bnjax_commit"]) == ("NVIDIA H200 (gpu)", "0.10.2", "abc")
@@ -58,6 +59,7 @@ def test_the_file_holds_the_workload_cold_and_warm_and_each_peer_scaled_up(tmp_p
     assert (peers["pytorch-eager"]["seconds"], peers["pytorch-eager"]["extrapolated"]) == (300.0, True)
     assert (peers["pytorch-cudagraphs"]["seconds"], peers["pytorch-cudagraphs"]["extrapolated"]) == (130.0, True)
     assert (peers["pytorch-vmap"]["seconds"], peers["pytorch-vmap"]["extrapolated"]) == (90.0, False)
+    assert result["stacking"] == STACKING
 
 
 def test_peers_without_pytorch_are_recorded_as_skipped(tmp_path, monkeypatch):
@@ -65,6 +67,6 @@ def test_peers_without_pytorch_are_recorded_as_skipped(tmp_path, monkeypatch):
                         lambda argv, name, env: dict(COLD) if name == "bnjax" else pytest.fail("peer started"))
     monkeypatch.setattr(benchmarks.peers, "available", lambda: {"pytorch": "torch not installed", "keras-tf": None})
     out = tmp_path / "sweep.json"
-    accelerator_sweep.main(["--peers", "eager", "--out", str(out)])
+    accelerator_sweep.main(["--peers", "eager", "--no-stacking", "--out", str(out)])
     assert json.loads(out.read_text())["peers"] == {
         "pytorch-eager": {"seconds": None, "extrapolated": False, "skipped": "torch not installed"}}

@@ -22,7 +22,7 @@ EXPECTED = {
     "bnjax/precise_bn.py::recompute_batch_stats": "precise_statistics(",
     "bnjax/steps.py::train_step_body": 'mutable=["batch_stats"]',
     "bnjax/steps.py::_eval_totals": "train=False",
-    "bnjax/loop.py::train_runs": "_run_chunk(",
+    "bnjax/loop.py::train_runs": "for next_eval in _evaluation_steps(",
     "bnjax/loop.py::_chunk": "jax.lax.fori_loop(0, num_steps",
     "bnjax/loop.py::_step": "jax.shard_map",
     "experiments/recurrent_bn.py::shared_over_steps": 'variance="pooled"',
