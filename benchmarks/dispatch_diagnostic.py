@@ -21,7 +21,7 @@ from bnjax.train import TrainConfig, train
 
 def steady_steps_per_s(seconds_of, short: int = 100, long: int = 600) -> float:
     """Steps/s from the extra time of a `long` run over a `short` one, both run
-    once before timing so that every chunk length they use is compiled."""
+    once before timing so that what they compile is compiled before the clock starts."""
     seconds_of(short)
     seconds_of(long)
     short_s = seconds_of(short)

@@ -171,7 +171,7 @@ def measure(args) -> dict:
     rates = {name: {False: [], True: []} for name in implementations}
     # bnjax runs of one setting share their compiled step (bnjax/steps.py), so the
     # first run compiles and later ones do not: time a first long run on its own
-    # (it compiles every chunk length the measured runs use), then measure rates
+    # (it compiles the step and the evaluation), then measure rates
     # from runs that all reuse its compiled steps.
     first_run_s = {batch_norm: bnjax_seconds(batch_norm, data, WARMUP + args.steps) for batch_norm in (False, True)}
     overhead_s = {False: [], True: []}  # a short run's seconds beyond its steady share: setup
