@@ -37,18 +37,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from experiments.sweep import positive_int
+
 DEFAULT_OUT = Path("outputs/benchmarks/accelerator_sweep.json")
 PEERS = ("eager", "cudagraphs", "vmap")
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
 
 
 def fraction(text: str) -> float:

@@ -20,7 +20,7 @@ WHOLE = {"setup_seconds": 0.0, "measured_seconds": 90.0, "fraction": 1.0, "steps
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--seeds", "0"], "--seeds: must be a positive integer, got '0'"),
+    (["--seeds", "0"], "--seeds: expected a positive integer, got '0'"),
     (["--peers", "eager,jit"], "unknown peer 'jit'; allowed: eager, cudagraphs, vmap, or none"),
     (["--peer-fraction", "1.5"], "--peer-fraction: must be a number in (0, 1], got '1.5'"),
     (["--out", "."], "--out . is a directory; give a file path"),
