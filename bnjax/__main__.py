@@ -18,7 +18,7 @@ import argparse
 import dataclasses
 import typing
 
-from bnjax.atomic import write_json
+from bnjax.atomic import unwritable_reason, write_json
 from bnjax.compilation_cache import use_persistent_cache
 from bnjax.data import DATASETS, SOURCES, DataError, load_dataset
 from bnjax.provenance import environment
@@ -92,6 +92,8 @@ def main(argv=None) -> None:
         config = config_from_settings(args.set)
     except ValueError as error:
         parser.exit(2, f"error: {error}\n")
+    if args.save and unwritable_reason(args.save):  # before training, so that no result is lost at the end
+        parser.exit(2, f"error: --save {args.save} {unwritable_reason(args.save)}\n")
     changed = {name: getattr(config, name) for name in FIELDS if getattr(config, name) != FIELDS[name].default}
     print(f"training one run: {changed or 'the defaults (the article plain net)'}", flush=True)
     try:

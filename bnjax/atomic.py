@@ -15,12 +15,15 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb"):
 
     The data goes to a temporary file in the same directory, is flushed to disk,
     then renamed over `path` (an atomic step on POSIX and Windows). On an error
-    the temporary file is removed and `path` keeps its old contents.
+    the temporary file is removed and `path` keeps its old contents. The file
+    gets the mode a plain `open` would give it (0666 less the umask), not
+    mkstemp's private 0600.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, mode) as file:
             yield file
             file.flush()
@@ -30,6 +33,31 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
         raise
+
+
+def unwritable_reason(path: str | os.PathLike) -> str | None:
+    """Why `atomic_write(path)` would fail, or None: checked before work
+    whose result would otherwise be lost at the end. `path` must not be a
+    folder, and its nearest existing ancestor must be a folder this process
+    can write into (the missing ones are created)."""
+    path = Path(path)
+    if path.is_dir():
+        return "is a folder; give a file path"
+    ancestor = path.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        return f"{ancestor} is a file, not a folder"
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        return f"cannot write into {ancestor}"
+    return None
+
+
+def _umask() -> int:
+    """The process's umask (reading it means setting it: set back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_json(path: str | os.PathLike, data) -> None:

@@ -23,6 +23,8 @@ MODELS = ("convnet", "mlp", "lstm")
 # initializers, per-step statistics without Renorm or frozen BN, one device's
 # statistics), and the fields of model "lstm" alone.
 NOT_FOR_LSTM = ("kernel_init", "bn_renorm", "bn_frozen", "ghost_bn", "bn_ghost_batch_size")
+MAX_SEED = 2**32 - 1  # jax.random.key(seed) keeps the low 32 bits
+
 LSTM_ONLY = ("sequence", "lstm_hidden_size", "lstm_t_max", "lstm_bn_scale_init", "permutation_seed")
 EVAL_STATISTICS = ("running", "precise", "batch")  # bnjax/evaluation.py
 
@@ -156,6 +158,9 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        if self.seed > MAX_SEED:
+            raise ValueError(f"seed must be an integer from 0 to {MAX_SEED} (JAX's PRNG key takes 32 bits: a larger "
+                             f"seed would give a smaller seed's run), got {self.seed!r}")
         for name in ("learning_rate", "adam_eps", "bn_epsilon", "lstm_bn_scale_init"):
             _check_positive_float(name, getattr(self, name))
         if self.grad_clip_norm is not None:

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from bnjax.atomic import unwritable_reason
 from bnjax.compilation_cache import use_persistent_cache
 from bnjax.engine import default_strategy, train_many
 from bnjax.strategy import Strategy
@@ -102,6 +103,10 @@ def run_sweep(
     dict`, if given, measures each finished run's final state; its values are
     saved beside the run's History. `results`: the file's contents, if the
     caller has read them already."""
+    reason = unwritable_reason(results_path)
+    if reason:  # before any training: its results could not be saved
+        print(f"error: {results_path} {reason}", file=sys.stderr)
+        raise SystemExit(2)
     results = load_results(results_path) if results is None else results
     todo = unfinished(results, configs)
     print(f"{name}: {len(configs)} runs; {len(configs) - len(todo)} already in {results_path}; "

@@ -1,6 +1,8 @@
 """A failed write never leaves a half-written file behind."""
 
 import json
+import os
+import stat
 
 import pytest
 
@@ -22,3 +24,13 @@ def test_write_creates_parent_directories(tmp_path):
     path = tmp_path / "a" / "b" / "out.json"
     write_json(path, {"x": 1})
     assert json.loads(path.read_text()) == {"x": 1}
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_written_files_get_the_mode_the_umask_gives(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        write_json(tmp_path / "results.json", {"x": 1})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "results.json").stat().st_mode) == mode

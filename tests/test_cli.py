@@ -37,6 +37,7 @@ def test_a_short_run_prints_progress_and_saves_its_history(tmp_path, monkeypatch
     ("activation=swish", "error: unknown activation 'swish'; allowed: elu, gelu, relu, sigmoid, tanh"),
     ("seed", "error: --set needs FIELD=VALUE, got 'seed'"),
     ("eval_statistics=population", "error: unknown eval_statistics 'population'; allowed: batch, precise, running"),
+    ("seed=4294967296", "error: seed must be an integer from 0 to 4294967295"),
 ])
 def test_bad_input_ends_with_one_line_naming_it(setting, message):
     # A real process: the user sees exactly this, and no traceback.
@@ -52,3 +53,18 @@ def test_fields_lists_every_field_with_its_default(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == len(cli.FIELDS)
     assert any(line.split()[:2] == ["bn_momentum", "0.99"] for line in lines)
+
+
+@pytest.mark.parametrize("where, message", [
+    ("folder", "is a folder; give a file path"),
+    ("under-a-file", "is a file, not a folder"),
+])
+def test_an_unwritable_save_path_is_refused_before_any_training(tmp_path, monkeypatch, capsys, where, message):
+    monkeypatch.setattr(cli, "load_dataset", lambda *args: pytest.fail("work started"))
+    (tmp_path / "a-file").write_text("")
+    path = tmp_path if where == "folder" else tmp_path / "a-file" / "run.json"
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--set", "max_steps=2", "--save", str(path)])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: --save {path} ") and message in error and len(error.strip().splitlines()) == 1

@@ -66,3 +66,16 @@ def test_common_flags_refuse_bad_values_in_one_line(capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["--seeds", "0"])
     assert "argument --seeds: expected a positive integer, got '0'" in capsys.readouterr().err
+
+
+def test_an_out_folder_that_is_a_file_is_refused_before_any_training(tmp_path, capsys):
+    (tmp_path / "out").write_text("not a folder")
+    path = tmp_path / "out" / "results.json"
+
+    def no_data():
+        raise AssertionError("the results cannot be saved: nothing may be trained")
+
+    with pytest.raises(SystemExit) as exit_info:
+        sweep.run_sweep(CONFIGS, path, no_data, name="study")
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"error: {path} {tmp_path / 'out'} is a file, not a folder\n"

@@ -26,6 +26,8 @@ BAD_VALUES = [
     ("max_steps", 0, "max_steps must be a positive integer or None, got 0"),
     ("steps_per_epoch", -5, "steps_per_epoch must be a positive integer or None, got -5"),
     ("seed", -1, "seed must be a non-negative integer, got -1"),
+    ("seed", 2**32, "seed must be an integer from 0 to 4294967295 .*, got 4294967296"),
+    ("seed", 2**63, "seed must be an integer from 0 to 4294967295 .*, got 9223372036854775808"),
     ("batch_norm", "yes", "batch_norm must be True or False, got 'yes'"),
     ("shuffle", 1, "shuffle must be True or False, got 1"),
     ("num_devices", 0, "num_devices must be a positive integer or None, got 0"),
