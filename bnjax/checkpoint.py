@@ -10,11 +10,17 @@ What is saved: params, batch_stats, optimizer state and step (the TrainState),
 the History so far, and the config. The PRNG needs no saving: the only
 randomness is the initialization (from `config.seed`) and the per-epoch batch
 order (from `config.seed` and the epoch), both recomputed exactly.
+
+The file is a msgpack map of the format's name, the SHA-256 of the payload
+and the payload (the msgpack of all the above): bytes changed anywhere in it
+make it refuse to load, where msgpack alone would often parse them into
+other numbers.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from pathlib import Path
 
@@ -22,6 +28,9 @@ import jax
 from flax import serialization
 
 from bnjax.atomic import atomic_write
+
+
+FORMAT = "bnjax-checkpoint-2"  # with a checksum
 
 
 def save_checkpoint(path: str | os.PathLike, state, history, config) -> None:
@@ -33,8 +42,10 @@ def save_checkpoint(path: str | os.PathLike, state, history, config) -> None:
         "state": serialization.to_state_dict(jax.device_get(state)),
         "history": history.to_dict(),
     }
+    payload_bytes = serialization.msgpack_serialize(payload)
     with atomic_write(path, "wb") as file:
-        file.write(serialization.msgpack_serialize(payload))
+        file.write(serialization.msgpack_serialize(
+            {"format": FORMAT, "sha256": hashlib.sha256(payload_bytes).hexdigest(), "payload": payload_bytes}))
 
 
 def restore_checkpoint(path: str | os.PathLike, template_state, config):
@@ -43,10 +54,18 @@ def restore_checkpoint(path: str | os.PathLike, template_state, config):
     Raises ValueError if the checkpoint belongs to another config, naming the
     fields that differ, and if the file is not a readable checkpoint."""
     try:
-        payload = serialization.msgpack_restore(Path(path).read_bytes())
-        saved_config = payload["config"]
+        wrapper = serialization.msgpack_restore(Path(path).read_bytes())
     except Exception as error:  # truncated or foreign file
         raise ValueError(f"checkpoint {path} is unreadable ({type(error).__name__}: {error})") from error
+    if not isinstance(wrapper, dict) or wrapper.get("format") != FORMAT:
+        found = wrapper.get("format") if isinstance(wrapper, dict) else None
+        raise ValueError(f"checkpoint {path} is not a {FORMAT} file (format {found!r}: older bnjax checkpoints "
+                         "carry no checksum); delete it to train the run afresh")
+    if hashlib.sha256(wrapper["payload"]).hexdigest() != wrapper["sha256"]:
+        raise ValueError(f"checkpoint {path} is damaged: its content does not match the SHA-256 saved with it; "
+                         "delete it to train the run afresh")
+    payload = serialization.msgpack_restore(wrapper["payload"])
+    saved_config = payload["config"]
     current = dataclasses.asdict(config)
     differing = sorted(key for key in set(current) | set(saved_config) if current.get(key) != saved_config.get(key))
     if differing:

@@ -13,11 +13,15 @@ set) once. A task calls
 `function(shared, progress, *args)` there, where `progress(message)` sends a
 message back at once; its return value (or exception) comes back to `run`.
 Messages are pickles on the worker's stdin and stdout; the worker's own
-prints go to stderr.
+prints go to stderr. On Linux a worker ends with the process that started
+it, even when that one is killed outright (`PR_SET_PDEATHSIG`; the kernel
+sends it when the thread that started the worker ends, so a pool belongs to
+the thread that made it).
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import pickle
 import queue
@@ -27,11 +31,23 @@ import sys
 import threading
 from typing import Any, Callable, Iterator
 
-_WORKER_MAIN = "from bnjax.workers import worker_main; worker_main()"
+_WORKER_MAIN = "from bnjax.workers import worker_main; worker_main({parent})"
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-def worker_main() -> None:
+def _end_with_parent(parent: int) -> None:
+    """Ask the kernel for SIGTERM when the parent dies (Linux), and end now if
+    it died before that request was in place."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def worker_main(parent: int | None = None) -> None:
     """The loop of one worker process: init, then tasks until stdin closes."""
+    if parent is not None:
+        _end_with_parent(parent)
     channel = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # anything printed goes to stderr, never into the pickles
     inbox = sys.stdin.buffer
@@ -70,8 +86,8 @@ class WorkerPool:
         self._workers = []
         self._readers = []
         for worker_index, core in enumerate(cores):
-            process = subprocess.Popen([sys.executable, "-c", _WORKER_MAIN], stdin=subprocess.PIPE,
-                                       stdout=subprocess.PIPE)
+            process = subprocess.Popen([sys.executable, "-c", _WORKER_MAIN.format(parent=os.getpid())],
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE)
             pickle.dump((core, sys.path, shared), process.stdin)
             process.stdin.flush()
             reader = threading.Thread(target=self._read, args=(worker_index, process.stdout), daemon=True)

@@ -67,3 +67,25 @@ def test_truncated_checkpoint_is_refused(tiny_data, tmp_path):
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(ValueError, match="is unreadable"):
         train(dataclasses.replace(CONFIG, max_steps=4), tiny_data, checkpoint_path=path)
+
+
+def test_a_checkpoint_garbled_in_the_middle_is_refused(tiny_data, tmp_path):
+    # Bytes overwritten, not cut: msgpack alone parsed such a file into other
+    # weights and the run resumed from them.
+    path = tmp_path / "run.msgpack"
+    train(dataclasses.replace(CONFIG, max_steps=4), tiny_data, checkpoint_path=path)
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 16] = bytes(b ^ 0xFF for b in data[middle:middle + 16])
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="is damaged: its content does not match the SHA-256 saved with it"):
+        train(dataclasses.replace(CONFIG, max_steps=4), tiny_data, checkpoint_path=path)
+
+
+def test_a_checkpoint_without_a_checksum_is_refused(tmp_path):
+    from flax import serialization
+
+    path = tmp_path / "old.msgpack"
+    path.write_bytes(serialization.msgpack_serialize({"config": {}, "state": {}, "history": {}}))
+    with pytest.raises(ValueError, match="is not a bnjax-checkpoint-2 file .*carry no checksum"):
+        restore_checkpoint(path, None, CONFIG)

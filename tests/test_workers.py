@@ -2,6 +2,10 @@
 errors and crashes come back to the caller."""
 
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -20,6 +24,11 @@ def fail(shared, progress, message):
 
 def crash(shared, progress):
     os._exit(3)
+
+
+def sleep_a_minute(shared, progress):
+    progress("sleeping")
+    time.sleep(60)
 
 
 @pytest.fixture
@@ -50,3 +59,37 @@ def test_a_crashed_worker_is_reported_not_waited_for(importable_here):
     with WorkerPool(cores=[0], shared=None) as pool:
         with pytest.raises(RuntimeError, match=r"worker process 0 exited \(code 3\) during task 0"):
             list(pool.run(crash, [()]))
+
+
+# A parent that starts one worker on a minute-long task, says the worker's pid
+# once the task is running, and waits.
+PARENT = """
+import sys
+from bnjax.workers import WorkerPool
+import test_workers
+pool = WorkerPool(cores=[0], shared=None)
+def started(task, message):
+    print(pool._workers[0].pid, flush=True)
+list(pool.run(test_workers.sleep_a_minute, [()], started))
+"""
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            return not any(line.startswith("State:") and "Z" in line.split()[1] for line in status)
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_workers_end_when_their_parent_is_killed(importable_here):
+    parent = subprocess.Popen([sys.executable, "-c", PARENT], stdout=subprocess.PIPE, text=True)
+    worker = int(parent.stdout.readline())
+    assert alive(worker)
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(worker), "the worker outlived its killed parent"
