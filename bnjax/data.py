@@ -219,7 +219,9 @@ def load_dataset(
         try:
             save_cache(cache_path, data, source=label)
         except OSError as error:  # a read-only home must not stop training
-            _log(f"could not write cache {cache_path} ({error}); continuing without it")
+            _log(f"{info.title} from source {label!r}; could not write cache {cache_path} ({error}), "
+                 "continuing without it")
+            return data
         _log(f"{info.title} from source {label!r}, cached at {cache_path}")
         return data
 

@@ -70,12 +70,14 @@ def last_full_interval(run: dict, key: str) -> float:
 
 
 def run_resumable(main) -> None:
-    """Run a study's `main()` from the command line: an interrupt or a data
-    error ends it with one line (its finished runs are already saved)."""
+    """Run a study's `main()` from the command line: an interrupt (exit 130)
+    or a data error (exit 1) ends it with one line (its finished runs are
+    already saved)."""
     try:
         main()
-    except KeyboardInterrupt:
-        sys.exit("interrupted; finished runs are saved and will be skipped next time")
+    except KeyboardInterrupt:  # exit 130, as a shell reports a process ended by Ctrl-C (python -m bnjax too)
+        print("interrupted; finished runs are saved and will be skipped next time", file=sys.stderr)
+        sys.exit(130)
     except DataError as error:
         sys.exit(f"error: {error}")
 

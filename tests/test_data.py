@@ -159,6 +159,15 @@ def test_auto_rebuilds_a_corrupt_cache_from_idx_files(tmp_path, mnist, capsys):
     load_cache(cache_file)  # rewritten whole
 
 
+def test_a_cache_that_cannot_be_written_is_not_reported_as_written(tmp_path, mnist, monkeypatch, capsys):
+    monkeypatch.setattr(data_module, "load_pypi_mirror", lambda: mnist)
+    (tmp_path / "mnist.npz").mkdir()  # where the cache file would go
+    data = load_mnist("pypi", cache_dir=tmp_path)
+    np.testing.assert_array_equal(data.y_test, mnist.y_test)
+    messages = capsys.readouterr().err
+    assert "could not write cache" in messages and "cached at" not in messages
+
+
 def test_cache_dir_from_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("BNJAX_CACHE_DIR", str(tmp_path / "here"))
     assert data_module.default_cache_dir() == tmp_path / "here"

@@ -79,3 +79,15 @@ def test_an_out_folder_that_is_a_file_is_refused_before_any_training(tmp_path, c
         sweep.run_sweep(CONFIGS, path, no_data, name="study")
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == f"error: {path} {tmp_path / 'out'} is a file, not a folder\n"
+
+
+def test_an_interrupted_study_ends_in_one_line_with_the_shells_code_for_ctrl_c(capsys):
+    from experiments.results import run_resumable
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_resumable(interrupted)
+    assert exit_info.value.code == 130  # as `python -m bnjax` ends on Ctrl-C
+    assert capsys.readouterr().err == "interrupted; finished runs are saved and will be skipped next time\n"
