@@ -15,8 +15,10 @@ RUNS = 3
 # the article's second convolution's shapes, a different kernel per run.
 IMAGES = jax.random.normal(jax.random.key(0), (RUNS, 4, 13, 13, 32))
 KERNELS = jax.random.normal(jax.random.key(1), (RUNS, 3, 3, 32, 64)) * 0.1
-# float32 sums of 288 products in another order: measured within 2e-6 of
-# outputs of size ~3 (relative ~1e-6); gradients within 2e-5 of values of ~100.
+# float32 sums of 288 products in another order, measured (jax 0.10.2, CPU):
+# outputs within 5.2e-6 of values up to 9.3; input gradients within 3.9e-6 of
+# values up to 7; kernel gradients (sums over the batch too) within 4.4e-5 of
+# values up to 67. Gradients are checked with atol 1e-4.
 RTOL, ATOL = 1e-5, 1e-5
 
 
