@@ -92,8 +92,9 @@ def main(argv=None) -> None:
         config = config_from_settings(args.set)
     except ValueError as error:
         parser.exit(2, f"error: {error}\n")
-    if args.save and unwritable_reason(args.save):  # before training, so that no result is lost at the end
-        parser.exit(2, f"error: --save {args.save} {unwritable_reason(args.save)}\n")
+    reason = unwritable_reason(args.save) if args.save else None
+    if reason:  # before training, so that no result is lost at the end
+        parser.exit(2, f"error: --save {args.save} {reason}\n")
     changed = {name: getattr(config, name) for name in FIELDS if getattr(config, name) != FIELDS[name].default}
     print(f"training one run: {changed or 'the defaults (the article plain net)'}", flush=True)
     try:

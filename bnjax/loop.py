@@ -111,8 +111,8 @@ def _step(carry, step, train_images, train_labels, epoch_orders, steps_per_epoch
     return state, jax.tree_util.tree_map(jnp.add, metric_sums, metrics)
 
 
-def _chunk(state, metric_sums, train_images, train_labels, epoch_orders, first_step, num_steps,
-                 steps_per_epoch, batch_size, mesh, ghost_bn, loop):
+def _chunk(state, metric_sums, train_images, train_labels, epoch_orders, first_step, num_steps, steps_per_epoch,
+           batch_size, mesh, ghost_bn, loop):
     """`num_steps` consecutive steps of every run from global step
     `first_step`, in one dispatch. `loop` says how (both step numbers are
     traced, so every interval runs one compiled program, an epoch boundary
@@ -271,6 +271,7 @@ def _record(histories: list[History], state, step: int, train_means: dict, evalu
 
 
 def _save_checkpoints(checkpoint_paths, state, histories: list[History], configs, elapsed: Callable[[], float]):
+    """Stamp every History with the wall time so far, then save each run that has a checkpoint path."""
     for index, history in enumerate(histories):
         history.total_wall_time_s = elapsed()
         if checkpoint_paths[index] is not None:
