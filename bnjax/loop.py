@@ -92,12 +92,14 @@ def _runs_step(state, images, labels, axis_name, ghost_bn):
     return for_each_run(lambda run: step(*run), (state, images, labels))
 
 
-def _step(carry, step, train_images, train_labels, epoch_orders, steps_per_epoch, batch_size, mesh, ghost_bn):
+def _step(carry, step, train_images, train_labels, epoch_orders, orders_first_epoch, steps_per_epoch, batch_size,
+          mesh, ghost_bn):
     """Global step `step` of every run: gather each run's batch from the
-    device-resident training set (`epoch_orders`: (R, epochs, N)), take one
-    step (data-parallel over `mesh`), add its metrics to the running sums."""
+    device-resident training set (`epoch_orders`: (R, W, N), the orders of
+    epochs `orders_first_epoch` .. + W - 1), take one step (data-parallel over
+    `mesh`), add its metrics to the running sums."""
     state, metric_sums = carry
-    epoch, step_in_epoch = step // steps_per_epoch, step % steps_per_epoch
+    epoch, step_in_epoch = step // steps_per_epoch - orders_first_epoch, step % steps_per_epoch
     indices = jax.vmap(lambda orders: jax.lax.dynamic_slice(orders[epoch], (step_in_epoch * batch_size,),
                                                             (batch_size,)))(epoch_orders)
     images, labels = to_float_images(train_images[indices]), train_labels[indices]
@@ -111,8 +113,8 @@ def _step(carry, step, train_images, train_labels, epoch_orders, steps_per_epoch
     return state, jax.tree_util.tree_map(jnp.add, metric_sums, metrics)
 
 
-def _chunk(state, metric_sums, train_images, train_labels, epoch_orders, first_step, num_steps, steps_per_epoch,
-           batch_size, mesh, ghost_bn, loop):
+def _chunk(state, metric_sums, train_images, train_labels, epoch_orders, orders_first_epoch, first_step, num_steps,
+           steps_per_epoch, batch_size, mesh, ghost_bn, loop):
     """`num_steps` consecutive steps of every run from global step
     `first_step`, in one dispatch. `loop` says how (both step numbers are
     traced, so every interval runs one compiled program, an epoch boundary
@@ -123,7 +125,7 @@ def _chunk(state, metric_sums, train_images, train_labels, epoch_orders, first_s
                   (`num_steps` is then static: one program per length).
     """
     step = functools.partial(_step, train_images=train_images, train_labels=train_labels, epoch_orders=epoch_orders,
-                             steps_per_epoch=steps_per_epoch, batch_size=batch_size, mesh=mesh, ghost_bn=ghost_bn)
+                             orders_first_epoch=orders_first_epoch, steps_per_epoch=steps_per_epoch, batch_size=batch_size, mesh=mesh, ghost_bn=ghost_bn)
     if loop == "step":
         return step((state, metric_sums), first_step)
     if loop == "unrolled":
@@ -186,8 +188,8 @@ def _check_program(configs: list[TrainConfig], mesh) -> None:
 def _device_inputs(configs: list[TrainConfig], data, replicated) -> dict:
     """What the program reads, on every device once: the whole data set as
     uint8 (47 MB for MNIST; batches are gathered and converted to float
-    there, then split over the devices), every run's batch order for every
-    epoch and, for precise BN, its training batches."""
+    there, then split over the devices) and, for precise BN, its training
+    batches. The batch orders come per interval (`_batch_orders`)."""
     config, num_examples = configs[0], len(data.x_train)
     train_images, train_labels, test_images, test_labels = jax.device_put(tuple(data), replicated)
     # Precise BN re-estimates from the same training batches at every evaluation
@@ -200,10 +202,24 @@ def _device_inputs(configs: list[TrainConfig], data, replicated) -> dict:
                              f"has {num_examples}")
         precise_batches = jax.device_put(
             sample_batches(data.x_train, config.batch_size, config.precise_bn_batches, seed=0), replicated)
-    epoch_orders = jax.device_put(np.stack([[epoch_order(c, epoch, num_examples) for epoch in range(c.epochs)]
-                                            for c in configs]), replicated)
     return {"train_images": train_images, "train_labels": train_labels, "test_images": test_images,
-            "test_labels": test_labels, "epoch_orders": epoch_orders, "precise_batches": precise_batches}
+            "test_labels": test_labels, "precise_batches": precise_batches}
+
+
+def _orders_window(steps_per_epoch: int, total_steps: int, eval_every: int) -> int:
+    """How many epochs' batch orders the devices hold at once: as many as one
+    evaluation interval can span, and no more than the runs train. Memory
+    thus follows the steps trained, never the epochs declared."""
+    epochs_trained = -(-total_steps // steps_per_epoch)
+    return max(1, min(epochs_trained, (eval_every - 1) // steps_per_epoch + 2))
+
+
+def _batch_orders(configs: list[TrainConfig], window: int, num_examples: int, replicated, first_epoch: int):
+    """Every run's order of the training set in epochs `first_epoch` ..
+    `first_epoch` + `window` - 1: (R, window, N) int32 on every device."""
+    return jax.device_put(np.stack([[epoch_order(c, epoch, num_examples)
+                                     for epoch in range(first_epoch, first_epoch + window)] for c in configs]),
+                          replicated)
 
 
 def _evaluation_steps(first_step: int, total_steps: int, eval_every: int):
@@ -317,8 +333,12 @@ def train_runs(
     state = jax.device_put(stack_runs(states), replicated)
     inputs = _device_inputs(configs, data, replicated)
     chunk_inputs = dict(train_images=inputs["train_images"], train_labels=inputs["train_labels"],
-                        epoch_orders=inputs["epoch_orders"], steps_per_epoch=steps_per_epoch,
-                        batch_size=config.batch_size, mesh=mesh, ghost_bn=config.ghost_bn)
+                        steps_per_epoch=steps_per_epoch, batch_size=config.batch_size, mesh=mesh,
+                        ghost_bn=config.ghost_bn)
+    # Built again only when an interval starts in a new epoch.
+    batch_orders = functools.lru_cache(maxsize=1)(functools.partial(
+        _batch_orders, configs, _orders_window(steps_per_epoch, total_steps, config.eval_every),
+        len(data.x_train), replicated))
     # Placed as the chunk's outputs are, so that every chunk call finds the same program.
     zero_sums = lambda: jax.device_put({"loss": jnp.zeros(num_runs), "accuracy": jnp.zeros(num_runs)},  # noqa: E731
                                        replicated)
@@ -329,7 +349,10 @@ def train_runs(
     for next_eval in _evaluation_steps(step, total_steps, config.eval_every):
         if all(history.diverged for history in histories):
             break
-        state, metric_sums = _train_interval(strategy, state, zero_sums(), step, next_eval, **chunk_inputs)
+        first_epoch = step // steps_per_epoch
+        state, metric_sums = _train_interval(strategy, state, zero_sums(), step, next_eval,
+                                             epoch_orders=batch_orders(first_epoch), orders_first_epoch=first_epoch,
+                                             **chunk_inputs)
         # Reading the sums waits for the queued steps, so it comes before the evaluation's clock starts.
         train_means = {key: np.asarray(sums, np.float64) / (next_eval - step) for key, sums in metric_sums.items()}
         step = next_eval

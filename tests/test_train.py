@@ -142,6 +142,21 @@ def test_epochs_wrap_around_the_training_set(tiny_data):
     assert history.steps == [4, 8] and int(state.step) == 8
 
 
+def test_batch_orders_held_follow_the_steps_trained_not_the_epochs_declared(tiny_data, monkeypatch):
+    # 256 examples / 64 = 4 steps per epoch; 6 steps cross one epoch boundary
+    # inside the second interval. Declaring 10**11 epochs must cost nothing.
+    from bnjax import loop
+
+    held, build = [], loop._batch_orders
+    monkeypatch.setattr(loop, "_batch_orders", lambda *args: held.append(build(*args)) or held[-1])
+    config = TrainConfig(batch_size=64, epochs=10**11, max_steps=6, eval_every=4)
+    history, state = train(config, tiny_data)
+    assert [orders.shape for orders in held] == [(1, 2, 256), (1, 2, 256)]  # epochs 0-1, then 1-2
+    assert int(state.step) == 6
+    declared_two, _ = train(dataclasses.replace(config, epochs=2), tiny_data)
+    assert history.train_loss == declared_two.train_loss and history.val_loss == declared_two.val_loss
+
+
 def test_divergence_is_recorded_and_stops_the_run(tiny_data):
     config = TrainConfig(optimizer="sgd", learning_rate=1e30, max_steps=50, eval_every=5, batch_size=16)
     history, _ = train(config, tiny_data)
