@@ -9,7 +9,9 @@ Values are read by the field's type: true/false for booleans, integers,
 numbers, names, and `none` for the optional integers. Progress goes to stdout
 at each evaluation, then the final test accuracy; `--save` writes the config,
 the environment and the History as one JSON file (atomically). A bad field or
-value ends with one line naming it and what is allowed.
+value ends with one line naming it and what is allowed. Exit status: 0 when
+the run trained to its end, 1 when the data could not be loaded, 2 for bad
+input, 3 when the run diverged (its History is still saved), 130 on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import typing
 from bnjax.atomic import unwritable_reason, write_json
 from bnjax.compilation_cache import use_persistent_cache
 from bnjax.data import DATASETS, SOURCES, DataError, load_dataset
+from bnjax.loop import DIVERGED_LOSS
 from bnjax.provenance import environment
 from bnjax.train import TrainConfig, train
 
@@ -116,7 +119,7 @@ def main(argv=None) -> None:
         parser.exit(130, "interrupted; nothing saved\n")
     except ValueError as error:  # e.g. a batch that does not divide over the devices
         parser.exit(2, f"error: {error}\n")
-    outcome = "diverged (non-finite loss)" if history.diverged else "done"
+    outcome = f"diverged (training loss {history.train_loss[-1]:.4g})" if history.diverged else "done"
     print(f"{outcome}: final test accuracy {history.val_accuracy[-1]:.4f} after {history.steps[-1]} steps, "
           f"{history.total_wall_time_s:.1f} s", flush=True)
     if getattr(history, other, None):
@@ -126,6 +129,9 @@ def main(argv=None) -> None:
         write_json(args.save, {"config": dataclasses.asdict(config), "environment": environment(),
                                **history.to_dict()})
         print(f"saved {args.save}")
+    if history.diverged:
+        parser.exit(3, f"the run diverged: its training loss is NaN, infinite or above {DIVERGED_LOSS:.0f} "
+                       "(bnjax/loop.py::has_diverged)\n")
 
 
 if __name__ == "__main__":

@@ -49,6 +49,19 @@ PER_RUN_FIELDS = ("seed", "learning_rate")
 STACKED_GHOST_BN_FROM = (0, 10)
 
 
+# A run has diverged when the mean training loss of an evaluation interval is
+# not finite or above this: 100 x ln(10), a hundred times the cross-entropy of
+# guessing among the 10 classes (a mean probability below e**-230 on the true
+# class). No run in outputs/ that went on learning came near it (the highest
+# finite interval mean there is 22.7); lr 1000 reaches 7e20 and stays there.
+DIVERGED_LOSS = 100 * math.log(10)
+
+
+def has_diverged(train_loss: float) -> bool:
+    """The divergence rule: a training loss that is NaN, infinite or above `DIVERGED_LOSS`."""
+    return not math.isfinite(train_loss) or train_loss > DIVERGED_LOSS
+
+
 # on_eval(config, step, total_steps, record) after each evaluation of a run.
 EvalCallback = Callable[[TrainConfig, int, int, dict], None]
 
@@ -262,8 +275,8 @@ def _evaluate(state, config: TrainConfig, strategy: Strategy, mesh, inputs: dict
 def _record(histories: list[History], state, step: int, train_means: dict, evaluation: dict, config: TrainConfig,
             probes, elapsed: Callable[[], float]) -> list[tuple[int, dict]]:
     """Append one evaluation to every run's History that has not diverged;
-    return [(run index, its record)]. A run whose training loss is no longer
-    finite is marked diverged and records nothing after this."""
+    return [(run index, its record)]. A run whose training loss has diverged
+    (`has_diverged`) is marked so and records nothing after this."""
     val, other = evaluation["values"]["running"], evaluation["values"].get("other")
     recorded = []
     for index, history in enumerate(histories):
@@ -281,7 +294,7 @@ def _record(histories: list[History], state, step: int, train_means: dict, evalu
         if probes[index] is not None:
             history.probes.append(probes[index](run_of(state, index)))
         history.eval_time_s += evaluation["seconds"]["running"]
-        history.diverged = not math.isfinite(record["train_loss"])
+        history.diverged = has_diverged(record["train_loss"])
         recorded.append((index, record))
     return recorded
 
@@ -307,8 +320,9 @@ def train_runs(
 
     Each run is evaluated on the test set every `eval_every` steps and at the
     end; `on_eval(config, step, total_steps, record)` follows each evaluation.
-    A run whose training loss becomes NaN or infinite stops recording there
-    and is marked `diverged` (its program stops when all runs have).
+    A run whose training loss diverges (NaN, infinite or above
+    `DIVERGED_LOSS`) stops recording there and is marked `diverged` (its
+    program stops when all runs have).
     `probes[i](state) -> dict of floats`, if given, is measured on run i's
     state at each of its evaluations and kept in its `history.probes`. With
     `checkpoint_paths[i]`, run i (state, history, config) is saved there after

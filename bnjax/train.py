@@ -54,8 +54,9 @@ def train(
     (history, final_state).
 
     `on_eval(config, step, total_steps, record)` is called after each
-    evaluation (for progress output). A run whose training loss becomes NaN or
-    infinite stops there and is marked `diverged`.
+    evaluation (for progress output). A run whose training loss diverges (NaN,
+    infinite or above `bnjax.loop.DIVERGED_LOSS`) stops there and is marked
+    `diverged`.
 
     With `checkpoint_path`, the whole run (state, history, config) is saved
     there after every evaluation, and a run started with an existing checkpoint

@@ -130,7 +130,8 @@ def run_sweep(
 
     def save_run(config, history, state):
         if history.diverged:
-            print(f"{name} {labels[id(config)]} diverged (non-finite loss) at step {history.steps[-1]}; recorded, "
+            print(f"{name} {labels[id(config)]} diverged (training loss {history.train_loss[-1]:.4g}) at step {history.steps[-1]}; "
+                  "recorded, "
                   "going on", flush=True)
         steps_seen[id(config)] = resolve_steps(config, len(data.x_train))[1]  # a diverged run's rest counts as done
         extra = measure(config, history, state, data) if measure is not None else None

@@ -68,3 +68,16 @@ def test_an_unwritable_save_path_is_refused_before_any_training(tmp_path, monkey
     assert exit_info.value.code == 2
     error = capsys.readouterr().err
     assert error.startswith(f"error: --save {path} ") and message in error and len(error.strip().splitlines()) == 1
+
+
+def test_a_diverged_run_exits_3_and_still_saves_its_history(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "load_dataset", lambda *args: make_dataset())
+    saved = tmp_path / "run.json"
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--set", "learning_rate=1000", "--set", "max_steps=20", "--set", "eval_every=5",
+                  "--set", "batch_size=16", "--set", "num_devices=none", "--save", str(saved)])
+    assert exit_info.value.code == 3
+    captured = capsys.readouterr()
+    assert "diverged (training loss " in captured.out and "done:" not in captured.out
+    assert captured.err.startswith("the run diverged: its training loss is NaN, infinite or above 230")
+    assert json.loads(saved.read_text())["diverged"] is True

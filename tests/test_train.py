@@ -8,6 +8,7 @@ import numpy as np
 import optax
 import pytest
 
+from bnjax.loop import DIVERGED_LOSS, has_diverged
 from bnjax.train import TrainConfig, create_train_state, eval_step, resolve_steps, train, train_step
 
 BAD_VALUES = [
@@ -162,6 +163,21 @@ def test_divergence_is_recorded_and_stops_the_run(tiny_data):
     history, _ = train(config, tiny_data)
     assert history.diverged
     assert history.steps[-1] < 50 and not np.isfinite(history.train_loss[-1])
+
+
+def test_a_finite_but_exploded_loss_is_divergence(tiny_data):
+    # Adam at lr 1000: the loss stays finite (about 5e21) and never comes back.
+    config = TrainConfig(learning_rate=1000.0, max_steps=40, eval_every=5, batch_size=16)
+    history, _ = train(config, tiny_data)
+    assert history.diverged and history.steps == [5]
+    assert np.isfinite(history.train_loss[-1]) and history.train_loss[-1] > DIVERGED_LOSS
+
+
+@pytest.mark.parametrize("loss, diverged", [(float("nan"), True), (float("inf"), True), (-float("inf"), True),
+                                            (DIVERGED_LOSS * 1.0001, True), (DIVERGED_LOSS, False), (22.7, False),
+                                            (2.3, False)])
+def test_the_divergence_rule(loss, diverged):
+    assert has_diverged(loss) is diverged
 
 
 @pytest.mark.parametrize(
