@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -61,6 +62,18 @@ def _umask() -> int:
 
 
 def write_json(path: str | os.PathLike, data) -> None:
+    """`data` as standard JSON, atomically: NaN and infinities, which JSON
+    has no words for, are written as null."""
     with atomic_write(path, "w") as file:
-        json.dump(data, file, indent=1, allow_nan=True)
+        json.dump(_finite_or_null(data), file, indent=1, allow_nan=False)
         file.write("\n")
+
+
+def _finite_or_null(data):
+    if isinstance(data, float) and not math.isfinite(data):
+        return None
+    if isinstance(data, dict):
+        return {key: _finite_or_null(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_finite_or_null(value) for value in data]
+    return data

@@ -51,12 +51,16 @@ def steps_per_epoch(config: dict) -> int:
 
 
 def stacked(runs: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
-    """(steps, values (n_runs, n_steps)); a run that stopped early (diverged) is padded with NaN."""
-    longest = max(runs, key=lambda run: len(run["steps"]))
-    values = np.full((len(runs), len(longest["steps"])), np.nan)
+    """(steps, values (n_runs, n_steps)) over every step any run evaluated at;
+    a run has NaN where it has no value (it stopped early: diverged, or was
+    saved with fewer evaluations; or its `key` curve is empty)."""
+    steps = sorted({step for run in runs for step in run["steps"]})
+    column = {step: i for i, step in enumerate(steps)}
+    values = np.full((len(runs), len(steps)), np.nan)
     for i, run in enumerate(runs):
-        values[i, : len(run[key])] = run[key]
-    return np.asarray(longest["steps"]), values
+        for step, value in zip(run["steps"], run[key]):
+            values[i, column[step]] = value
+    return np.asarray(steps), values
 
 
 def figure_name(setting: dict) -> str:

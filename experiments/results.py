@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -24,18 +25,61 @@ def run_key(config: dict) -> str:
     return json.dumps(dataclasses.asdict(TrainConfig(**config)), sort_keys=True)
 
 
+# The curves every saved run holds, one value per evaluation; and those it
+# holds only when its config asked for them (empty otherwise).
+CURVES = ("val_accuracy", "val_loss", "train_accuracy", "train_loss", "wall_time_s")
+OPTIONAL_CURVES = ("precise_val_accuracy", "precise_val_loss", "batch_val_accuracy", "batch_val_loss", "probes")
+
+
 def load_results(path: Path) -> dict:
-    """The saved results, or an empty file's worth if none exist yet."""
+    """The saved results, or an empty file's worth if none exist yet. A file
+    that cannot be read, or whose runs are not what bnjax writes, ends the
+    program with one line naming the file and what is wrong; the file is left
+    as it is. A number saved as null (bnjax writes NaN and infinities so, as
+    standard JSON has neither) comes back as NaN."""
     if not path.exists():
         return {"environment": environment(), "runs": []}
     try:
-        with open(path) as file:
+        with open(path, encoding="utf-8") as file:
             results = json.load(file)
-    except (OSError, json.JSONDecodeError) as error:
+    except (OSError, ValueError) as error:  # ValueError: JSON syntax, bytes that are not UTF-8
         raise SystemExit(f"error: cannot read {path} ({error}); move it away to start a fresh sweep")
     if not isinstance(results, dict) or not isinstance(results.get("runs"), list):
         raise SystemExit(f"error: {path} has no top-level 'runs' list; move it away to start a fresh sweep")
+    for index, run in enumerate(results["runs"]):
+        problem = _problem_with_run(run)
+        if problem:
+            raise SystemExit(f"error: {path}: run {index} {problem}; move the file away to start a fresh sweep")
+        for key in CURVES + OPTIONAL_CURVES[:-1]:
+            run[key] = [math.nan if value is None else value for value in run.get(key, [])]
     return results
+
+
+def _problem_with_run(run) -> str | None:
+    """What makes `run` (one entry of a results file's `runs`) unusable, or None."""
+    if not isinstance(run, dict):
+        return f"is {type(run).__name__}, not an object"
+    if not isinstance(run.get("config"), dict):
+        return "has no config"
+    try:
+        run_key(run["config"])
+    except (TypeError, ValueError) as error:
+        return f"has an invalid config ({error})"
+    steps = run.get("steps")
+    if not isinstance(steps, list) or not all(type(step) is int and step > 0 for step in steps) \
+            or steps != sorted(set(steps)):
+        return f"has steps {str(steps)[:60]}, not increasing positive integers"
+    for key in CURVES + OPTIONAL_CURVES:
+        values = run.get(key, [])
+        if not isinstance(values, list) or len(values) not in ((0, len(steps)) if key in OPTIONAL_CURVES
+                                                                else (len(steps),)):
+            return f"has {key} of {len(values) if isinstance(values, list) else type(values).__name__} " \
+                   f"values for its {len(steps)} steps"
+        if key != "probes" and not all(value is None or type(value) in (int, float) for value in values):
+            return f"has {key} values that are not numbers"
+    if not isinstance(run.get("diverged"), bool):
+        return "has no diverged flag (true or false)"
+    return None
 
 
 def save_results(path: Path, results: dict) -> None:
