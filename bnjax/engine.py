@@ -101,7 +101,8 @@ def train_many(
     on_done: Callable[[TrainConfig, History, TrainState], None] | None = None,
     make_probe: ProbeFactory | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
-) -> list[tuple[History, TrainState]]:
+    done: Callable[[TrainConfig], bool] | None = None,
+) -> list[tuple[History, TrainState] | None]:
     """Train every config; return [(history, final_state)] in config order.
 
     Runs that share a `program_key` (all fields but seed and learning rate)
@@ -118,6 +119,13 @@ def train_many(
     `bnjax.train.train`) where the run trains. With `checkpoint_dir`, each run
     is checkpointed in `checkpoint_file(checkpoint_dir, config)` and resumes
     from it. Every run of a program reports the program's wall time.
+
+    `done(config)`: whether that run is finished already (a resumed sweep).
+    The groups and the use of worker processes are decided from all
+    `configs`, done or not, so that every run trains exactly as it would
+    have in one uninterrupted call: a group whose runs are all done is
+    skipped (None in the returned list), a group with some done is trained
+    whole, and `on_eval` / `on_done` hear of unfinished runs only.
     """
     check_dataset(data)
     if not configs:
@@ -135,17 +143,24 @@ def train_many(
     groups = [indices[start:start + grouping.models_per_program]
               for indices in by_key.values() for start in range(0, len(indices), grouping.models_per_program)]
 
+    # Worker processes only for one-device CPU runs, and only when two or more can overlap.
+    in_workers = grouping.parallel_runs > 1 and len(groups) > 1 and first_platform == "cpu" and not multi_device
+    finished = {index for index, config in enumerate(configs) if done is not None and done(config)}
+    groups = [group for group in groups if not finished.issuperset(group)]
+    finished_ids = {id(configs[index]) for index in finished}
+    report = None if on_eval is None else (
+        lambda config, *record: None if id(config) in finished_ids else on_eval(config, *record))
+
     def finish(index, history, state):
         results[index] = (history, state)
-        if on_done is not None:
+        if on_done is not None and index not in finished:
             on_done(configs[index], history, state)
 
-    # Worker processes only for one-device CPU runs, and only when two or more can overlap.
-    if grouping.parallel_runs > 1 and len(groups) > 1 and first_platform == "cpu" and not multi_device:
-        _run_groups_in_workers(groups, configs, data, grouping, on_eval, finish, make_probe, checkpoint_dir)
+    if in_workers:
+        _run_groups_in_workers(groups, configs, data, grouping, report, finish, make_probe, checkpoint_dir)
     else:
         for group in groups:
-            outcomes = _train_group(data, [configs[i] for i in group], strategy, on_eval, make_probe, checkpoint_dir)
+            outcomes = _train_group(data, [configs[i] for i in group], strategy, report, make_probe, checkpoint_dir)
             for index, (history, state) in zip(group, outcomes):
                 finish(index, history, state)
-    return [results[index] for index in range(len(configs))]
+    return [results.get(index) for index in range(len(configs))]

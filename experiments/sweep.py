@@ -29,7 +29,7 @@ from bnjax.compilation_cache import use_persistent_cache
 from bnjax.engine import default_strategy, train_many
 from bnjax.strategy import Strategy
 from bnjax.train import TrainConfig, resolve_steps
-from experiments.results import add_run, load_results, unfinished
+from experiments.results import add_run, load_results, run_key, unfinished
 
 
 def positive_int(text: str) -> int:
@@ -130,14 +130,16 @@ def run_sweep(
 
     def save_run(config, history, state):
         if history.diverged:
-            print(f"{name} {labels[id(config)]} diverged (training loss {history.train_loss[-1]:.4g}) at step {history.steps[-1]}; "
-                  "recorded, "
-                  "going on", flush=True)
+            print(f"{name} {labels[id(config)]} diverged (training loss {history.train_loss[-1]:.4g}) "
+                  f"at step {history.steps[-1]}; recorded, going on", flush=True)
         steps_seen[id(config)] = resolve_steps(config, len(data.x_train))[1]  # a diverged run's rest counts as done
         extra = measure(config, history, state, data) if measure is not None else None
         add_run(results_path, results, config, history, extra)
 
-    train_many(todo, data, strategy=strategy, on_eval=show_progress, on_done=save_run,
-               make_probe=importable(make_probe))
+    # All configs, the saved ones marked done: the remaining runs train in the
+    # groups and processes of the uninterrupted sweep, so they get its numbers.
+    saved = {run_key(run["config"]) for run in results["runs"]}
+    train_many(configs, data, strategy=strategy, on_eval=show_progress, on_done=save_run,
+               make_probe=importable(make_probe), done=lambda config: run_key(dataclasses.asdict(config)) in saved)
     print(f"{name}: {len(todo)} runs in {(time.perf_counter() - start) / 60:.1f} min", flush=True)
     return results

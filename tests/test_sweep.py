@@ -91,3 +91,31 @@ def test_an_interrupted_study_ends_in_one_line_with_the_shells_code_for_ctrl_c(c
         run_resumable(interrupted)
     assert exit_info.value.code == 130  # as `python -m bnjax` ends on Ctrl-C
     assert capsys.readouterr().err == "interrupted; finished runs are saved and will be skipped next time\n"
+
+
+def test_a_resumed_sweep_trains_its_remaining_runs_as_the_uninterrupted_sweep_did(tiny_data, tmp_path, monkeypatch):
+    # Three runs of one architecture, two per program, programs in worker
+    # processes: groups [0, 1] and [2]. The sweep is "interrupted" after run 0
+    # was saved (runs 1 and 2 lost). Resumed, the group [0, 1] trains whole
+    # again (run 1 is saved), [2] alone, both in workers, as before.
+    from bnjax import engine
+
+    configs = [TrainConfig(batch_norm=True, shuffle=True, max_steps=6, eval_every=3, eval_batch_size=32, seed=seed)
+               for seed in range(3)]
+    strategy = Strategy(models_per_program=2, parallel_runs=2)
+    layouts, in_workers = [], engine._run_groups_in_workers
+    monkeypatch.setattr(engine, "_run_groups_in_workers",
+                        lambda groups, *args: layouts.append(sorted(groups)) or in_workers(groups, *args))
+    uninterrupted = tmp_path / "uninterrupted.json"
+    full = sweep.run_sweep(configs, uninterrupted, lambda: tiny_data, strategy=strategy)
+    resumed_path = tmp_path / "resumed.json"
+    kept = [run for run in full["runs"] if run["config"]["seed"] == 0]
+    resumed_path.write_text(json.dumps({"environment": {}, "runs": kept}))
+    resumed = sweep.run_sweep(configs, resumed_path, lambda: tiny_data, strategy=strategy)
+
+    assert layouts == [[[0, 1], [2]], [[0, 1], [2]]]
+    assert sorted(run["config"]["seed"] for run in resumed["runs"]) == [0, 1, 2]  # run 0 saved once
+    timing = ("wall_time_s", "total_wall_time_s", "eval_time_s", "eval_statistics_time_s")
+    by_seed = lambda runs: {run["config"]["seed"]: {k: v for k, v in run.items() if k not in timing}  # noqa: E731
+                            for run in runs}
+    assert by_seed(resumed["runs"]) == by_seed(full["runs"])  # bit for bit
