@@ -61,7 +61,8 @@ def restore_checkpoint(path: str | os.PathLike, template_state, config):
         found = wrapper.get("format") if isinstance(wrapper, dict) else None
         raise ValueError(f"checkpoint {path} is not a {FORMAT} file (format {found!r}: older bnjax checkpoints "
                          "carry no checksum); delete it to train the run afresh")
-    if hashlib.sha256(wrapper["payload"]).hexdigest() != wrapper["sha256"]:
+    if not isinstance(wrapper.get("payload"), bytes) or \
+            hashlib.sha256(wrapper["payload"]).hexdigest() != wrapper.get("sha256"):
         raise ValueError(f"checkpoint {path} is damaged: its content does not match the SHA-256 saved with it; "
                          "delete it to train the run afresh")
     payload = serialization.msgpack_restore(wrapper["payload"])
