@@ -81,3 +81,16 @@ def test_a_diverged_run_exits_3_and_still_saves_its_history(tmp_path, monkeypatc
     assert "diverged (training loss " in captured.out and "done:" not in captured.out
     assert captured.err.startswith("the run diverged: its training loss is NaN, infinite or above 230")
     assert json.loads(saved.read_text())["diverged"] is True
+
+
+def test_ctrl_c_ends_a_run_in_one_line_with_the_shells_code(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "load_dataset", lambda *args: make_dataset())
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "train", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--set", "max_steps=2"])
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err == "interrupted; nothing saved\n"

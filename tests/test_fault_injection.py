@@ -27,6 +27,8 @@ from bnjax.steps import create_train_state
 from conftest import make_dataset
 from experiments.results import load_results
 
+pytestmark = pytest.mark.slow  # processes started and killed, JAX started in each
+
 TESTS = Path(__file__).parent
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu",
        "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")])}

@@ -93,6 +93,7 @@ def test_an_interrupted_study_ends_in_one_line_with_the_shells_code_for_ctrl_c(c
     assert capsys.readouterr().err == "interrupted; finished runs are saved and will be skipped next time\n"
 
 
+@pytest.mark.slow
 def test_a_resumed_sweep_trains_its_remaining_runs_as_the_uninterrupted_sweep_did(tiny_data, tmp_path, monkeypatch):
     # Three runs of one architecture, two per program, programs in worker
     # processes: groups [0, 1] and [2]. The sweep is "interrupted" after run 0
