@@ -71,6 +71,25 @@ def config_from_settings(settings: list[str]) -> TrainConfig:
     return TrainConfig(**values)  # its own checks name any value out of range
 
 
+# A BN run's eval-mode accuracy this far below its training accuracy gets one
+# line of explanation (once), so that a first run does not look broken.
+LAG_EXPLAINED_FROM = 0.2
+
+
+def running_average_lag_note(config: TrainConfig, step: int, record: dict) -> str | None:
+    """Why a BN run's test accuracy (running averages) trails its training
+    accuracy early on, when it does by `LAG_EXPLAINED_FROM` or more; else None."""
+    if not config.batch_norm or config.eval_statistics != "running" \
+            or record["train_accuracy"] - record["val_accuracy"] < LAG_EXPLAINED_FROM:
+        return None
+    initial_weight = (f", and still weigh their initial values (mean 0, variance 1) by "
+                      f"{config.bn_momentum}**{step} = {config.bn_momentum ** step:.2f}"
+                      if config.bn_running_average == "ema" else "")
+    return (f"note: test accuracy {record['val_accuracy']:.4f} against {record['train_accuracy']:.4f} in training: "
+            f"in eval mode BN uses its running averages, which trail the weights{initial_weight}; "
+            "--set eval_statistics=precise also shows the same weights with precise BN statistics")
+
+
 def describe_fields() -> str:
     defaults = TrainConfig()
     return "\n".join(f"  {name:16s} {getattr(defaults, name)!r:18} "
@@ -108,10 +127,16 @@ def main(argv=None) -> None:
     use_persistent_cache()
     other = f"{config.eval_statistics}_val_accuracy"  # with eval_statistics "precise" or "batch"
 
+    notes = []
+
     def show(config, step, total_steps, record):
         also = f" {other} {record[other]:.4f}" if other in record else ""
         print(f"step {step}/{total_steps} val_accuracy {record['val_accuracy']:.4f}{also} "
               f"train_loss {record['train_loss']:.4f}", flush=True)
+        note = None if notes else running_average_lag_note(config, step, record)
+        if note:
+            notes.append(note)
+            print(note, flush=True)
 
     try:
         history, _ = train(config, data, on_eval=show)

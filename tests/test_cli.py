@@ -7,6 +7,7 @@ import sys
 import pytest
 
 import bnjax.__main__ as cli
+from bnjax.loop import History
 from conftest import make_dataset
 
 
@@ -94,3 +95,36 @@ def test_ctrl_c_ends_a_run_in_one_line_with_the_shells_code(monkeypatch, capsys)
         cli.main(["--set", "max_steps=2"])
     assert exit_info.value.code == 130
     assert capsys.readouterr().err == "interrupted; nothing saved\n"
+
+
+RECORD = {"val_accuracy": 0.1135, "train_accuracy": 0.8459, "train_loss": 0.82, "val_loss": 2.3}
+
+
+def test_a_bn_runs_lagging_test_accuracy_is_explained_once(monkeypatch, capsys):
+    def two_evaluations(config, data, on_eval):
+        for step in (100, 200):
+            on_eval(config, step, 200, RECORD)
+        return History(steps=[100, 200], val_accuracy=[0.1135] * 2, train_loss=[0.8] * 2), None
+
+    monkeypatch.setattr(cli, "load_dataset", lambda *args: make_dataset())
+    monkeypatch.setattr(cli, "train", two_evaluations)
+    cli.main(["--set", "batch_norm=true", "--set", "max_steps=200"])
+    output = capsys.readouterr().out
+    assert output.count("note: test accuracy 0.1135 against 0.8459 in training: in eval mode BN uses its "
+                        "running averages") == 1
+    assert "by 0.99**100 = 0.37;" in output and "--set eval_statistics=precise" in output
+
+
+@pytest.mark.parametrize("changes, explained", [
+    ({}, True),
+    ({"batch_norm": False}, False),  # no running averages
+    ({"eval_statistics": "precise"}, False),  # precise BN is shown beside them already
+    ({"bn_running_average": "cumulative"}, True),
+])
+def test_which_runs_get_the_note(changes, explained):
+    config = cli.TrainConfig(**{"batch_norm": True, **changes})
+    note = cli.running_average_lag_note(config, 100, RECORD)
+    assert (note is not None) == explained
+    if note and config.bn_running_average != "ema":
+        assert "initial values" not in note  # the 0.99**t weight is the EMA's
+    assert cli.running_average_lag_note(config, 100, {**RECORD, "val_accuracy": 0.7}) is None  # a small gap
