@@ -1,16 +1,23 @@
 """The article's BN net in Flax NNX, for reading beside the linen `ConvNet`.
 
-NNX keeps state *inside* the module object: `model.train()` makes every
-`nnx.BatchNorm` normalize with batch statistics and update its `mean`/`var`
-(`nnx.BatchStat` variables) in place when called; `model.eval()` makes it use
-them. Linen instead returns the new statistics as a value from
-`apply(..., mutable=["batch_stats"])`. Same math, two styles:
-`linen_to_nnx` copies a linen ConvNet's variables in, and the tests check that
-both give the same logits and the same updated statistics.
+NNX keeps state *inside* the module object: each `nnx.BatchNorm` holds its
+running `mean` and `var` as `nnx.BatchStat` variables. A train-mode view
+(`nnx.view(model, use_running_average=False)`) normalizes with batch
+statistics and updates those variables in place when called; an eval-mode
+view (`use_running_average=True`) uses them. Both views share the model's
+variables (`mode_view` falls back to `model.train()` / `model.eval()` where
+the installed flax predates `nnx.view`, added in flax 0.12.4). Under
+`jax.jit` the model crosses as `nnx.split` (a static graph definition and
+its state) and `nnx.merge`; `train_mode_forward` returns the updated state,
+which `nnx.update` writes back. Linen instead returns the new statistics as a
+value from `apply(..., mutable=["batch_stats"])`. Same math, two styles:
+`linen_to_nnx` copies a linen ConvNet's variables in, and the tests check
+that both give the same logits and the same updated statistics.
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -60,3 +67,22 @@ def linen_to_nnx(model: NNXConvNet, variables: dict) -> None:
 def nnx_batch_stats(model: NNXConvNet) -> dict:
     """The NNX model's running statistics, in linen's `batch_stats` layout."""
     return {f"BatchNorm_{i}": {"mean": norm.mean[...], "var": norm.var[...]} for i, norm in enumerate(model.norms)}
+
+
+def mode_view(model: nnx.Module, train: bool) -> nnx.Module:
+    """`model` in train mode (batch statistics, running averages updated) or
+    eval mode (running averages used): a view sharing its variables, or, with
+    a flax older than `nnx.view`, the model itself switched."""
+    if hasattr(nnx, "view"):
+        return nnx.view(model, use_running_average=not train)
+    model.train() if train else model.eval()
+    return model
+
+
+@jax.jit
+def train_mode_forward(graphdef: nnx.GraphDef, state: nnx.State, images):
+    """One train-mode call of the split model `(graphdef, state)`: (logits,
+    the state after it, running statistics updated)."""
+    model = nnx.merge(graphdef, state)
+    logits = model(images)  # every BatchNorm updates its BatchStat variables in place
+    return logits, nnx.state(model)

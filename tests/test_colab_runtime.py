@@ -76,8 +76,10 @@ def test_the_colab_notebook_keeps_the_tpu_runtimes_jax(tmp_path, mnist):  # `mni
     folder = tmp_path / "colab"
     folder.mkdir()
     subprocess.run(["git", "clone", "--quiet", str(ROOT), str(folder / "bnjax-repo")], check=True, timeout=300)
+    # The runtime's own environment: none of this process's Python, JAX or XLA settings
+    # (bnjax sets XLA_FLAGS for the jax it runs with; jax 0.7.2 refuses flags it does not know).
     environment_variables = {key: value for key, value in os.environ.items()
-                             if key not in ("PYTHONPATH", "JAX_COMPILATION_CACHE_DIR", "VIRTUAL_ENV")}
+                             if key not in ("PYTHONPATH", "JAX_COMPILATION_CACHE_DIR", "VIRTUAL_ENV", "XLA_FLAGS")}
     environment_variables.update(JAX_PLATFORMS="cpu", BNJAX_SMOKE_STEPS="20", BNJAX_OUT=str(tmp_path / "out"),
                                  BNJAX_CACHE_DIR=str(default_cache_dir()), BNJAX_COMPILATION_CACHE="0",
                                  PATH=f"{environment / 'bin'}{os.pathsep}{os.environ['PATH']}")
