@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import nbformat
 import pytest
 
 from bnjax.data import default_cache_dir
@@ -91,8 +92,8 @@ def test_the_colab_notebook_keeps_the_tpu_runtimes_jax(tmp_path, mnist):  # `mni
     after = installed(python)
     assert {name: after[name] for name in ACCELERATOR_STACK} == {name: runtime[name] for name in ACCELERATOR_STACK}
     assert after["bnjax"]  # installed from the clone
-    printed = "".join(output.get("text", "") for cell in json.loads(executed.read_text())["cells"]
-                      if cell["cell_type"] == "code" for output in cell.get("outputs", []))
+    printed = "".join(output.get("text", "") for cell in nbformat.read(executed, as_version=4).cells
+                      if cell.cell_type == "code" for output in cell.get("outputs", []))
     assert f"flax 0.11.2 -> {after['flax']}" in printed and "jax 0.7.2 ->" not in printed, printed[-3000:]
     assert "jax      0.7.2" in printed and "libtpu   0.0.21.1" in printed
     assert len(list((tmp_path / "out").glob("*.png"))) == 3
