@@ -72,7 +72,8 @@ def nnx_batch_stats(model: NNXConvNet) -> dict:
 def mode_view(model: nnx.Module, train: bool) -> nnx.Module:
     """`model` in train mode (batch statistics, running averages updated) or
     eval mode (running averages used): a view sharing its variables, or, with
-    a flax older than `nnx.view`, the model itself switched."""
+    a flax older than `nnx.view`, the model itself switched (so there, take
+    the view right before using it)."""
     if hasattr(nnx, "view"):
         return nnx.view(model, use_running_average=not train)
     model.train() if train else model.eval()
