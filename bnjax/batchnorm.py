@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from bnjax.checks import check_integer, is_integer
+
 # Keras's defaults, which the article used. PyTorch's momentum=0.1 weights the
 # *new* batch statistic; Keras and Flax weight the *old* running value, so
 # PyTorch 0.1 is Keras/Flax 0.9.
@@ -85,8 +87,7 @@ def ghost_batch_statistics(x, ghost_batch_size: int, two_pass_variance: bool = F
     `ghost_batch_size` whatever the batch the optimizer steps with (Wu &
     Johnson 2021 study this normalization batch size from 2 to 1024)."""
     batch = x.shape[0]
-    if isinstance(ghost_batch_size, bool) or not isinstance(ghost_batch_size, int) or ghost_batch_size < 1 \
-            or batch % ghost_batch_size:
+    if not is_integer(ghost_batch_size) or ghost_batch_size < 1 or batch % ghost_batch_size:
         raise ValueError(f"ghost_batch_size must be a positive integer that divides the batch of {batch} examples, "
                          f"got {ghost_batch_size!r}")
     groups = x.reshape(batch // ghost_batch_size, ghost_batch_size, *x.shape[1:])
@@ -255,8 +256,7 @@ def check_renorm_settings(r_max, d_max, momentum, warmup_steps, prefix: str = ""
         raise ValueError(f"{prefix}d_max must be a number >= 0 (d is clipped to [-d_max, d_max]), got {d_max!r}")
     if not real(momentum) or not 0 <= momentum < 1:
         raise ValueError(f"{prefix}momentum must be a number in [0, 1), got {momentum!r}")
-    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-        raise ValueError(f"{prefix}warmup_steps must be a non-negative integer, got {warmup_steps!r}")
+    check_integer(f"{prefix}warmup_steps", warmup_steps, minimum=0)
 
 
 def clip_limits(renorm: Renorm, count):

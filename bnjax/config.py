@@ -9,9 +9,9 @@ ValueError naming the field, the value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 from bnjax.batchnorm import RUNNING_AVERAGES, check_renorm_settings
+from bnjax.checks import check_bool, check_choice, check_integer, check_positive_real, is_integer, is_real
 from bnjax.models import ACTIVATIONS, BN_POSITIONS, KERNEL_INITS
 from bnjax.recurrent import SEQUENCES, sequence_length
 
@@ -107,13 +107,13 @@ class TrainConfig:
     permutation_seed: int = 0
 
     def __post_init__(self):
-        _check_choice("activation", self.activation, ACTIVATIONS)
-        _check_choice("model", self.model, MODELS)
-        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
-        _check_choice("kernel_init", self.kernel_init, KERNEL_INITS)
-        _check_choice("bn_position", self.bn_position, BN_POSITIONS)
-        _check_choice("bn_running_average", self.bn_running_average, RUNNING_AVERAGES)
-        _check_choice("eval_statistics", self.eval_statistics, EVAL_STATISTICS)
+        check_choice("activation", self.activation, ACTIVATIONS)
+        check_choice("model", self.model, MODELS)
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("kernel_init", self.kernel_init, KERNEL_INITS)
+        check_choice("bn_position", self.bn_position, BN_POSITIONS)
+        check_choice("bn_running_average", self.bn_running_average, RUNNING_AVERAGES)
+        check_choice("eval_statistics", self.eval_statistics, EVAL_STATISTICS)
         if self.eval_statistics != "running" and not self.batch_norm:
             raise ValueError(f"eval_statistics {self.eval_statistics!r} needs BN statistics, and this model has no "
                              "BN (batch_norm=False); use 'running' or batch_norm=True")
@@ -128,51 +128,42 @@ class TrainConfig:
             self._check_ghost_batch_size()
         if self.model != "convnet" and (self.bn_position != "before" or self.bn_use_bias):
             raise ValueError(f"bn_position and bn_use_bias apply to model 'convnet' only, not {self.model!r}")
-        _check_choice("sequence", self.sequence, SEQUENCES)
+        check_choice("sequence", self.sequence, SEQUENCES)
         defaults = {field.name: field.default for field in dataclasses.fields(self)}
         if self.model == "lstm":
             for name in NOT_FOR_LSTM:
                 if getattr(self, name) != defaults[name]:
                     raise ValueError(f"model 'lstm' takes {name}={defaults[name]!r} only, got {getattr(self, name)!r}")
             steps = sequence_length(self.sequence)
-            if self.lstm_t_max is not None and (isinstance(self.lstm_t_max, bool) or not isinstance(
-                    self.lstm_t_max, int) or not 1 <= self.lstm_t_max <= steps):
+            if self.lstm_t_max is not None and (not is_integer(self.lstm_t_max) or not 1 <= self.lstm_t_max <= steps):
                 raise ValueError(f"lstm_t_max must be None or an integer from 1 to the {self.sequence!r} sequence's "
                                  f"{steps} steps, got {self.lstm_t_max!r}")
         elif any(getattr(self, name) != defaults[name] for name in LSTM_ONLY):
             raise ValueError(f"sequence and the lstm_ fields apply to model 'lstm' only, not {self.model!r}")
         for name in ("batch_norm", "shuffle", "ghost_bn", "bn_use_bias", "bn_two_pass_variance", "bn_renorm",
                      "bn_frozen"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        for name in ("batch_size", "epochs", "eval_every", "eval_batch_size", "precise_bn_batches", "lstm_hidden_size",
-                     "steps_per_epoch", "max_steps", "num_devices"):
-            value = getattr(self, name)
-            optional = name in ("steps_per_epoch", "max_steps", "num_devices")
-            if optional and value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                allowed = "a positive integer" + (" or None" if optional else "")
-                raise ValueError(f"{name} must be {allowed}, got {value!r}")
+            check_bool(name, getattr(self, name))
+        for name in ("batch_size", "epochs", "eval_every", "eval_batch_size", "precise_bn_batches", "lstm_hidden_size"):
+            check_integer(name, getattr(self, name))
+        for name in ("steps_per_epoch", "max_steps", "num_devices"):
+            check_integer(name, getattr(self, name), optional=True)
         for name in ("seed", "permutation_seed"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+            check_integer(name, getattr(self, name), minimum=0)
         if self.seed > MAX_SEED:
             raise ValueError(f"seed must be an integer from 0 to {MAX_SEED} (JAX's PRNG key takes 32 bits: a larger "
                              f"seed would give a smaller seed's run), got {self.seed!r}")
         for name in ("learning_rate", "adam_eps", "bn_epsilon", "lstm_bn_scale_init"):
-            _check_positive_float(name, getattr(self, name))
+            check_positive_real(name, getattr(self, name))
         if self.grad_clip_norm is not None:
-            _check_positive_float("grad_clip_norm", self.grad_clip_norm)
+            check_positive_real("grad_clip_norm", self.grad_clip_norm)
         for name in ("adam_b1", "adam_b2", "bn_momentum", "rmsprop_decay"):
             value = getattr(self, name)
-            if not _is_real(value) or not 0.0 <= value < 1.0:
+            if not is_real(value) or not 0.0 <= value < 1.0:
                 raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
 
     def _check_ghost_batch_size(self) -> None:
         size = self.bn_ghost_batch_size
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        if not is_integer(size) or size < 1:
             raise ValueError(f"bn_ghost_batch_size must be None or a positive integer, got {size!r}")
         if self.batch_size % size:
             raise ValueError(f"bn_ghost_batch_size {size} must divide batch_size {self.batch_size}")
@@ -183,16 +174,3 @@ class TrainConfig:
             raise ValueError(f"bn_ghost_batch_size applies to plain BN only, not with "
                              f"{'bn_renorm' if self.bn_renorm else 'bn_frozen'}")
 
-
-def _is_real(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _check_positive_float(name: str, value) -> None:
-    if not _is_real(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-
-
-def _check_choice(name: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(sorted(allowed))}")

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bnjax.checks import check_integer
 from bnjax.steps import model_of, to_float_images
 
 VARIANCES = ("batch_average", "pooled")
@@ -87,9 +88,8 @@ def sample_batches(images, batch_size: int, num_batches: int, seed: int | None =
     """`num_batches` batches of `batch_size` of `images` ((N, 28, 28, 1) uint8)
     as (K, B, 28, 28, 1) floats on the device: drawn without replacement with
     `seed`, or the first ones in order with `seed=None`."""
-    for name, value in (("batch_size", batch_size), ("num_batches", num_batches)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    check_integer("batch_size", batch_size)
+    check_integer("num_batches", num_batches)
     needed = batch_size * num_batches
     if needed > len(images):
         raise ValueError(f"num_batches {num_batches} x batch_size {batch_size} = {needed} images; "

@@ -52,6 +52,7 @@ import os
 
 import jax
 
+from bnjax.checks import check_bool, check_integer
 from bnjax.conv import CONV_IMPLEMENTATIONS
 
 
@@ -67,15 +68,10 @@ class Strategy:
 
     def __post_init__(self):
         for name in ("steps_per_dispatch", "models_per_program", "parallel_runs"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        chunk = self.eval_chunk
-        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
-            raise ValueError(f"eval_chunk must be a positive integer or None, got {chunk!r}")
+            check_integer(name, getattr(self, name))
+        check_integer("eval_chunk", self.eval_chunk, optional=True)
         for name in ("unroll", "await_each_dispatch"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+            check_bool(name, getattr(self, name))
         if self.stacked_conv not in CONV_IMPLEMENTATIONS:
             raise ValueError(f"stacked_conv must be one of {', '.join(CONV_IMPLEMENTATIONS)}, got {self.stacked_conv!r}")
 
