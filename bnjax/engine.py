@@ -40,7 +40,7 @@ def checkpoint_file(checkpoint_dir: str | os.PathLike, config: TrainConfig) -> P
 
 def _train_group(data, configs: list[TrainConfig], strategy: Strategy | None, on_eval, make_probe,
                  checkpoint_dir) -> list[tuple]:
-    """One group of runs of one program through the one loop."""
+    """One group of runs of one program through the training loop (`train_runs`)."""
     probes = [make_probe(config, data) for config in configs] if make_probe is not None else None
     paths = [checkpoint_file(checkpoint_dir, config) for config in configs] if checkpoint_dir is not None else None
     return train_runs(configs, data, strategy, on_eval, probes=probes, checkpoint_paths=paths)
@@ -106,7 +106,7 @@ def train_many(
     """Train every config; return [(history, final_state)] in config order.
 
     Runs that share a `program_key` (all fields but seed and learning rate)
-    train together as one program of the one loop, up to
+    train together as one program of the training loop, up to
     `strategy.models_per_program` runs (vmapped); with 1, or on several
     devices, each run is a program of its own. With `strategy.parallel_runs`
     > 1 (CPU), up to that many programs train at once in worker processes,

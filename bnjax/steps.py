@@ -226,7 +226,7 @@ def eval_step(state: TrainState, images, labels, chunk: int | None = None):
     `lax.map` over pieces of `chunk` images, in one dispatch. Eval mode treats
     every example alone, so only the loss sum's float round-off can differ; on
     XLA:CPU pieces of ~200 images stay in cache and run ~1.7x faster than 1000
-    at once (README, "Performance").
+    at once (docs/performance.md).
     """
     batch = labels.shape[0]
     if chunk is None or chunk >= batch or batch % chunk:

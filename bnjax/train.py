@@ -1,4 +1,4 @@
-"""Train one run: `train(config, data)`, the one-run case of the one loop
+"""Train one run: `train(config, data)`, the one-run case of the training loop
 (bnjax/loop.py), and the names a reader of one run needs.
 
     from bnjax.train import TrainConfig, train

@@ -4,7 +4,7 @@ itself (never asked of the user's shell).
 `--xla_cpu_experimental_ynn_fusion_type=-individual_convolution` sends every
 convolution to XLA:CPU's Eigen kernels instead of YNNPACK fusions, which are
 slower for these small 3x3 convolutions at batch 32 (measured with
-`python -m benchmarks.throughput`, README "Performance"). It changes which
+`python -m benchmarks.throughput`, docs/performance.md). It changes which
 kernel computes a convolution, so float round-off differs from a run without
 it (curves agree to ~1e-6 over a few steps; chaotic runs drift apart later).
 

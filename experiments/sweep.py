@@ -1,4 +1,4 @@
-"""The one sweep driver every study trains through.
+"""The sweep driver every study trains through: resumable, with progress.
 
     parser = argparse.ArgumentParser(...)
     add_sweep_flags(parser, seeds=3, epochs=1, out="outputs/my_study")
