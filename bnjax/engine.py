@@ -93,6 +93,23 @@ def _run_groups_in_workers(groups: list[list[int]], configs, data, strategy: Str
                 finish(index, history, _rebuilt_state(configs[index], arrays))
 
 
+def _group_runs(configs: list[TrainConfig], models_per_program: int) -> tuple[list[list[int]], bool]:
+    """The indices of `configs` grouped into programs: runs of one
+    `program_key`, up to `models_per_program` per program, in config order; a
+    run over several devices is a program of its own. Also whether any run
+    spans several devices."""
+    by_key: dict[tuple, list[int]] = {}
+    multi_device = False
+    for index, config in enumerate(configs):
+        several_devices = make_mesh(config).size > 1
+        multi_device = multi_device or several_devices
+        alone = models_per_program == 1 or several_devices
+        by_key.setdefault(("alone", index) if alone else program_key(config), []).append(index)
+    groups = [indices[start:start + models_per_program]
+              for indices in by_key.values() for start in range(0, len(indices), models_per_program)]
+    return groups, multi_device
+
+
 def train_many(
     configs: list[TrainConfig],
     data,
@@ -133,16 +150,7 @@ def train_many(
     first_platform = jax.devices()[0].platform
     grouping = strategy or default_strategy(first_platform)
     results: dict[int, tuple] = {}
-    by_key: dict[tuple, list[int]] = {}
-    multi_device = False
-    for index, config in enumerate(configs):
-        several_devices = make_mesh(config).size > 1
-        multi_device = multi_device or several_devices
-        alone = grouping.models_per_program == 1 or several_devices
-        by_key.setdefault(("alone", index) if alone else program_key(config), []).append(index)
-    groups = [indices[start:start + grouping.models_per_program]
-              for indices in by_key.values() for start in range(0, len(indices), grouping.models_per_program)]
-
+    groups, multi_device = _group_runs(configs, grouping.models_per_program)
     # Worker processes only for one-device CPU runs, and only when two or more can overlap.
     in_workers = grouping.parallel_runs > 1 and len(groups) > 1 and first_platform == "cpu" and not multi_device
     finished = {index for index, config in enumerate(configs) if done is not None and done(config)}
