@@ -29,7 +29,7 @@ from bnjax.compilation_cache import use_persistent_cache
 from bnjax.engine import default_strategy, train_many
 from bnjax.strategy import Strategy
 from bnjax.train import TrainConfig, resolve_steps
-from experiments.results import add_run, load_results, run_key, unfinished
+from experiments.results import add_run, load_results, unfinished
 
 
 def positive_int(text: str) -> int:
@@ -136,10 +136,10 @@ def run_sweep(
         extra = measure(config, history, state, data) if measure is not None else None
         add_run(results_path, results, config, history, extra)
 
-    # All configs, the saved ones marked done: the remaining runs train in the
-    # groups and processes of the uninterrupted sweep, so they get its numbers.
-    saved = {run_key(run["config"]) for run in results["runs"]}
+    # All configs, those not in `todo` marked done: the remaining runs train in
+    # the groups and processes of the uninterrupted sweep, so they get its numbers.
+    pending = {id(config) for config in todo}
     train_many(configs, data, strategy=strategy, on_eval=show_progress, on_done=save_run,
-               make_probe=importable(make_probe), done=lambda config: run_key(dataclasses.asdict(config)) in saved)
+               make_probe=importable(make_probe), done=lambda config: id(config) not in pending)
     print(f"{name}: {len(todo)} runs in {(time.perf_counter() - start) / 60:.1f} min", flush=True)
     return results
