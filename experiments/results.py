@@ -25,10 +25,11 @@ def run_key(config: dict) -> str:
     return json.dumps(dataclasses.asdict(TrainConfig(**config)), sort_keys=True)
 
 
-# The curves every saved run holds, one value per evaluation; and those it
-# holds only when its config asked for them (empty otherwise).
+# The number curves every saved run holds, one value per evaluation; those it
+# holds only when its config asked for them (empty otherwise); and its probes
+# (one dict per evaluation, or none).
 CURVES = ("val_accuracy", "val_loss", "train_accuracy", "train_loss", "wall_time_s")
-OPTIONAL_CURVES = ("precise_val_accuracy", "precise_val_loss", "batch_val_accuracy", "batch_val_loss", "probes")
+OPTIONAL_CURVES = ("precise_val_accuracy", "precise_val_loss", "batch_val_accuracy", "batch_val_loss")
 
 
 def load_results(path: Path) -> dict:
@@ -50,7 +51,7 @@ def load_results(path: Path) -> dict:
         problem = _problem_with_run(run)
         if problem:
             raise SystemExit(f"error: {path}: run {index} {problem}; move the file away to start a fresh sweep")
-        for key in CURVES + OPTIONAL_CURVES[:-1]:
+        for key in CURVES + OPTIONAL_CURVES:
             run[key] = [math.nan if value is None else value for value in run.get(key, [])]
     return results
 
@@ -69,10 +70,9 @@ def _problem_with_run(run) -> str | None:
     if not isinstance(steps, list) or not all(type(step) is int and step > 0 for step in steps) \
             or steps != sorted(set(steps)):
         return f"has steps {str(steps)[:60]}, not increasing positive integers"
-    for key in CURVES + OPTIONAL_CURVES:
+    for key in CURVES + OPTIONAL_CURVES + ("probes",):
         values = run.get(key, [])
-        if not isinstance(values, list) or len(values) not in ((0, len(steps)) if key in OPTIONAL_CURVES
-                                                                else (len(steps),)):
+        if not isinstance(values, list) or len(values) not in ((len(steps),) if key in CURVES else (0, len(steps))):
             return f"has {key} of {len(values) if isinstance(values, list) else type(values).__name__} " \
                    f"values for its {len(steps)} steps"
         if key != "probes" and not all(value is None or type(value) in (int, float) for value in values):
