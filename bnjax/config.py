@@ -23,10 +23,9 @@ MODELS = ("convnet", "mlp", "lstm")
 # initializers, per-step statistics without Renorm or frozen BN, one device's
 # statistics), and the fields of model "lstm" alone.
 NOT_FOR_LSTM = ("kernel_init", "bn_renorm", "bn_frozen", "ghost_bn", "bn_ghost_batch_size")
-MAX_SEED = 2**32 - 1  # jax.random.key(seed) keeps the low 32 bits
-
 LSTM_ONLY = ("sequence", "lstm_hidden_size", "lstm_t_max", "lstm_bn_scale_init", "permutation_seed")
 EVAL_STATISTICS = ("running", "precise", "batch")  # bnjax/evaluation.py
+MAX_SEED = 2**32 - 1  # jax.random.key(seed) keeps the low 32 bits
 
 
 @dataclasses.dataclass(frozen=True)

@@ -138,7 +138,8 @@ def _chunk(state, metric_sums, train_images, train_labels, epoch_orders, orders_
                   (`num_steps` is then static: one program per length).
     """
     step = functools.partial(_step, train_images=train_images, train_labels=train_labels, epoch_orders=epoch_orders,
-                             orders_first_epoch=orders_first_epoch, steps_per_epoch=steps_per_epoch, batch_size=batch_size, mesh=mesh, ghost_bn=ghost_bn)
+                             orders_first_epoch=orders_first_epoch, steps_per_epoch=steps_per_epoch,
+                             batch_size=batch_size, mesh=mesh, ghost_bn=ghost_bn)
     if loop == "step":
         return step((state, metric_sums), first_step)
     if loop == "unrolled":
