@@ -13,7 +13,7 @@ The names and shapes are those of `flax.linen.BatchNorm`, so variables move
 between the two unchanged.
 
 The variants live beside them, so that one file shows every way BN's state
-moves (hence its ~380 lines): the running-average rules
+moves: the running-average rules
 (`running_average_weights`), Batch Renormalization (`batch_renorm_train`),
 frozen BN (`BatchNorm(frozen=True)`) and ghost batches inside a device
 (`ghost_batch_statistics`).
@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from bnjax.checks import check_integer, is_integer
+from bnjax.checks import check_choice, check_integer, is_integer
 
 # Keras's defaults, which the article used. PyTorch's momentum=0.1 weights the
 # *new* batch statistic; Keras and Flax weight the *old* running value, so
@@ -100,9 +100,8 @@ def normalize(x, mean, var, scale, bias, epsilon: float):
     return (x - mean) * (inverse_std * scale) + bias
 
 
-def check_running_average(running_average: str) -> None:
-    if running_average not in RUNNING_AVERAGES:
-        raise ValueError(f"unknown running_average {running_average!r}; allowed: {', '.join(RUNNING_AVERAGES)}")
+def check_running_average(running_average: str, name: str = "running_average") -> None:
+    check_choice(name, running_average, RUNNING_AVERAGES)
 
 
 def running_average_weights(running_average: str, momentum: float, count):
@@ -195,16 +194,26 @@ def batch_norm_eval(x, scale, bias, running_mean, running_var, epsilon: float = 
     return normalize(x, running_mean, running_var, scale, bias, epsilon)
 
 
-def _check_variant(module) -> None:
-    if module.renorm is not None and (module.running_average != "ema" or module.unbiased_running_var):
-        raise ValueError("Batch Renorm keeps its own moving averages (Keras's); use running_average 'ema' "
-                         f"and the biased running variance with it, not {module.running_average!r}"
-                         f"{' with unbiased_running_var' if module.unbiased_running_var else ''}")
-    if module.renorm is not None and module.frozen:
-        raise ValueError("frozen BN uses its running statistics, also in train mode: Batch Renorm does not apply")
-    if module.ghost_batch_size is not None and (module.renorm is not None or module.frozen):
-        raise ValueError(f"ghost_batch_size {module.ghost_batch_size!r} applies to plain BN only, not with "
-                         f"{'Batch Renorm' if module.renorm is not None else 'frozen BN'}")
+def check_variant(running_average: str, renorm: bool, frozen: bool, ghost_batch_size, unbiased_running_var: bool = False,
+                  prefix: str = "") -> None:
+    """The rules of which BN variants go together, for `BatchNorm` (prefix "")
+    and `TrainConfig` (prefix "bn_", its field names): one-line ValueErrors."""
+    check_running_average(running_average, f"{prefix}running_average")
+    if renorm and running_average != "ema":
+        raise ValueError(f"{prefix}renorm keeps Keras's moving averages; use {prefix}running_average 'ema' with it, "
+                         f"not {running_average!r}")
+    if renorm and unbiased_running_var:
+        raise ValueError(f"{prefix}renorm keeps Keras's moving averages of the biased variance; "
+                         f"unbiased_running_var does not apply")
+    if renorm and frozen:
+        raise ValueError(f"{prefix}frozen uses the running statistics, also in training: {prefix}renorm does not apply")
+    if ghost_batch_size is None:
+        return
+    if not is_integer(ghost_batch_size) or ghost_batch_size < 1:
+        raise ValueError(f"{prefix}ghost_batch_size must be None or a positive integer, got {ghost_batch_size!r}")
+    if renorm or frozen:
+        raise ValueError(f"{prefix}ghost_batch_size applies to plain BN only, not with "
+                         f"{prefix}{'renorm' if renorm else 'frozen'}")
 
 
 # ---------------------------------------------------------------- Batch Renormalization
@@ -302,6 +311,12 @@ class BatchNorm(nn.Module):
     Call as `BatchNorm()(x, train=True)` inside `apply(..., mutable=["batch_stats"])`,
     or `BatchNorm()(x, train=False)` with nothing mutable.
 
+    An unbound BatchNorm is also how BN's settings travel as one value: the
+    nets take one as `bn` and copy it for each of their BN layers
+    (`ConvNet(batch_norm=True, bn=BatchNorm(momentum=0.9, epsilon=1e-5))`, as
+    flax/examples/imagenet hands its ResNet `partial(nn.BatchNorm, ...)`).
+    The settings are checked when the BatchNorm is made (`check_variant`).
+
     `running_average` picks the rule of `running_average_weights`. The rules
     that weigh the t-th update by t ("debiased_ema", "cumulative") also keep
     `count`, the number of updates so far, in `batch_stats`; "ema" keeps only
@@ -325,59 +340,49 @@ class BatchNorm(nn.Module):
     frozen: bool = False
     ghost_batch_size: int | None = None  # train mode: groups of this many examples, each by its own statistics
 
+    def __post_init__(self):
+        # Checked where the settings are made, so a net holding a BatchNorm
+        # as its `bn` (bnjax/models.py) holds a valid one.
+        check_variant(self.running_average, self.renorm is not None, self.frozen, self.ghost_batch_size,
+                      self.unbiased_running_var)
+        super().__post_init__()
+
     @nn.compact
     def __call__(self, x, *, train: bool):
-        check_running_average(self.running_average)  # in eval mode too, which never weighs an update
-        _check_variant(self)
         features = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
-        running_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
-        running_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
-        count = (None if self.running_average == "ema" and self.renorm is None
-                 else self.variable("batch_stats", "count", jnp.zeros, (), jnp.int32))
-
-        renorm_stats = {} if self.renorm is None else {
-            name: self.variable("batch_stats", name, init, (features,), jnp.float32)
-            for name, init in (("std", jnp.ones), ("renorm_mean", jnp.zeros), ("renorm_std", jnp.ones))}
+        running = {"mean": self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32),
+                   "var": self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)}
+        if self.running_average != "ema" or self.renorm is not None:  # updates so far
+            running["count"] = self.variable("batch_stats", "count", jnp.zeros, (), jnp.int32)
+        if self.renorm is not None:
+            for name, init in (("std", jnp.ones), ("renorm_mean", jnp.zeros), ("renorm_std", jnp.ones)):
+                running[name] = self.variable("batch_stats", name, init, (features,), jnp.float32)
 
         if self.frozen:
             scale, bias = jax.lax.stop_gradient(scale), jax.lax.stop_gradient(bias)
         if not train or self.frozen:
-            return batch_norm_eval(x, scale, bias, running_mean.value, running_var.value, self.epsilon)
+            return batch_norm_eval(x, scale, bias, running["mean"].value, running["var"].value, self.epsilon)
 
+        # `init` runs outside any device mapping, so there is no axis to average over.
+        axis_name = None if self.is_initializing() else self.axis_name
         if self.renorm is not None:
-            stats = {"mean": running_mean, "var": running_var, "count": count, **renorm_stats}
-            y, new_stats = batch_renorm_train(
-                x, scale, bias, {name: variable.value for name, variable in stats.items()}, self.renorm,
-                self.momentum, self.epsilon, None if self.is_initializing() else self.axis_name,
-                self.two_pass_variance)
-            if not self.is_initializing():  # Batch Renorm's running statistics change here
-                for name, variable in stats.items():
-                    variable.value = new_stats[name]
-            return y
-
-        y, new_mean, new_var = batch_norm_train(
-            x,
-            scale,
-            bias,
-            running_mean.value,
-            running_var.value,
-            self.momentum,
-            self.epsilon,
-            # `init` runs outside any device mapping, so there is no axis to average over.
-            axis_name=None if self.is_initializing() else self.axis_name,
-            unbiased_running_var=self.unbiased_running_var,
-            running_average=self.running_average,
-            count=1 if count is None else count.value + 1,
-            two_pass_variance=self.two_pass_variance,
-            ghost_batch_size=self.ghost_batch_size,
-        )
-        # THE line where running statistics change. `init` only creates them
-        # (as flax.linen.BatchNorm does), so a freshly initialized model starts
-        # from mean 0, var 1 whatever batch was used to initialize it.
+            y, new_running = batch_renorm_train(
+                x, scale, bias, {name: variable.value for name, variable in running.items()}, self.renorm,
+                self.momentum, self.epsilon, axis_name, self.two_pass_variance)
+        else:
+            count = 1 if "count" not in running else running["count"].value + 1
+            y, new_mean, new_var = batch_norm_train(
+                x, scale, bias, running["mean"].value, running["var"].value, self.momentum, self.epsilon,
+                axis_name=axis_name, unbiased_running_var=self.unbiased_running_var,
+                running_average=self.running_average, count=count, two_pass_variance=self.two_pass_variance,
+                ghost_batch_size=self.ghost_batch_size)
+            new_running = {"mean": new_mean, "var": new_var, "count": count}
+        # Where running statistics change (train mode only). `init` only
+        # creates them (as flax.linen.BatchNorm does), so a freshly initialized
+        # model starts from mean 0, var 1 whatever batch initialized it.
         if not self.is_initializing():
-            running_mean.value, running_var.value = new_mean, new_var
-            if count is not None:
-                count.value = count.value + 1
+            for name, variable in running.items():
+                variable.value = new_running[name]
         return y

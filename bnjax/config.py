@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from bnjax.batchnorm import RUNNING_AVERAGES, check_renorm_settings
+from bnjax.batchnorm import BatchNorm, Renorm, check_renorm_settings, check_variant
 from bnjax.checks import check_bool, check_choice, check_integer, check_positive_real, is_integer, is_real
 from bnjax.models import ACTIVATIONS, BN_POSITIONS, KERNEL_INITS
 from bnjax.recurrent import SEQUENCES, sequence_length
@@ -111,18 +111,13 @@ class TrainConfig:
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("kernel_init", self.kernel_init, KERNEL_INITS)
         check_choice("bn_position", self.bn_position, BN_POSITIONS)
-        check_choice("bn_running_average", self.bn_running_average, RUNNING_AVERAGES)
         check_choice("eval_statistics", self.eval_statistics, EVAL_STATISTICS)
         if self.eval_statistics != "running" and not self.batch_norm:
             raise ValueError(f"eval_statistics {self.eval_statistics!r} needs BN statistics, and this model has no "
                              "BN (batch_norm=False); use 'running' or batch_norm=True")
         check_renorm_settings(self.bn_renorm_r_max, self.bn_renorm_d_max, self.bn_renorm_momentum,
                               self.bn_renorm_warmup_steps, prefix="bn_renorm_")
-        if self.bn_renorm and self.bn_running_average != "ema":
-            raise ValueError(f"bn_renorm keeps Keras's moving averages; use bn_running_average 'ema' with it, "
-                             f"not {self.bn_running_average!r}")
-        if self.bn_renorm and self.bn_frozen:
-            raise ValueError("bn_frozen uses the running statistics, also in training: bn_renorm does not apply")
+        check_variant(self.bn_running_average, self.bn_renorm, self.bn_frozen, self.bn_ghost_batch_size, prefix="bn_")
         if self.bn_ghost_batch_size is not None:
             self._check_ghost_batch_size()
         if self.model != "convnet" and (self.bn_position != "before" or self.bn_use_bias):
@@ -162,14 +157,18 @@ class TrainConfig:
 
     def _check_ghost_batch_size(self) -> None:
         size = self.bn_ghost_batch_size
-        if not is_integer(size) or size < 1:
-            raise ValueError(f"bn_ghost_batch_size must be None or a positive integer, got {size!r}")
         if self.batch_size % size:
             raise ValueError(f"bn_ghost_batch_size {size} must divide batch_size {self.batch_size}")
         if self.eval_statistics == "batch" and self.eval_batch_size % size:
             raise ValueError(f"bn_ghost_batch_size {size} must divide eval_batch_size {self.eval_batch_size} "
                              "(eval_statistics 'batch' evaluates test batches in train mode)")
-        if self.bn_renorm or self.bn_frozen:
-            raise ValueError(f"bn_ghost_batch_size applies to plain BN only, not with "
-                             f"{'bn_renorm' if self.bn_renorm else 'bn_frozen'}")
+
+    def batch_norm_layer(self, axis_name: str | None = None) -> BatchNorm:
+        """The bn_ fields as the one BatchNorm value every net takes (`bn=`).
+        `axis_name`: the mesh axis BN averages its statistics over (bnjax/steps.py)."""
+        renorm = (Renorm(self.bn_renorm_r_max, self.bn_renorm_d_max, self.bn_renorm_momentum,
+                         self.bn_renorm_warmup_steps) if self.bn_renorm else None)
+        return BatchNorm(momentum=self.bn_momentum, epsilon=self.bn_epsilon, axis_name=axis_name,
+                         running_average=self.bn_running_average, two_pass_variance=self.bn_two_pass_variance,
+                         renorm=renorm, frozen=self.bn_frozen, ghost_batch_size=self.bn_ghost_batch_size)
 

@@ -25,6 +25,8 @@ from typing import Mapping
 
 import numpy as np
 
+from bnjax.batchnorm import BatchNorm
+
 # The ConvNet's Conv/Dense layers in call order, with each BN's Flax name.
 CONVNET_LAYERS = ("Conv_0", "Conv_1", "Conv_2", "Dense_0", "Dense_1")
 # The first Dense reads the flattened (3, 3, 64) output of the last conv.
@@ -42,14 +44,14 @@ def momentum_to_torch(momentum: float) -> float:
     return 1.0 - momentum
 
 
-def torch_bn_settings(momentum: float = 0.1, eps: float = 1e-5) -> dict:
-    """ConvNet keyword arguments that make bnjax's BN behave like `torch.nn.BatchNorm2d(momentum, eps)`."""
-    return {"bn_momentum": momentum_from_torch(momentum), "bn_epsilon": eps, "bn_unbiased_running_var": True}
+def torch_batch_norm(momentum: float = 0.1, eps: float = 1e-5) -> BatchNorm:
+    """The BatchNorm that behaves like `torch.nn.BatchNorm2d(momentum, eps)`: a net's `bn=`."""
+    return BatchNorm(momentum=momentum_from_torch(momentum), epsilon=eps, unbiased_running_var=True)
 
 
-def keras_bn_settings(momentum: float = 0.99, epsilon: float = 1e-3) -> dict:
-    """ConvNet keyword arguments for `keras.layers.BatchNormalization(momentum, epsilon)` (same meaning)."""
-    return {"bn_momentum": momentum, "bn_epsilon": epsilon, "bn_unbiased_running_var": False}
+def keras_batch_norm(momentum: float = 0.99, epsilon: float = 1e-3) -> BatchNorm:
+    """The BatchNorm of `keras.layers.BatchNormalization(momentum, epsilon)` (same meaning): a net's `bn=`."""
+    return BatchNorm(momentum=momentum, epsilon=epsilon)
 
 
 # ------------------------------------------------------------------ one BN layer
@@ -125,7 +127,7 @@ def _torch_modules(state_dict: Mapping[str, np.ndarray]) -> list[dict[str, np.nd
 def convnet_from_torch(state_dict: Mapping[str, np.ndarray], batch_norm: bool) -> dict:
     """A PyTorch state_dict of the article's net (Conv2d/Linear, each followed by
     BatchNorm when `batch_norm`, registered in call order; any module names) ->
-    bnjax ConvNet variables. Build the ConvNet with `torch_bn_settings(...)`."""
+    bnjax ConvNet variables. Build the ConvNet with `bn=torch_batch_norm(...)`."""
     modules = _torch_modules(state_dict)
     expected = len(CONVNET_LAYERS) * (2 if batch_norm else 1)
     if len(modules) != expected:

@@ -130,7 +130,8 @@ def _batch_statistics_totals(state, images, labels):
         # Statistics of this whole batch, on whichever devices hold it: the
         # model's cross-device axis (if any) is not bound outside shard_map;
         # a frozen BN, which would use its running statistics, thaws here.
-        model = model_of(run).clone(bn_axis_name=None, bn_frozen=False)
+        model = model_of(run)
+        model = model.clone(bn=model.bn.clone(axis_name=None, frozen=False))
         logits, _ = model.apply({"params": run.params, "batch_stats": run.batch_stats}, images, train=True,
                                 mutable=["batch_stats"])
         return logits_totals(logits, labels)

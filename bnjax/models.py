@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from bnjax.batchnorm import DEFAULT_EPSILON, DEFAULT_MOMENTUM, BatchNorm, Renorm
+from bnjax.batchnorm import BatchNorm
 from bnjax.conv import CONV_IMPLEMENTATIONS, conv_as_matmul
 
 ACTIVATIONS: dict[str, Callable] = {
@@ -73,15 +73,10 @@ class ConvNet(nn.Module):
     batch_norm: bool = False
     activation: str = "relu"
     kernel_init: str = "glorot_uniform"
-    bn_momentum: float = DEFAULT_MOMENTUM
-    bn_epsilon: float = DEFAULT_EPSILON
-    bn_axis_name: str | None = None
-    bn_unbiased_running_var: bool = False  # True only to mirror PyTorch (bnjax/convert.py)
-    bn_running_average: str = "ema"  # RUNNING_AVERAGES (bnjax/batchnorm.py::running_average_weights)
-    bn_two_pass_variance: bool = False  # bnjax/batchnorm.py::batch_statistics
-    bn_renorm: Renorm | None = None  # Batch Renormalization (bnjax/batchnorm.py::batch_renorm_train)
-    bn_frozen: bool = False  # frozen BN: running statistics in train mode too, nothing learned or updated
-    bn_ghost_batch_size: int | None = None  # train mode: groups of this many examples, each by its own statistics
+    # BN's settings as one value: every BN of the net is a copy of this layer
+    # (`bn.copy()`, named BatchNorm_0, BatchNorm_1, ... as any BatchNorm).
+    # E.g. `bn=BatchNorm(momentum=0.9, epsilon=1e-5)`; bnjax/batchnorm.py checks it when it is made.
+    bn: BatchNorm = BatchNorm()
     # Ablations of the article's keypoints (experiments/ablations.py); the
     # defaults are the article's BN net.
     bn_position: str = "before"  # BN_POSITIONS; the output layer has no activation, so BN stays last there
@@ -107,17 +102,7 @@ class ConvNet(nn.Module):
             x = layer(x)
             if not self.batch_norm:
                 return activation(x) if hidden else x
-            batch_norm = BatchNorm(
-                momentum=self.bn_momentum,
-                epsilon=self.bn_epsilon,
-                axis_name=self.bn_axis_name,
-                unbiased_running_var=self.bn_unbiased_running_var,
-                running_average=self.bn_running_average,
-                two_pass_variance=self.bn_two_pass_variance,
-                renorm=self.bn_renorm,
-                frozen=self.bn_frozen,
-                ghost_batch_size=self.bn_ghost_batch_size,
-            )
+            batch_norm = self.bn.copy()
             if not hidden:
                 return batch_norm(x, train=train)
             if self.bn_position == "after":
@@ -154,14 +139,7 @@ class MLP(nn.Module):
     activation: str = "sigmoid"
     hidden_units: tuple[int, ...] = (100, 100, 100)
     kernel_init: str = "glorot_uniform"
-    bn_momentum: float = DEFAULT_MOMENTUM
-    bn_epsilon: float = DEFAULT_EPSILON
-    bn_axis_name: str | None = None
-    bn_running_average: str = "ema"  # RUNNING_AVERAGES (bnjax/batchnorm.py::running_average_weights)
-    bn_two_pass_variance: bool = False  # bnjax/batchnorm.py::batch_statistics
-    bn_renorm: Renorm | None = None
-    bn_frozen: bool = False
-    bn_ghost_batch_size: int | None = None
+    bn: BatchNorm = BatchNorm()  # BN's settings, as ConvNet's
 
     @nn.compact
     def __call__(self, x, *, train: bool):
@@ -171,10 +149,7 @@ class MLP(nn.Module):
         for units in self.hidden_units:
             x = nn.Dense(units, use_bias=not self.batch_norm, kernel_init=kernel_init)(x)
             if self.batch_norm:
-                x = BatchNorm(momentum=self.bn_momentum, epsilon=self.bn_epsilon, axis_name=self.bn_axis_name,
-                              running_average=self.bn_running_average, two_pass_variance=self.bn_two_pass_variance,
-                              renorm=self.bn_renorm, frozen=self.bn_frozen,
-                              ghost_batch_size=self.bn_ghost_batch_size)(x, train=train)
+                x = self.bn.copy()(x, train=train)
             # The input to this layer's nonlinearity, which the paper's figure 1(b, c) tracks.
             self.sow("intermediates", "sigmoid_input", x)
             x = activation(x)

@@ -47,8 +47,8 @@ def statistics_of_each_batch(model, variables, batches):
     here; ghost batches are not split: these are the statistics of whole
     batches, an estimate of the population's; under Batch Renorm the layers below keep their r and d corrections,
     as in training)."""
-    one_batch = model.clone(bn_momentum=0.0, bn_running_average="ema", bn_axis_name=None, bn_frozen=False,
-                            bn_ghost_batch_size=None)
+    one_batch = model.clone(bn=model.bn.clone(momentum=0.0, running_average="ema", axis_name=None, frozen=False,
+                                              ghost_batch_size=None))
 
     def statistics_of(batch):
         _, updates = one_batch.apply(variables, batch, train=True, mutable=["batch_stats"])

@@ -22,7 +22,7 @@ every step t = 1 .. T_max, as rows of `batch_stats`:
     bn_cell/mean,   bn_cell/var      (T_max, H)    of c_t
 
 Train mode normalizes step t by the batch's statistics *at step t* and moves
-row t, and only row t, toward them, by the rule `bn_running_average` of
+row t, and only row t, toward them, by the rule `bn.running_average` of
 bnjax/batchnorm.py (an update `count` per BN where the rule needs it).
 Eval mode normalizes step t by row t, and every step beyond T_max by row
 T_max (the paper's rule for sequences longer than any seen in training).
@@ -42,8 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bnjax.batchnorm import (DEFAULT_EPSILON, DEFAULT_MOMENTUM, batch_statistics, check_running_average, normalize,
-                              running_average_weights)
+from bnjax.batchnorm import DEFAULT_MOMENTUM, BatchNorm, batch_statistics, normalize, running_average_weights
 from bnjax.models import get_activation
 
 SEQUENCES = {"rows": (28, 28), "pixels": (784, 1), "permuted_pixels": (784, 1)}  # (steps, values per step)
@@ -155,23 +154,22 @@ class LSTM(nn.Module):
     bn_scale_init: float = 0.1
     permutation_seed: int = 0
     activation: str = "tanh"
-    bn_momentum: float = DEFAULT_MOMENTUM
-    bn_epsilon: float = DEFAULT_EPSILON
-    bn_two_pass_variance: bool = False
-    bn_axis_name: str | None = None
-    bn_running_average: str = "ema"  # RUNNING_AVERAGES (bnjax/batchnorm.py::running_average_weights)
-    # Frozen BN and ghost batches are not variants of the per-step BN; fields so
-    # that precise BN and batch-statistics evaluation clone any bnjax model the same way.
-    bn_frozen: bool = False
-    bn_ghost_batch_size: int | None = None
+    # BN's settings as one value, as the other nets take them. The per-step BN
+    # uses its momentum, epsilon, axis_name, running_average and
+    # two_pass_variance; Batch Renorm, frozen BN, ghost batches and PyTorch's
+    # unbiased running variance are not variants of it.
+    bn: BatchNorm = BatchNorm()
+
+    def __post_init__(self):
+        defaults = BatchNorm()
+        for name in ("renorm", "frozen", "ghost_batch_size", "unbiased_running_var"):
+            if getattr(self.bn, name) != getattr(defaults, name):
+                raise ValueError(f"the BN-LSTM's per-step BN takes {name}={getattr(defaults, name)!r} only, "
+                                 f"got {getattr(self.bn, name)!r}")
+        super().__post_init__()
 
     @nn.compact
     def __call__(self, images, *, train: bool, hidden_offsets=None):
-        check_running_average(self.bn_running_average)
-        if self.bn_frozen:
-            raise ValueError("the BN-LSTM has no frozen BN; bn_frozen False only")
-        if self.bn_ghost_batch_size is not None:
-            raise ValueError("the BN-LSTM has no ghost batches; bn_ghost_batch_size None only")
         activation = get_activation(self.activation)
         x = image_sequences(images, self.sequence, self.permutation_seed)  # (N, T, D)
         examples, steps, width = x.shape
@@ -194,7 +192,7 @@ class LSTM(nn.Module):
             input_scale = self.param("input_scale", scale, (4 * hidden,))
             cell_scale = self.param("cell_scale", scale, (hidden,))
             cell_bias = self.param("cell_bias", nn.initializers.zeros, (hidden,))
-            running = {name: StepStatistics(t_max, features, self.bn_running_average, self.bn_momentum, name=name)
+            running = {name: StepStatistics(t_max, features, self.bn.running_average, self.bn.momentum, name=name)
                        for name, features in zip(BN_LAYERS, (4 * hidden, 4 * hidden, hidden))}
             # Eval mode: step t's population statistics, fed to the scan step by step.
             population = {name: statistics.rows(steps) for name, statistics in running.items()}
@@ -202,9 +200,9 @@ class LSTM(nn.Module):
         def bn(name, z, population_t, scale, bias):
             """BN of `z` at one step: by the batch's statistics in train mode
             (returned, to update row t), by row t's in eval mode."""
-            mean, var = (batch_statistics(z, self.bn_axis_name, self.bn_two_pass_variance) if train
+            mean, var = (batch_statistics(z, self.bn.axis_name, self.bn.two_pass_variance) if train
                          else population_t[name])
-            return normalize(z, mean, var, scale, bias, self.bn_epsilon), (mean, var)
+            return normalize(z, mean, var, scale, bias, self.bn.epsilon), (mean, var)
 
         def cell(carry, step):
             h, c = carry

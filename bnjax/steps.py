@@ -22,7 +22,6 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from bnjax.batchnorm import Renorm
 from bnjax.config import TrainConfig
 from bnjax.models import MLP, ConvNet
 from bnjax.recurrent import LSTM
@@ -41,29 +40,13 @@ def make_model(config: TrainConfig, num_devices: int = 1, conv_implementation: s
     """The config's net. Over several devices with synchronized BN, every BN
     averages its statistics over DATA_AXIS: the statistics of the global batch.
     `conv_implementation` (bnjax/conv.py) applies to the CNN's convolutions."""
-    bn_axis_name = DATA_AXIS if num_devices > 1 and not config.ghost_bn else None
+    bn = config.batch_norm_layer(axis_name=DATA_AXIS if num_devices > 1 and not config.ghost_bn else None)
     if config.model == "lstm":
-        return _shared_model(LSTM, batch_norm=config.batch_norm, sequence=config.sequence,
+        return _shared_model(LSTM, batch_norm=config.batch_norm, bn=bn, sequence=config.sequence,
                              hidden_size=config.lstm_hidden_size, t_max=config.lstm_t_max,
                              bn_scale_init=config.lstm_bn_scale_init, permutation_seed=config.permutation_seed,
-                             activation=config.activation, bn_momentum=config.bn_momentum,
-                             bn_epsilon=config.bn_epsilon, bn_two_pass_variance=config.bn_two_pass_variance,
-                             bn_running_average=config.bn_running_average,
-                             bn_axis_name=bn_axis_name)
-    common = dict(
-        batch_norm=config.batch_norm,
-        activation=config.activation,
-        kernel_init=config.kernel_init,
-        bn_momentum=config.bn_momentum,
-        bn_epsilon=config.bn_epsilon,
-        bn_running_average=config.bn_running_average,
-        bn_two_pass_variance=config.bn_two_pass_variance,
-        bn_renorm=(Renorm(config.bn_renorm_r_max, config.bn_renorm_d_max, config.bn_renorm_momentum,
-                          config.bn_renorm_warmup_steps) if config.bn_renorm else None),
-        bn_frozen=config.bn_frozen,
-        bn_ghost_batch_size=config.bn_ghost_batch_size,
-        bn_axis_name=bn_axis_name,
-    )
+                             activation=config.activation)
+    common = dict(batch_norm=config.batch_norm, bn=bn, activation=config.activation, kernel_init=config.kernel_init)
     if config.model == "mlp":
         return _shared_model(MLP, **common)
     return _shared_model(ConvNet, **common, bn_position=config.bn_position, bn_use_bias=config.bn_use_bias,

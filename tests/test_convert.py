@@ -9,6 +9,7 @@ import optax
 import pytest
 
 from bnjax import convert
+from bnjax.batchnorm import BatchNorm
 from bnjax.models import ConvNet
 
 TOLERANCE = 1e-5  # absolute, plus 1e-5 relative where values exceed 1 (float32 round-off)
@@ -45,7 +46,7 @@ def test_fixture_records_where_it_came_from():
 
 # ------------------------------------------------------------------ PyTorch
 
-TORCH_MODEL = ConvNet(batch_norm=True, activation="relu", **convert.torch_bn_settings())
+TORCH_MODEL = ConvNet(batch_norm=True, activation="relu", bn=convert.torch_batch_norm())
 
 
 def test_torch_bn_eval_logits():
@@ -76,21 +77,21 @@ def test_torch_bn_train_step_logits_stats_and_gradients():
 @pytest.mark.parametrize(
     "wrong_settings",
     [
-        {"bn_momentum": 0.1, "bn_epsilon": 1e-5, "bn_unbiased_running_var": True},  # PyTorch's momentum taken as is
-        {"bn_momentum": 0.9, "bn_epsilon": 1e-5, "bn_unbiased_running_var": False},  # biased running variance
+        BatchNorm(momentum=0.1, epsilon=1e-5, unbiased_running_var=True),  # PyTorch's momentum taken as is
+        BatchNorm(momentum=0.9, epsilon=1e-5, unbiased_running_var=False),  # biased running variance
     ],
     ids=["momentum-not-converted", "biased-running-var"],
 )
 def test_torch_without_the_conversion_the_stats_differ(wrong_settings):
     variables = convert.convnet_from_torch(torch_state("torch_bn"), batch_norm=True)
-    _, updates = ConvNet(batch_norm=True, **wrong_settings).apply(variables, IMAGES, train=True, mutable=["batch_stats"])
+    _, updates = ConvNet(batch_norm=True, bn=wrong_settings).apply(variables, IMAGES, train=True, mutable=["batch_stats"])
     expected = convert.convnet_from_torch(torch_state("torch_bn", "state_after_train"), batch_norm=True)
     assert max_difference(updates["batch_stats"], expected["batch_stats"]) > 1e-3
 
 
 def test_torch_epsilon_matters_for_eval_logits():
     variables = convert.convnet_from_torch(torch_state("torch_bn"), batch_norm=True)
-    keras_epsilon = ConvNet(batch_norm=True, bn_epsilon=1e-3).apply(variables, IMAGES, train=False)
+    keras_epsilon = ConvNet(batch_norm=True, bn=BatchNorm(epsilon=1e-3)).apply(variables, IMAGES, train=False)
     assert float(np.abs(keras_epsilon - FIXTURE["torch_bn/eval_logits"]).max()) > 1e-4  # 10x the tolerance
 
 
@@ -127,7 +128,7 @@ def test_momentum_conversion():
 
 # ------------------------------------------------------------------ Keras
 
-KERAS_MODEL = ConvNet(batch_norm=True, activation="sigmoid", **convert.keras_bn_settings())
+KERAS_MODEL = ConvNet(batch_norm=True, activation="sigmoid", bn=convert.keras_batch_norm())
 
 
 def test_keras_bn_eval_and_train_mode():

@@ -57,7 +57,7 @@ def relative_difference(ours, theirs) -> float:
 def first_batch_gradients(activation, images, labels, dtype):
     variables = convert.convnet_from_keras(keras_weights(activation), batch_norm=True)
     variables = jax.tree_util.tree_map(lambda leaf: jnp.asarray(leaf, dtype), variables)
-    model = ConvNet(batch_norm=True, activation=activation, **convert.keras_bn_settings())
+    model = ConvNet(batch_norm=True, activation=activation, bn=convert.keras_batch_norm())
     x = jnp.asarray(images[:BATCH], dtype) / 255.0
 
     def loss(params):

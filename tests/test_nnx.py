@@ -4,6 +4,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from bnjax.batchnorm import BatchNorm
 from bnjax.models import ConvNet
 from bnjax.nnx_model import NNXConvNet, linen_to_nnx, mode_view, nnx_batch_stats, train_mode_forward
 
@@ -11,7 +12,7 @@ IMAGES = jax.random.uniform(jax.random.key(0), (8, 28, 28, 1))
 
 
 def test_nnx_equals_linen_in_train_and_eval_mode():
-    linen_model = ConvNet(batch_norm=True, activation="sigmoid", bn_momentum=0.9)
+    linen_model = ConvNet(batch_norm=True, activation="sigmoid", bn=BatchNorm(momentum=0.9))
     variables = linen_model.init(jax.random.key(1), IMAGES, train=False)
     # Give the running statistics values of their own before copying.
     _, updates = linen_model.apply(variables, IMAGES, train=True, mutable=["batch_stats"])

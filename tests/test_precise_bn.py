@@ -10,6 +10,7 @@ import optax
 import pytest
 
 from bnjax import convert
+from bnjax.batchnorm import BatchNorm
 from bnjax.models import ConvNet
 from bnjax.precise_bn import recompute_batch_stats
 from bnjax.steps import TrainState
@@ -29,7 +30,7 @@ def torch_net_state():
     conventions (eps 1e-5, unbiased running variance)."""
     state_dict = {key[len("state/"):]: FIXTURE[key] for key in FIXTURE.files if key.startswith("state/")}
     variables = convert.convnet_from_torch(state_dict, batch_norm=True)
-    model = ConvNet(batch_norm=True, activation="relu", **convert.torch_bn_settings())
+    model = ConvNet(batch_norm=True, activation="relu", bn=convert.torch_batch_norm())
     return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=optax.identity(),
                              batch_stats=variables["batch_stats"])
 
@@ -52,7 +53,7 @@ def test_batch_average_equals_torch_update_bn_and_pooled_equals_all_values_at_on
     # "pooled": the variance of every value a BN saw in the pass, at once. The
     # net mirrors PyTorch's unbiased per-batch variances, so pooled is checked
     # on a net with Keras/Flax's biased ones (the same weights and batches).
-    biased = state.replace(apply_fn=ConvNet(batch_norm=True, activation="relu", bn_epsilon=1e-5).apply)
+    biased = state.replace(apply_fn=ConvNet(batch_norm=True, activation="relu", bn=BatchNorm(epsilon=1e-5)).apply)
     pooled = recompute_batch_stats(biased, FIXTURE["images"], batch_size=batch, num_batches=batches, seed=None,
                                    variance="pooled")
     for index, layer in enumerate(BN_LAYERS):

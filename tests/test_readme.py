@@ -13,7 +13,8 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 # (reference as written on the pages: file::function or file::Class.method,
 #  text that definition must contain)
 EXPECTED = {
-    "bnjax/batchnorm.py::BatchNorm.__call__": "running_mean.value, running_var.value = new_mean, new_var",
+    "bnjax/batchnorm.py::BatchNorm.__call__": "variable.value = new_running[name]",
+    "bnjax/recurrent.py::StepStatistics.update": "variable.value = variable.value.at[:recorded].set(moved)",
     "bnjax/batchnorm.py::batch_statistics": "jax.lax.pmean((mean, mean_of_squares), axis_name)",
     "bnjax/batchnorm.py::batch_norm_train": "momentum",
     "bnjax/batchnorm.py::running_average_weights": "(1.0 - momentum) / (1.0 - momentum**t)",

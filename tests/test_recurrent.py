@@ -10,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 
+from bnjax.batchnorm import BatchNorm, Renorm
 from bnjax.recurrent import LSTM, PAPER_SETTINGS, image_sequences, pixel_permutation
 from bnjax.steps import model_of
 from bnjax.train import TrainConfig, create_train_state, train, train_step
@@ -18,9 +19,9 @@ HIDDEN = 8
 MOMENTUM = 0.9
 
 
-def small_lstm(**fields):
-    return LSTM(**{"batch_norm": True, "hidden_size": HIDDEN, "bn_momentum": MOMENTUM, "bn_epsilon": 1e-5,
-                   **fields})
+def small_lstm(two_pass_variance=False, **fields):
+    bn = BatchNorm(momentum=MOMENTUM, epsilon=1e-5, two_pass_variance=two_pass_variance)
+    return LSTM(**{"batch_norm": True, "hidden_size": HIDDEN, "bn": bn, **fields})
 
 
 def init(model, seed=0):
@@ -91,7 +92,7 @@ def paper_equations(variables, images, train, t_max=28, epsilon=1e-5):
 @pytest.mark.parametrize("batch_norm, train", [(True, True), (True, False), (False, False)],
                          ids=["bn-train", "bn-eval", "plain"])
 def test_the_cell_is_the_papers_equations(batch_norm, train):
-    model = small_lstm(batch_norm=batch_norm, bn_two_pass_variance=True)
+    model = small_lstm(batch_norm=batch_norm, two_pass_variance=True)
     variables = random_variables(model)
     images = scaled_rows() / 28
     logits = apply(model, variables, images, train, mutable=("batch_stats",))[0]
@@ -266,3 +267,15 @@ def test_the_gradient_reaching_each_step_is_measured_through_the_hidden_offsets(
     error = (jax.nn.softmax(logits) - jax.nn.one_hot(labels, 10)) / len(labels)
     last = float(jnp.linalg.norm(error @ state.params["output"]["kernel"].T))
     assert abs(norms[-1] - last) < 1e-5 * last
+
+
+@pytest.mark.parametrize("bn, message", [
+    (BatchNorm(renorm=Renorm()), "the BN-LSTM's per-step BN takes renorm=None only, got Renorm(r_max=3.0, d_max=5.0, "
+                                 "momentum=0.99, warmup_steps=0)"),
+    (BatchNorm(frozen=True), "the BN-LSTM's per-step BN takes frozen=False only, got True"),
+    (BatchNorm(ghost_batch_size=4), "the BN-LSTM's per-step BN takes ghost_batch_size=None only, got 4"),
+])
+def test_the_lstm_refuses_bn_variants_it_has_not_in_one_line(bn, message):
+    with pytest.raises(ValueError) as error:
+        LSTM(batch_norm=True, bn=bn)
+    assert str(error.value) == message

@@ -100,7 +100,7 @@ def test_eval_mode_reads_the_rule_s_average_and_moves_nothing():
 def test_unknown_rules_are_refused_in_one_line():
     with pytest.raises(ValueError, match="unknown bn_running_average 'median'; allowed: cumulative, debiased_ema, ema"):
         TrainConfig(batch_norm=True, bn_running_average="median")
-    with pytest.raises(ValueError, match="unknown running_average 'EMA'; allowed: ema, debiased_ema, cumulative"):
+    with pytest.raises(ValueError, match="unknown running_average 'EMA'; allowed: cumulative, debiased_ema, ema"):
         BatchNorm(running_average="EMA").init(jax.random.key(0), jnp.ones((2, 3)), train=False)
 
 
