@@ -30,7 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from bnjax.checkpoint import restore_checkpoint, save_checkpoint
 from bnjax.config import TrainConfig
-from bnjax.evaluation import evaluate, evaluate_runs, evaluate_runs_with  # noqa: F401 (evaluate: public name)
+from bnjax.evaluation import evaluate_runs
 from bnjax.precise_bn import sample_batches
 from bnjax.runs import for_each_run, run_of, stack_runs
 from bnjax.schedule import check_dataset, epoch_order, resolve_steps
@@ -87,6 +87,11 @@ class History:
     eval_statistics_time_s: float = 0.0  # evaluations with precise or batch statistics (precise BN included)
     diverged: bool = False
     probes: list[dict] = dataclasses.field(default_factory=list)  # `probe(state)` at each evaluation, if given
+
+    def append(self, record: dict) -> None:
+        """Add one evaluation: `record` maps curve names (the list fields above) to their values at it."""
+        for curve, value in record.items():
+            getattr(self, curve).append(value)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -256,6 +261,34 @@ def _train_interval(strategy: Strategy, state, metric_sums, first_step: int, las
     return state, metric_sums
 
 
+def _interval_trainer(configs: list[TrainConfig], strategy: Strategy, mesh, inputs: dict, steps_per_epoch: int,
+                      total_steps: int) -> Callable:
+    """`train_interval(state, first_step, last_step) -> (state, train_means)`:
+    steps `first_step` .. `last_step` - 1 of every run, and the mean training
+    loss and accuracy of each run over them (float64 arrays of R)."""
+    config, replicated = configs[0], NamedSharding(mesh, P())
+    chunk_inputs = dict(train_images=inputs["train_images"], train_labels=inputs["train_labels"],
+                        steps_per_epoch=steps_per_epoch, batch_size=config.batch_size, mesh=mesh,
+                        ghost_bn=config.ghost_bn)
+    # Built again only when an interval starts in a new epoch.
+    batch_orders = functools.lru_cache(maxsize=1)(functools.partial(
+        _batch_orders, configs, _orders_window(steps_per_epoch, total_steps, config.eval_every),
+        len(inputs["train_labels"]), replicated))
+
+    def train_interval(state, first_step: int, last_step: int):
+        # Zero sums placed as the chunk's outputs are, so that every chunk call finds the same program.
+        zero_sums = jax.device_put({"loss": jnp.zeros(len(configs)), "accuracy": jnp.zeros(len(configs))}, replicated)
+        first_epoch = first_step // steps_per_epoch
+        state, metric_sums = _train_interval(strategy, state, zero_sums, first_step, last_step,
+                                             epoch_orders=batch_orders(first_epoch), orders_first_epoch=first_epoch,
+                                             **chunk_inputs)
+        # Reading the sums waits for the queued steps, so it comes before the evaluation's clock starts.
+        steps = last_step - first_step
+        return state, {key: np.asarray(sums, np.float64) / steps for key, sums in metric_sums.items()}
+
+    return train_interval
+
+
 def _evaluate(state, config: TrainConfig, strategy: Strategy, mesh, inputs: dict) -> dict:
     """The test set's loss and accuracy per run with the running averages and,
     as `config.eval_statistics` asks, with precise or batch statistics; and
@@ -266,9 +299,9 @@ def _evaluate(state, config: TrainConfig, strategy: Strategy, mesh, inputs: dict
     seconds = {"running": time.perf_counter() - start}
     if config.eval_statistics != "running":
         start = time.perf_counter()
-        measured["other"] = evaluate_runs_with(config.eval_statistics, state, inputs["test_images"],
-                                               inputs["test_labels"], config.eval_batch_size, mesh,
-                                               strategy.eval_chunk, inputs["precise_batches"])
+        measured["other"] = evaluate_runs(state, inputs["test_images"], inputs["test_labels"],
+                                          config.eval_batch_size, mesh, strategy.eval_chunk,
+                                          statistics=config.eval_statistics, precise_batches=inputs["precise_batches"])
         seconds["other"] = time.perf_counter() - start
     return {"values": measured, "seconds": seconds}
 
@@ -290,8 +323,7 @@ def _record(histories: list[History], state, step: int, train_means: dict, evalu
             record[f"{config.eval_statistics}_val_accuracy"] = float(other["accuracy"][index])
             record[f"{config.eval_statistics}_val_loss"] = float(other["loss"][index])
             history.eval_statistics_time_s += evaluation["seconds"]["other"]
-        for key, value in record.items():
-            getattr(history, key).append(value)
+        history.append(record)
         if probes[index] is not None:
             history.probes.append(probes[index](run_of(state, index)))
         history.eval_time_s += evaluation["seconds"]["running"]
@@ -342,21 +374,11 @@ def train_runs(
     probes = probes or [None] * num_runs
     checkpoint_paths = checkpoint_paths or [None] * num_runs
     replicated = NamedSharding(mesh, P())
-
-    conv_implementation = strategy.stacked_conv if num_runs > 1 else "lax"
-    states, histories = _initial_states(configs, mesh.size, checkpoint_paths, conv_implementation)
+    states, histories = _initial_states(configs, mesh.size, checkpoint_paths,
+                                        strategy.stacked_conv if num_runs > 1 else "lax")
     state = jax.device_put(stack_runs(states), replicated)
     inputs = _device_inputs(configs, data, replicated)
-    chunk_inputs = dict(train_images=inputs["train_images"], train_labels=inputs["train_labels"],
-                        steps_per_epoch=steps_per_epoch, batch_size=config.batch_size, mesh=mesh,
-                        ghost_bn=config.ghost_bn)
-    # Built again only when an interval starts in a new epoch.
-    batch_orders = functools.lru_cache(maxsize=1)(functools.partial(
-        _batch_orders, configs, _orders_window(steps_per_epoch, total_steps, config.eval_every),
-        len(data.x_train), replicated))
-    # Placed as the chunk's outputs are, so that every chunk call finds the same program.
-    zero_sums = lambda: jax.device_put({"loss": jnp.zeros(num_runs), "accuracy": jnp.zeros(num_runs)},  # noqa: E731
-                                       replicated)
+    train_interval = _interval_trainer(configs, strategy, mesh, inputs, steps_per_epoch, total_steps)
     start_time = time.perf_counter() - max(history.total_wall_time_s for history in histories)
     elapsed = lambda: time.perf_counter() - start_time  # noqa: E731
 
@@ -364,12 +386,7 @@ def train_runs(
     for next_eval in _evaluation_steps(step, total_steps, config.eval_every):
         if all(history.diverged for history in histories):
             break
-        first_epoch = step // steps_per_epoch
-        state, metric_sums = _train_interval(strategy, state, zero_sums(), step, next_eval,
-                                             epoch_orders=batch_orders(first_epoch), orders_first_epoch=first_epoch,
-                                             **chunk_inputs)
-        # Reading the sums waits for the queued steps, so it comes before the evaluation's clock starts.
-        train_means = {key: np.asarray(sums, np.float64) / (next_eval - step) for key, sums in metric_sums.items()}
+        state, train_means = train_interval(state, step, next_eval)
         step = next_eval
         evaluation = _evaluate(state, config, strategy, mesh, inputs)
         recorded = _record(histories, state, step, train_means, evaluation, config, probes, elapsed)
@@ -379,8 +396,6 @@ def train_runs(
                 on_eval(configs[index], step, total_steps, record)
 
     total_time = elapsed()
-    results = []
-    for index, history in enumerate(histories):
+    for history in histories:
         history.total_wall_time_s = total_time
-        results.append((history, run_of(state, index)))
-    return results
+    return [(history, run_of(state, index)) for index, history in enumerate(histories)]
