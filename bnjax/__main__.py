@@ -96,7 +96,7 @@ def describe_fields() -> str:
                      f"{getattr(FIELD_TYPES[name], '__name__', FIELD_TYPES[name])}" for name in FIELDS)
 
 
-def main(argv=None) -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bnjax", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
@@ -106,6 +106,29 @@ def main(argv=None) -> None:
     parser.add_argument("--dataset", choices=sorted(DATASETS), default="mnist")
     parser.add_argument("--source", choices=SOURCES, default="auto", help="data source (docs/data.md)")
     parser.add_argument("--data-dir", default=None, help="IDX directory or TFDS data_dir")
+    return parser
+
+
+def _progress_printer(config: TrainConfig):
+    """on_eval for `train`: one line per evaluation, and the running-average
+    lag note once, at the first evaluation that shows it."""
+    other = f"{config.eval_statistics}_val_accuracy"  # with eval_statistics "precise" or "batch"
+    notes = []
+
+    def show(config, step, total_steps, record):
+        also = f" {other} {record[other]:.4f}" if other in record else ""
+        print(f"step {step}/{total_steps} val_accuracy {record['val_accuracy']:.4f}{also} "
+              f"train_loss {record['train_loss']:.4f}", flush=True)
+        note = None if notes else running_average_lag_note(config, step, record)
+        if note:
+            notes.append(note)
+            print(note, flush=True)
+
+    return show
+
+
+def main(argv=None) -> None:
+    parser = _parser()
     args = parser.parse_args(argv)
     if args.fields:
         print(describe_fields())
@@ -125,21 +148,8 @@ def main(argv=None) -> None:
         parser.exit(1, f"error: {error}\n")
 
     use_persistent_cache()
-    other = f"{config.eval_statistics}_val_accuracy"  # with eval_statistics "precise" or "batch"
-
-    notes = []
-
-    def show(config, step, total_steps, record):
-        also = f" {other} {record[other]:.4f}" if other in record else ""
-        print(f"step {step}/{total_steps} val_accuracy {record['val_accuracy']:.4f}{also} "
-              f"train_loss {record['train_loss']:.4f}", flush=True)
-        note = None if notes else running_average_lag_note(config, step, record)
-        if note:
-            notes.append(note)
-            print(note, flush=True)
-
     try:
-        history, _ = train(config, data, on_eval=show)
+        history, _ = train(config, data, on_eval=_progress_printer(config))
     except KeyboardInterrupt:
         parser.exit(130, "interrupted; nothing saved\n")
     except ValueError as error:  # e.g. a batch that does not divide over the devices
@@ -147,9 +157,10 @@ def main(argv=None) -> None:
     outcome = f"diverged (training loss {history.train_loss[-1]:.4g})" if history.diverged else "done"
     print(f"{outcome}: final test accuracy {history.val_accuracy[-1]:.4f} after {history.steps[-1]} steps, "
           f"{history.total_wall_time_s:.1f} s", flush=True)
-    if getattr(history, other, None):
+    other = getattr(history, f"{config.eval_statistics}_val_accuracy", None)
+    if other:
         print(f"the same weights with {config.eval_statistics} BN statistics: test accuracy "
-              f"{getattr(history, other)[-1]:.4f} ({history.eval_statistics_time_s:.1f} s of evaluation)", flush=True)
+              f"{other[-1]:.4f} ({history.eval_statistics_time_s:.1f} s of evaluation)", flush=True)
     if args.save:
         write_json(args.save, {"config": dataclasses.asdict(config), "environment": environment(),
                                **history.to_dict()})
