@@ -11,8 +11,11 @@ three kinds of statistics (`TrainConfig.eval_statistics`):
             under `bn_ghost_batch_size`, as in training; the updated running
             averages are dropped.
 
+One door for all three: `evaluate_runs(state, images, labels,
+statistics=...)` for stacked runs, `evaluate` for one run's state.
 "running" is always measured; the loop (bnjax/loop.py) records "precise" or
 "batch" beside it when the config asks (`precise_val_accuracy`, ...).
+`batch_statistics_accuracy` measures accuracy against the test batch size.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from bnjax.checks import check_choice
 from bnjax.config import EVAL_STATISTICS
 from bnjax.precise_bn import precise_statistics
 from bnjax.runs import for_each_run, stack_runs
@@ -73,14 +77,10 @@ def _means(totals, num_examples: int) -> dict[str, np.ndarray]:
             "accuracy": np.asarray(totals["correct"], np.float64) / num_examples}
 
 
-def evaluate_runs(state: TrainState, images_uint8, labels, batch_size: int = 1000, mesh=None,
-                  chunk: int | None = None) -> dict[str, np.ndarray]:
-    """Mean loss and accuracy of every run of a stacked `state` over a whole
-    (device-resident) set, in eval mode, as arrays of R values: on one device
-    the whole set in one dispatch (batches of `batch_size`; `chunk`: see
-    `eval_step`). With a `mesh` of several devices, each batch is split over
-    them, one dispatch per batch (eval is per example, so no statistics cross
-    devices)."""
+def _running_means(state: TrainState, images_uint8, labels, batch_size: int, mesh, chunk) -> dict[str, np.ndarray]:
+    """Eval mode over the whole set: on one device in one dispatch; with a
+    `mesh` of several devices each batch split over them, one dispatch per
+    batch (eval is per example, so no statistics cross devices)."""
     if mesh is None or mesh.size == 1:
         return _means(_running_totals(state, images_uint8, labels, batch_size, chunk), len(labels))
     split = NamedSharding(mesh, P(DATA_AXIS))
@@ -96,18 +96,10 @@ def evaluate_runs(state: TrainState, images_uint8, labels, batch_size: int = 100
     return _means({"loss_sum": loss_sum, "correct": correct}, len(labels))
 
 
-def evaluate(state: TrainState, images_uint8, labels, batch_size: int = 1000, mesh=None,
-             chunk: int | None = None) -> dict[str, float]:
-    """`evaluate_runs` for one run's own (unstacked) state: {"loss", "accuracy"}."""
-    stacked = stack_runs([state])
-    return {key: float(values[0])
-            for key, values in evaluate_runs(stacked, images_uint8, labels, batch_size, mesh, chunk).items()}
-
-
 # ---------------------------------------------------------------- precise statistics
 
 @jax.jit
-def precise_batch_stats_of_runs(state: TrainState, batches):
+def _precise_batch_stats_of_runs(state: TrainState, batches):
     """Every run's precise BN statistics (bnjax/precise_bn.py, equal-weight
     average of per-batch means and variances) from `batches` (K, B, ...) of
     float images, as a stacked `batch_stats` (an update `count` is kept)."""
@@ -119,7 +111,7 @@ def precise_batch_stats_of_runs(state: TrainState, batches):
 
 @functools.partial(jax.jit, static_argnames=("batch_size", "chunk"))
 def _precise_totals(state, precise_batches, images_uint8, labels, batch_size, chunk):
-    state = state.replace(batch_stats=precise_batch_stats_of_runs(state, precise_batches))
+    state = state.replace(batch_stats=_precise_batch_stats_of_runs(state, precise_batches))
     return _running_totals(state, images_uint8, labels, batch_size, chunk)
 
 
@@ -138,44 +130,54 @@ def _batch_statistics_totals(state, images, labels):
     return for_each_run(totals, state)
 
 
-def evaluate_runs_with_batch_statistics(state: TrainState, images_uint8, labels,
-                                        batch_size: int = 1000) -> dict[str, np.ndarray]:
-    """Like `evaluate_runs`, but BN normalizes each test batch of `batch_size`
-    (the last one may be smaller) by its own statistics (train mode); the
-    whole set in one dispatch."""
-    return _means(_batch_statistics_totals_over_set(state, images_uint8, labels, batch_size), len(labels))
-
-
 @functools.partial(jax.jit, static_argnames="batch_size")
 def _batch_statistics_totals_over_set(state, images_uint8, labels, batch_size):
     return _totals_over_set(functools.partial(_batch_statistics_totals, state), images_uint8, labels, batch_size)
 
 
-def evaluate_runs_with(statistics: str, state: TrainState, images_uint8, labels, batch_size: int = 1000,
-                       mesh=None, chunk: int | None = None, precise_batches=None) -> dict[str, np.ndarray]:
-    """`evaluate_runs` with BN normalizing by `statistics` ("precise" needs
-    `precise_batches`: (K, B, ...) float training images on the device;
-    `mesh` and `chunk` apply to eval mode, "running" and "precise")."""
+# ---------------------------------------------------------------- the doors
+
+def evaluate_runs(state: TrainState, images_uint8, labels, batch_size: int = 1000, mesh=None,
+                  chunk: int | None = None, *, statistics: str = "running",
+                  precise_batches=None) -> dict[str, np.ndarray]:
+    """Mean loss and accuracy of every run of a stacked `state` over a whole
+    (device-resident) set of uint8 images, as arrays of R values, with BN
+    normalizing by `statistics` (the module's three kinds). Batches of
+    `batch_size` (the last one may be smaller); the whole set in one dispatch
+    on one device. "precise" needs `precise_batches`: (K, B, ...) float
+    training images on the device. `mesh` (several devices split each batch)
+    and `chunk` (see `eval_step`) apply to eval mode, "running" and "precise"."""
+    check_choice("eval_statistics", statistics, EVAL_STATISTICS)
+    if statistics == "precise" and precise_batches is None:
+        raise ValueError("eval_statistics 'precise' needs precise_batches, the training batches to estimate from")
+    if statistics == "batch":
+        return _means(_batch_statistics_totals_over_set(state, images_uint8, labels, batch_size), len(labels))
     if statistics == "precise" and (mesh is None or mesh.size == 1):  # statistics and test set in one dispatch
         return _means(_precise_totals(state, precise_batches, images_uint8, labels, batch_size, chunk), len(labels))
     if statistics == "precise":
-        state = state.replace(batch_stats=precise_batch_stats_of_runs(state, precise_batches))
-        return evaluate_runs(state, images_uint8, labels, batch_size, mesh, chunk)
-    if statistics == "batch":
-        return evaluate_runs_with_batch_statistics(state, images_uint8, labels, batch_size)
-    if statistics == "running":
-        return evaluate_runs(state, images_uint8, labels, batch_size, mesh, chunk)
-    raise ValueError(f"unknown eval_statistics {statistics!r}; allowed: {', '.join(EVAL_STATISTICS)}")
+        state = state.replace(batch_stats=_precise_batch_stats_of_runs(state, precise_batches))
+    return _running_means(state, images_uint8, labels, batch_size, mesh, chunk)
+
+
+def evaluate(state: TrainState, images_uint8, labels, batch_size: int = 1000, mesh=None,
+             chunk: int | None = None, *, statistics: str = "running", precise_batches=None) -> dict[str, float]:
+    """`evaluate_runs` for one run's own (unstacked) state: {"loss", "accuracy"}."""
+    stacked = stack_runs([state])
+    means = evaluate_runs(stacked, images_uint8, labels, batch_size, mesh, chunk, statistics=statistics,
+                          precise_batches=precise_batches)
+    return {key: float(values[0]) for key, values in means.items()}
 
 
 @functools.partial(jax.jit, static_argnames="group_size")
 def batch_statistics_accuracy(state, images_uint8, labels, group_size: int):
-    """Test accuracy in train mode: the images are cut into groups of
-    `group_size` (a remainder is dropped), and each group is normalized with
-    its own statistics (each ghost batch of it by its own, under
-    `bn_ghost_batch_size`). The returned running averages are thrown away.
-    One run (no runs axis); experiments/eval_modes.py and rethinking_batch.py
-    test with it at batch sizes from 1 to the whole test set."""
+    """Test accuracy in train mode at any test batch size: the images are cut
+    into groups of `group_size` (a remainder is dropped), and each group is
+    normalized with its own statistics (each ghost batch of it by its own,
+    under `bn_ghost_batch_size`). The returned running averages are thrown away.
+    One run (no runs axis). A door of its own beside `evaluate(statistics="batch")`
+    because it measures something else: how accuracy depends on the test batch
+    size (experiments/eval_modes.py and rethinking_batch.py, from 1 to the
+    whole test set), where a last smaller batch would mix two sizes."""
     if not 1 <= group_size <= labels.shape[0]:
         raise ValueError(f"test batch size {group_size} must be in [1, {labels.shape[0]}], the test set's size")
     n = labels.shape[0] // group_size * group_size

@@ -16,7 +16,8 @@ from __future__ import annotations
 from typing import Callable
 
 from bnjax.config import MODELS, OPTIMIZERS, TrainConfig
-from bnjax.loop import EvalCallback, History, evaluate, train_runs
+from bnjax.evaluation import evaluate
+from bnjax.loop import EvalCallback, History, train_runs
 from bnjax.schedule import check_dataset, epoch_order, resolve_steps
 from bnjax.steps import (
     DATA_AXIS,
