@@ -33,16 +33,12 @@ to the per-step History within stated round-off):
     TPUs keep dispatching ahead.
 
 `default_strategy(platform, num_devices)` is the fastest measured per backend
-(docs/performance.md): on CPU one step per dispatch, one model per program (a
-vmapped program ran 2-3x slower per model on 2 cores; the scan without unroll
-~10x slower, unrolled no faster in steps/s and 3-5x slower to compile),
-evaluation in pieces of 200 images (1.7x faster than 1000 at once) and one
-run per core side by side (two pinned runs did 1.4x the steps of one run on
-both cores; the 6-run article sweep took 0.9x the time of one process).
-On GPU and TPU, dispatch dominates at batch 32, so many steps per dispatch and
-many models per program (on one H100, 30 article runs took 92 s as vmapped
-programs vs. 227 s as one program per run: docs/performance.md; TPUs not
-measured).
+(the figures and their commands: docs/performance.md). On CPU a batch-32
+step cannot keep two cores busy and XLA:CPU's stacked and rolled programs
+are slower: one step per dispatch, one model per program, evaluation in
+pieces of 200 images (they stay in cache) and one run per core side by side.
+On GPU and TPU, where launching dominates at batch 32: many steps per
+dispatch and many models per program.
 """
 
 from __future__ import annotations
