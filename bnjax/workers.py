@@ -17,6 +17,13 @@ prints go to stderr. On Linux a worker ends with the process that started
 it, even when that one is killed outright (`PR_SET_PDEATHSIG`; the kernel
 sends it when the thread that started the worker ends, so a pool belongs to
 the thread that made it).
+
+Not `concurrent.futures.ProcessPoolExecutor`: forking a process that runs
+JAX is unsafe, and its spawn and forkserver workers import the caller's
+`__main__` again, so a script without a main guard runs its body again in
+every worker and the pool breaks (tests/test_workers.py holds the guardless
+script to working); it also gives every worker the same initializer
+arguments (one core each needs a shared queue) and streams no progress.
 """
 
 from __future__ import annotations

@@ -93,3 +93,17 @@ def test_workers_end_when_their_parent_is_killed(importable_here):
     while alive(worker) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not alive(worker), "the worker outlived its killed parent"
+
+
+def test_a_script_without_a_main_guard_can_use_workers(tmp_path, importable_here):
+    # A worker never re-imports the caller's __main__ (a spawned
+    # multiprocessing worker would, and run this script's body again).
+    script = tmp_path / "no_guard.py"
+    script.write_text("from bnjax.workers import WorkerPool\n"
+                      "from test_workers import where_am_i\n"
+                      "print('body ran', flush=True)\n"
+                      "with WorkerPool(cores=[0, 0], shared={'offset': 10}) as pool:\n"
+                      "    print(sorted(value for _, (_, value, _) in pool.run(where_am_i, [(1,), (2,)])))\n")
+    finished = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 0, finished.stderr
+    assert finished.stdout == "body ran\n[11, 12]\n"
