@@ -61,3 +61,24 @@ def test_the_training_code_reads_downwards():
 def test_a_cycle_is_found():
     assert find_cycle({"engine": {"train"}, "train": {"engine"}}) == ["engine", "train", "engine"]
     assert find_cycle({"engine": {"train"}, "train": {"models"}}) is None
+
+
+# bnjax's layers, lowest first (docs/layout.md draws them): a module imports
+# only modules of its own layer or of a layer below.
+LAYERS = {
+    "support": {"checks", "atomic", "provenance", "xla_flags"},
+    "the BN library": {"batchnorm", "conv", "models", "recurrent", "nnx_model", "convert"},
+    "training": {"config", "steps", "runs", "schedule", "precise_bn", "evaluation", "checkpoint", "strategy", "loop",
+                 "train", "data", "data_sources"},
+    "launching": {"engine", "workers", "compilation_cache", "__main__", "__init__"},
+}
+
+
+def test_every_module_imports_only_its_layer_or_those_below():
+    graph = {path.stem: bnjax_imports(path) for path in BNJAX.glob("*.py")}
+    assert set(graph) == set().union(*LAYERS.values()), "a module missing from LAYERS, or a name that is no module"
+    below = set()
+    for layer, modules in LAYERS.items():
+        below |= modules
+        for module in sorted(modules):
+            assert graph[module] <= below, f"{module} ({layer}) imports {sorted(graph[module] - below)} from above"
