@@ -96,3 +96,25 @@ def test_more_precise_batches_than_the_training_set_holds_is_refused_before_trai
     config = dataclasses.replace(BASE, eval_statistics="precise", precise_bn_batches=17)
     with pytest.raises(ValueError, match=r"^precise_bn_batches 17 x batch_size 32 = 544 training images; the training set has 512$"):
         train(config, DATA)
+
+
+def test_one_door_gives_each_kind_of_statistics_as_the_loop_recorded_it(histories):
+    images, labels = jnp.asarray(DATA.x_test), jnp.asarray(DATA.y_test)
+    for statistics in ("running", "batch"):
+        history, state = histories[statistics]
+        measured = evaluate(state, images, labels, 100, statistics=statistics)
+        curve = "val_accuracy" if statistics == "running" else "batch_val_accuracy"
+        assert measured["accuracy"] == getattr(history, curve)[-1], statistics
+
+
+@pytest.mark.parametrize("statistics, precise_batches, message", [
+    ("population", None, "unknown eval_statistics 'population'; allowed: batch, precise, running"),
+    ("precise", None, "eval_statistics 'precise' needs precise_batches, the training batches to estimate from"),
+])
+def test_the_evaluation_door_refuses_what_it_cannot_measure_in_one_line(histories, statistics, precise_batches,
+                                                                         message):
+    _, state = histories["running"]
+    with pytest.raises(ValueError) as error:
+        evaluate(state, jnp.asarray(DATA.x_test), jnp.asarray(DATA.y_test), 100, statistics=statistics,
+                 precise_batches=precise_batches)
+    assert str(error.value) == message
