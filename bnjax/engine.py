@@ -132,17 +132,16 @@ def train_many(
     program) finishes, so callers can save as they go. Both are called in
     this process, with the caller's own config objects.
 
-    `make_probe(config, data)`, if given, builds each run's probe (see
-    `bnjax.train.train`) where the run trains. With `checkpoint_dir`, each run
-    is checkpointed in `checkpoint_file(checkpoint_dir, config)` and resumes
-    from it. Every run of a program reports the program's wall time.
+    `make_probe(config, data)` builds each run's probe (`bnjax.train.train`)
+    where the run trains. With `checkpoint_dir`, each run is checkpointed in
+    `checkpoint_file(checkpoint_dir, config)` and resumes from it. Every run
+    of a program reports the program's wall time.
 
     `done(config)`: whether that run is finished already (a resumed sweep).
-    The groups and the use of worker processes are decided from all
-    `configs`, done or not, so that every run trains exactly as it would
-    have in one uninterrupted call: a group whose runs are all done is
-    skipped (None in the returned list), a group with some done is trained
-    whole, and `on_eval` / `on_done` hear of unfinished runs only.
+    Groups and workers are decided from all `configs`, done or not, so every
+    run trains as in one uninterrupted call: a group all done is skipped
+    (None in the list returned), a group partly done is trained whole, and
+    `on_eval` / `on_done` hear of unfinished runs only.
     """
     check_dataset(data)
     if not configs:
