@@ -34,9 +34,8 @@ FORMAT = "bnjax-checkpoint-2"  # with a checksum
 
 
 def save_checkpoint(path: str | os.PathLike, state, history, config) -> None:
-    """Write the run's state atomically (only process 0 writes, on multi-host)."""
-    if jax.process_index() != 0:
-        return
+    """Write the run's state atomically. A run over several processes'
+    devices is saved by process 0 alone (bnjax/loop.py decides)."""
     payload = {
         "config": dataclasses.asdict(config),
         "state": serialization.to_state_dict(jax.device_get(state)),
@@ -66,7 +65,8 @@ def restore_checkpoint(path: str | os.PathLike, template_state, config):
         raise ValueError(f"checkpoint {path} is damaged: its content does not match the SHA-256 saved with it; "
                          "delete it to train the run afresh")
     payload = serialization.msgpack_restore(wrapper["payload"])
-    saved_config = payload["config"]
+    # A field the checkpoint predates counts as saved at its default.
+    saved_config = {**{field.name: field.default for field in dataclasses.fields(config)}, **payload["config"]}
     current = dataclasses.asdict(config)
     differing = sorted(key for key in set(current) | set(saved_config) if current.get(key) != saved_config.get(key))
     if differing:

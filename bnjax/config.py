@@ -21,10 +21,12 @@ OPTIMIZERS = ("adam", "sgd", "rmsprop")
 MODELS = ("convnet", "mlp", "lstm")
 # Fields model "lstm" takes at their defaults only (bnjax/recurrent.py: its own
 # initializers, per-step statistics without Renorm or frozen BN, one device's
-# statistics), and the fields of model "lstm" alone.
-NOT_FOR_LSTM = ("kernel_init", "bn_renorm", "bn_frozen", "ghost_bn", "bn_ghost_batch_size")
+# statistics, float32 arithmetic), and the fields of model "lstm" alone.
+NOT_FOR_LSTM = ("kernel_init", "bn_renorm", "bn_frozen", "ghost_bn", "bn_ghost_batch_size", "compute_dtype")
 LSTM_ONLY = ("sequence", "lstm_hidden_size", "lstm_t_max", "lstm_bn_scale_init", "permutation_seed")
 EVAL_STATISTICS = ("running", "precise", "batch")  # bnjax/evaluation.py
+COMPUTE_DTYPES = ("float32", "bfloat16")
+MATMUL_PRECISIONS = ("default", "high", "highest")  # JAX's, for float32 products (bnjax/provenance.py says what each is)
 MAX_SEED = 2**32 - 1  # jax.random.key(seed) keeps the low 32 bits
 
 
@@ -96,6 +98,14 @@ class TrainConfig:
     # whether Conv/Dense keep their bias under BN (the article drops it).
     bn_position: str = "before"
     bn_use_bias: bool = False
+    # Arithmetic. compute_dtype "bfloat16": convolutions and matrix products
+    # (and the activations between them) in bfloat16, while parameters,
+    # optimizer state, BN's statistics (computed in float32 from the bfloat16
+    # activations) and the loss stay float32, as flax's dtype / param_dtype.
+    # matmul_precision: JAX's precision for float32 products, "default" being
+    # one bfloat16 pass on TPUs and TF32 on recent NVIDIA GPUs ("highest": float32).
+    compute_dtype: str = "float32"
+    matmul_precision: str = "default"
     # Model "lstm" (bnjax/recurrent.py): how the image is read (SEQUENCES), the
     # hidden units, the rows of per-step BN statistics (None: one per step),
     # the initial BN scale (the paper's 0.1) and the pixel order's seed.
@@ -112,6 +122,8 @@ class TrainConfig:
         check_choice("kernel_init", self.kernel_init, KERNEL_INITS)
         check_choice("bn_position", self.bn_position, BN_POSITIONS)
         check_choice("eval_statistics", self.eval_statistics, EVAL_STATISTICS)
+        check_choice("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
+        check_choice("matmul_precision", self.matmul_precision, MATMUL_PRECISIONS)
         if self.eval_statistics != "running" and not self.batch_norm:
             raise ValueError(f"eval_statistics {self.eval_statistics!r} needs BN statistics, and this model has no "
                              "BN (batch_norm=False); use 'running' or batch_norm=True")

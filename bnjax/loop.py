@@ -34,7 +34,9 @@ from bnjax.evaluation import evaluate_runs
 from bnjax.precise_bn import sample_batches
 from bnjax.runs import for_each_run, run_of, stack_runs
 from bnjax.schedule import check_dataset, epoch_order, resolve_steps
-from bnjax.steps import DATA_AXIS, TrainState, create_train_state, make_mesh, to_float_images, train_step_body
+from bnjax.provenance import effective_precision
+from bnjax.steps import (DATA_AXIS, TrainState, create_train_state, make_mesh, matmul_precision, to_float_images,
+                         train_step_body)
 from bnjax.strategy import Strategy, default_strategy
 from bnjax.xla_flags import version_tuple
 
@@ -87,6 +89,9 @@ class History:
     eval_statistics_time_s: float = 0.0  # evaluations with precise or batch statistics (precise BN included)
     diverged: bool = False
     probes: list[dict] = dataclasses.field(default_factory=list)  # `probe(state)` at each evaluation, if given
+    # How the convolutions and matrix products were computed on the backend
+    # that trained the run (bnjax/provenance.py::effective_precision).
+    precision: str = ""
 
     def append(self, record: dict) -> None:
         """Add one evaluation: `record` maps curve names (the list fields above) to their values at it."""
@@ -173,15 +178,17 @@ def _run_chunk(strategy: Strategy, state, metric_sums, first_step: int, num_step
 
 # ---------------------------------------------------------------- the loop
 
-def _initial_states(configs, num_devices, checkpoint_paths, conv_implementation):
+def _initial_states(configs, mesh, checkpoint_paths, conv_implementation):
     """Every run's fresh state, or its checkpoint's where one exists, and its History so far."""
     states, histories = [], []
     for config, path in zip(configs, checkpoint_paths):
-        state = create_train_state(config, jax.random.key(config.seed), num_devices, conv_implementation)
+        state = create_train_state(config, jax.random.key(config.seed), mesh.size, conv_implementation)
         history = History()
         if path is not None and os.path.exists(path):
             state, saved_history = restore_checkpoint(path, state, config)
             history = History(**saved_history)
+        history.precision = effective_precision(mesh.devices.flat[0].platform, config.compute_dtype,
+                                                config.matmul_precision)
         states.append(state)
         histories.append(history)
     steps = sorted({int(state.step) for state in states})
@@ -332,11 +339,15 @@ def _record(histories: list[History], state, step: int, train_means: dict, evalu
     return recorded
 
 
-def _save_checkpoints(checkpoint_paths, state, histories: list[History], configs, elapsed: Callable[[], float]):
-    """Stamp every History with the wall time so far, then save each run that has a checkpoint path."""
+def _save_checkpoints(checkpoint_paths, state, histories: list[History], configs, elapsed: Callable[[], float],
+                      mesh):
+    """Stamp every History with the wall time so far, then save each run that
+    has a checkpoint path: once, by process 0, when the mesh spans several
+    processes (jax.distributed); by this process when it trains the runs alone."""
+    alone = all(device.process_index == jax.process_index() for device in mesh.devices.flat)
     for index, history in enumerate(histories):
         history.total_wall_time_s = elapsed()
-        if checkpoint_paths[index] is not None:
+        if checkpoint_paths[index] is not None and (alone or jax.process_index() == 0):
             save_checkpoint(checkpoint_paths[index], run_of(state, index), history, configs[index])
 
 
@@ -347,34 +358,34 @@ def train_runs(
     on_eval: EvalCallback | None = None,
     probes: list[Callable[[TrainState], dict] | None] | None = None,
     checkpoint_paths: list[str | None] | None = None,
+    devices=None,
 ) -> list[tuple[History, TrainState]]:
     """Train `configs` (runs of one program: equal `program_key`) together on
     `data` (a `bnjax.data.Dataset`); return [(history, final_state)] in order.
 
     Each run is evaluated on the test set every `eval_every` steps and at the
     end; `on_eval(config, step, total_steps, record)` follows each evaluation.
-    A run whose training loss diverges (NaN, infinite or above
-    `DIVERGED_LOSS`) stops recording there and is marked `diverged` (its
-    program stops when all runs have).
-    `probes[i](state) -> dict of floats`, if given, is measured on run i's
-    state at each of its evaluations and kept in its `history.probes`. With
-    `checkpoint_paths[i]`, run i (state, history, config) is saved there after
-    every evaluation, and a run whose checkpoint exists resumes from it: an
-    interrupted run reaches the same History as an uninterrupted one.
+    A run whose training loss diverges (`has_diverged`) stops recording there
+    and is marked `diverged` (its program stops when all runs have).
+    `probes[i](state) -> dict of floats` is measured on run i's state at each
+    of its evaluations (`history.probes`). With `checkpoint_paths[i]`, run i
+    is saved there after every evaluation and resumes from it: an interrupted
+    run reaches the same History as an uninterrupted one.
 
     `strategy` (default: `default_strategy` for the devices used) sets how the
-    steps are launched, never what they compute.
+    steps are launched, never what they compute. `devices`: where the runs
+    train (the first `num_devices` of them; default `jax.devices()`).
     """
     check_dataset(data)
     config, num_runs = configs[0], len(configs)
-    mesh = make_mesh(config)
+    mesh = make_mesh(config, devices)
     _check_program(configs, mesh)
     steps_per_epoch, total_steps = resolve_steps(config, len(data.x_train))
     strategy = strategy or default_strategy(mesh.devices.flat[0].platform, mesh.size)
     probes = probes or [None] * num_runs
     checkpoint_paths = checkpoint_paths or [None] * num_runs
     replicated = NamedSharding(mesh, P())
-    states, histories = _initial_states(configs, mesh.size, checkpoint_paths,
+    states, histories = _initial_states(configs, mesh, checkpoint_paths,
                                         strategy.stacked_conv if num_runs > 1 else "lax")
     state = jax.device_put(stack_runs(states), replicated)
     inputs = _device_inputs(configs, data, replicated)
@@ -383,17 +394,18 @@ def train_runs(
     elapsed = lambda: time.perf_counter() - start_time  # noqa: E731
 
     step = int(states[0].step)
-    for next_eval in _evaluation_steps(step, total_steps, config.eval_every):
-        if all(history.diverged for history in histories):
-            break
-        state, train_means = train_interval(state, step, next_eval)
-        step = next_eval
-        evaluation = _evaluate(state, config, strategy, mesh, inputs)
-        recorded = _record(histories, state, step, train_means, evaluation, config, probes, elapsed)
-        _save_checkpoints(checkpoint_paths, state, histories, configs, elapsed)
-        if on_eval is not None:
-            for index, record in recorded:
-                on_eval(configs[index], step, total_steps, record)
+    with matmul_precision(config):  # traced under the config's precision
+        for next_eval in _evaluation_steps(step, total_steps, config.eval_every):
+            if all(history.diverged for history in histories):
+                break
+            state, train_means = train_interval(state, step, next_eval)
+            step = next_eval
+            evaluation = _evaluate(state, config, strategy, mesh, inputs)
+            recorded = _record(histories, state, step, train_means, evaluation, config, probes, elapsed)
+            _save_checkpoints(checkpoint_paths, state, histories, configs, elapsed, mesh)
+            if on_eval is not None:
+                for index, record in recorded:
+                    on_eval(configs[index], step, total_steps, record)
 
     total_time = elapsed()
     for history in histories:

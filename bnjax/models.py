@@ -14,7 +14,7 @@ any constant shift, so its gradient is exactly zero.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -81,6 +81,9 @@ class ConvNet(nn.Module):
     # defaults are the article's BN net.
     bn_position: str = "before"  # BN_POSITIONS; the output layer has no activation, so BN stays last there
     bn_use_bias: bool = False    # True: Conv/Dense keep their bias under BN too
+    # The dtype of the convolutions, matrix products and activations
+    # (parameters stay float32; BN computes its statistics in float32).
+    dtype: Any = jnp.float32
     # How the convolutions are computed (bnjax/conv.py): "lax" (XLA's
     # convolution) or "matmul" (patches and one matrix product, which stays a
     # batched matrix product when runs are stacked). Same parameters either way.
@@ -111,8 +114,8 @@ class ConvNet(nn.Module):
 
         use_bias = not self.batch_norm or self.bn_use_bias
         conv = lambda features: nn.Conv(features, (3, 3), padding="VALID", use_bias=use_bias, kernel_init=kernel_init,
-                                        conv_general_dilated=conv_function)
-        dense = lambda features: nn.Dense(features, use_bias=use_bias, kernel_init=kernel_init)
+                                        conv_general_dilated=conv_function, dtype=self.dtype)
+        dense = lambda features: nn.Dense(features, use_bias=use_bias, kernel_init=kernel_init, dtype=self.dtype)
 
         x = linear_unit(conv(32), x, hidden=True)   # (N, 26, 26, 32)
         x = max_pool_2x2(x)                          # (N, 13, 13, 32)
@@ -121,7 +124,7 @@ class ConvNet(nn.Module):
         x = linear_unit(conv(64), x, hidden=True)   # (N, 3, 3, 64)
         x = x.reshape(x.shape[0], -1)                # (N, 576)
         x = linear_unit(dense(64), x, hidden=True)  # (N, 64)
-        return linear_unit(dense(10), x, hidden=False)  # (N, 10) logits
+        return linear_unit(dense(10), x, hidden=False).astype(jnp.float32)  # (N, 10) logits; the loss in float32
 
 
 def count_params(params) -> int:
@@ -140,6 +143,7 @@ class MLP(nn.Module):
     hidden_units: tuple[int, ...] = (100, 100, 100)
     kernel_init: str = "glorot_uniform"
     bn: BatchNorm = BatchNorm()  # BN's settings, as ConvNet's
+    dtype: Any = jnp.float32  # of the matrix products and activations, as ConvNet's
 
     @nn.compact
     def __call__(self, x, *, train: bool):
@@ -147,10 +151,10 @@ class MLP(nn.Module):
         kernel_init = get_kernel_init(self.kernel_init)
         x = x.reshape(x.shape[0], -1)  # (N, 784)
         for units in self.hidden_units:
-            x = nn.Dense(units, use_bias=not self.batch_norm, kernel_init=kernel_init)(x)
+            x = nn.Dense(units, use_bias=not self.batch_norm, kernel_init=kernel_init, dtype=self.dtype)(x)
             if self.batch_norm:
                 x = self.bn.copy()(x, train=train)
             # The input to this layer's nonlinearity, which the paper's figure 1(b, c) tracks.
             self.sow("intermediates", "sigmoid_input", x)
             x = activation(x)
-        return nn.Dense(10, kernel_init=kernel_init)(x)
+        return nn.Dense(10, kernel_init=kernel_init, dtype=self.dtype)(x).astype(jnp.float32)

@@ -74,3 +74,23 @@ def describe_environment(env: dict) -> str:
 
 def same_setup(saved: dict, here: dict) -> bool:
     return all(saved.get(field) == here.get(field) for field in SETUP_FIELDS)
+
+
+# What float32 convolutions and matrix products really compute, per backend
+# and JAX matmul precision (docs.jax.dev "Matmul precision"): TPUs multiply
+# in bfloat16 passes, NVIDIA GPUs from Ampere on in TF32, CPUs in float32.
+_FLOAT32_ARITHMETIC = {
+    "tpu": {"default": "TPU default: one bfloat16 pass", "high": "TPU high: three bfloat16 passes",
+            "highest": "float32"},
+    "gpu": {"default": "GPU default: TF32 (Ampere and later; float32 before)",
+            "high": "GPU high: TF32 (Ampere and later; float32 before)", "highest": "float32"},
+}
+
+
+def effective_precision(platform_name: str, compute_dtype: str, matmul_precision: str) -> str:
+    """How a run's convolutions and matrix products were computed, in words,
+    e.g. "float32 arrays; products: TPU default: one bfloat16 pass"."""
+    if compute_dtype == "bfloat16":
+        return "bfloat16 arrays (float32 parameters, optimizer state and BN statistics); products: bfloat16"
+    products = _FLOAT32_ARITHMETIC.get(platform_name, {}).get(matmul_precision, "float32")
+    return f"float32 arrays; products: {products}"

@@ -46,11 +46,18 @@ def make_model(config: TrainConfig, num_devices: int = 1, conv_implementation: s
                              hidden_size=config.lstm_hidden_size, t_max=config.lstm_t_max,
                              bn_scale_init=config.lstm_bn_scale_init, permutation_seed=config.permutation_seed,
                              activation=config.activation)
-    common = dict(batch_norm=config.batch_norm, bn=bn, activation=config.activation, kernel_init=config.kernel_init)
+    common = dict(batch_norm=config.batch_norm, bn=bn, activation=config.activation, kernel_init=config.kernel_init,
+                  dtype=getattr(jnp, config.compute_dtype))
     if config.model == "mlp":
         return _shared_model(MLP, **common)
     return _shared_model(ConvNet, **common, bn_position=config.bn_position, bn_use_bias=config.bn_use_bias,
                          conv_implementation=conv_implementation)
+
+
+def matmul_precision(config: TrainConfig):
+    """The context in which the config's programs are traced: JAX's matmul
+    precision for float32 convolutions and matrix products (part of jit's cache key)."""
+    return jax.default_matmul_precision(config.matmul_precision)
 
 
 # One model object and one optimizer object per setting, so that the states of
@@ -74,9 +81,10 @@ def _shared_optimizer(**settings) -> optax.GradientTransformation:
     return make_optimizer(TrainConfig(**settings))
 
 
-def make_mesh(config: TrainConfig) -> jax.sharding.Mesh:
-    """A 1-D mesh over the devices the config asks for; checks the batch divides over them."""
-    available = jax.devices()
+def make_mesh(config: TrainConfig, devices=None) -> jax.sharding.Mesh:
+    """A 1-D mesh over the devices the config asks for (the first of `devices`,
+    default `jax.devices()`); checks the batch divides over them."""
+    available = jax.devices() if devices is None else list(devices)
     num_devices = config.num_devices or len(available)
     if num_devices > len(available):
         raise ValueError(f"num_devices {num_devices} asked for, but only {len(available)} devices are visible: "

@@ -31,6 +31,7 @@ EXPECTED = {
     "bnjax/checkpoint.py::restore_checkpoint": 'hashlib.sha256(wrapper["payload"])',
     "experiments/results.py::load_results": "_problem_with_run(run)",
     "bnjax/loop.py::has_diverged": "train_loss > DIVERGED_LOSS",
+    "bnjax/provenance.py::effective_precision": "_FLOAT32_ARITHMETIC.get(platform_name, {})",
 }
 REFERENCE = re.compile(r"`((?:bnjax|experiments|benchmarks)/\w+\.py)::([\w.]+)`")
 LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
