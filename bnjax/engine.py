@@ -7,15 +7,20 @@ loop (bnjax/loop.py) and worker processes, as a `Strategy` (bnjax/strategy.py) s
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import hashlib
 import json
 import os
+import pickle
+import threading
 from pathlib import Path
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
 
 from bnjax.config import TrainConfig
 from bnjax.loop import EvalCallback, History, program_key, train_runs
@@ -39,11 +44,81 @@ def checkpoint_file(checkpoint_dir: str | os.PathLike, config: TrainConfig) -> P
 
 
 def _train_group(data, configs: list[TrainConfig], strategy: Strategy | None, on_eval, make_probe,
-                 checkpoint_dir) -> list[tuple]:
+                 checkpoint_dir, devices=None) -> list[tuple]:
     """One group of runs of one program through the training loop (`train_runs`)."""
     probes = [make_probe(config, data) for config in configs] if make_probe is not None else None
     paths = [checkpoint_file(checkpoint_dir, config) for config in configs] if checkpoint_dir is not None else None
-    return train_runs(configs, data, strategy, on_eval, probes=probes, checkpoint_paths=paths)
+    return train_runs(configs, data, strategy, on_eval, probes=probes, checkpoint_paths=paths, devices=devices)
+
+
+# Runs spread over devices: with D > 1 devices and at least D runs that would
+# each split their batch over all of them (num_devices None, synchronized BN),
+# every device trains whole runs at their full batch instead, with no
+# collective at all: one thread per device takes the next group of runs.
+# Synchronized BN over devices computes the statistics of the whole batch, so
+# a run alone on one device is the same run (up to float round-off).
+
+def _spread_over_devices(configs: list[TrainConfig], devices) -> list[TrainConfig] | None:
+    """The configs as they train when spread over `devices` (the spreadable
+    ones on one device each), or None when they are not spread."""
+    spreadable = [config.num_devices is None and not config.ghost_bn for config in configs]
+    if len(devices) < 2 or sum(spreadable) < len(devices):
+        return None
+    return [dataclasses.replace(config, num_devices=1) if spread else config
+            for config, spread in zip(configs, spreadable)]
+
+
+def _run_groups_over_devices(groups: list[list[int]], configs, placed: list[TrainConfig], data, strategy, report,
+                             finish, make_probe, checkpoint_dir, devices) -> list[list[int]]:
+    """Each group of one-device runs whole on one of this process's `devices`,
+    a thread per device taking the next group; the callbacks are called one at
+    a time, with the caller's configs. Over several processes (jax.distributed)
+    each takes every P-th group, and then hears of the others' runs from them.
+    Returns the groups left (runs over several devices)."""
+    spread = [group for group in groups if placed[group[0]].num_devices == 1]
+    pending = list(reversed(spread[jax.process_index()::jax.process_count()]))
+    trained_here = {}
+    original = {id(config): configs[index] for index, config in enumerate(placed)}
+    lock = threading.Lock()
+
+    def locked_report(config, *record):
+        with lock:
+            report(original[id(config)], *record)
+
+    def work(device):
+        while True:
+            with lock:
+                if not pending:
+                    return
+                group = pending.pop()
+            outcomes = _train_group(data, [placed[i] for i in group], strategy, report and locked_report,
+                                    make_probe, checkpoint_dir, devices=[device])
+            with lock:
+                for index, (history, state) in zip(group, outcomes):
+                    finish(index, history, state)
+                    trained_here[index] = (history, _state_arrays(state))
+
+    with concurrent.futures.ThreadPoolExecutor(len(devices)) as pool:
+        for finished in [pool.submit(work, device) for device in devices]:
+            finished.result()  # an error in a thread is raised here
+    if jax.process_count() > 1:
+        for index, (history, arrays) in _gathered(trained_here).items():
+            if index not in trained_here:
+                finish(index, history, _rebuilt_state(configs[index], arrays))
+    return [group for group in groups if group not in spread]
+
+
+def _gathered(outcomes: dict) -> dict:
+    """Every process's `outcomes` ({run index: (History, state arrays)}),
+    merged, on every process: one all-gather of their pickles."""
+    payload = np.frombuffer(pickle.dumps(outcomes), np.uint8)
+    sizes = multihost_utils.process_allgather(np.array([payload.size])).reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[:payload.size] = payload
+    merged = {}
+    for size, row in zip(sizes, multihost_utils.process_allgather(padded)):
+        merged.update(pickle.loads(row[:size].tobytes()))
+    return merged
 
 
 # Worker processes (Strategy.parallel_runs, bnjax/workers.py) train whole
@@ -56,9 +131,12 @@ def _train_group_in_worker(data, progress, indices: list[int], configs: list[Tra
         progress((next(i for i, c in zip(indices, configs) if c is config), step, total, record))
 
     outcomes = _train_group(data, configs, strategy, on_eval, make_probe, checkpoint_dir)
-    return [(history, jax.device_get((state.step, state.params, state.batch_stats,
-                                      jax.tree_util.tree_leaves(state.opt_state))))
-            for history, state in outcomes]
+    return [(history, _state_arrays(state)) for history, state in outcomes]
+
+
+def _state_arrays(state: TrainState):
+    """A state's arrays as numpy, to send to another process (`_rebuilt_state` makes the state again)."""
+    return jax.device_get((state.step, state.params, state.batch_stats, jax.tree_util.tree_leaves(state.opt_state)))
 
 
 def _rebuilt_state(config: TrainConfig, arrays) -> TrainState:
@@ -110,6 +188,29 @@ def _group_runs(configs: list[TrainConfig], models_per_program: int) -> tuple[li
     return groups, multi_device
 
 
+def _finished(configs: list[TrainConfig], done) -> set[int]:
+    """The indices of the runs `done` says are finished; over several
+    processes, process 0's answer, so that every process trains the same groups."""
+    finished = [done is not None and bool(done(config)) for config in configs]
+    if jax.process_count() > 1:
+        finished = multihost_utils.broadcast_one_to_all(np.array(finished))
+    return {index for index, is_finished in enumerate(finished) if is_finished}
+
+
+def _layout(configs: list[TrainConfig], grouping: Strategy, platform: str):
+    """How the runs train: groups of config indices (a program each), the
+    configs as placed over the devices (None: as given), whether the groups
+    go to worker processes, and this process's devices."""
+    placed = _spread_over_devices(configs, jax.devices())  # every process's devices
+    per_program = grouping.models_per_program if placed is None else \
+        min(grouping.models_per_program, -(-len(configs) // jax.device_count()))  # a group for every device
+    groups, multi_device = _group_runs(placed or configs, per_program)
+    # Worker processes only for one-device CPU runs, and only when two or more can overlap.
+    in_workers = placed is None and grouping.parallel_runs > 1 and len(groups) > 1 and platform == "cpu" \
+        and not multi_device
+    return groups, placed, in_workers, jax.local_devices()
+
+
 def train_many(
     configs: list[TrainConfig],
     data,
@@ -124,18 +225,18 @@ def train_many(
 
     Runs that share a `program_key` (all fields but seed and learning rate)
     train together as one program of the training loop, up to
-    `strategy.models_per_program` runs (vmapped); with 1, or on several
-    devices, each run is a program of its own. With `strategy.parallel_runs`
-    > 1 (CPU), up to that many programs train at once in worker processes,
-    one core each. `on_eval(config, step, total_steps, record)` after each
-    evaluation of a run; `on_done(config, history, state)` when a run (or its
-    program) finishes, so callers can save as they go. Both are called in
-    this process, with the caller's own config objects.
-
-    `make_probe(config, data)` builds each run's probe (`bnjax.train.train`)
-    where the run trains. With `checkpoint_dir`, each run is checkpointed in
-    `checkpoint_file(checkpoint_dir, config)` and resumes from it. Every run
-    of a program reports the program's wall time.
+    `strategy.models_per_program` runs (vmapped); with 1, or over several
+    devices, each run is a program of its own. With D > 1 devices and at
+    least D runs that would split their batch over all of them, the runs
+    spread over the devices instead, each whole on one (above). With
+    `strategy.parallel_runs` > 1 (CPU), up to that many programs train at
+    once in worker processes, one core each. `on_eval(config, step,
+    total_steps, record)` after each evaluation of a run, `on_done(config,
+    history, state)` when it finishes: in this process, one at a time, with
+    the caller's own config objects. `make_probe(config, data)` builds each
+    run's probe where the run trains; with `checkpoint_dir`, each run is
+    checkpointed in `checkpoint_file(...)` and resumes from it. A program's
+    runs report the program's wall time.
 
     `done(config)`: whether that run is finished already (a resumed sweep).
     Groups and workers are decided from all `configs`, done or not, so every
@@ -149,10 +250,8 @@ def train_many(
     first_platform = jax.devices()[0].platform
     grouping = strategy or default_strategy(first_platform)
     results: dict[int, tuple] = {}
-    groups, multi_device = _group_runs(configs, grouping.models_per_program)
-    # Worker processes only for one-device CPU runs, and only when two or more can overlap.
-    in_workers = grouping.parallel_runs > 1 and len(groups) > 1 and first_platform == "cpu" and not multi_device
-    finished = {index for index, config in enumerate(configs) if done is not None and done(config)}
+    groups, placed, in_workers, devices = _layout(configs, grouping, first_platform)
+    finished = _finished(configs, done)
     groups = [group for group in groups if not finished.issuperset(group)]
     finished_ids = {id(configs[index]) for index in finished}
     report = None if on_eval is None else (
@@ -163,6 +262,9 @@ def train_many(
         if on_done is not None and index not in finished:
             on_done(configs[index], history, state)
 
+    if placed is not None:
+        groups = _run_groups_over_devices(groups, configs, placed, data, strategy, report, finish, make_probe,
+                                          checkpoint_dir, devices)
     if in_workers:
         _run_groups_in_workers(groups, configs, data, grouping, report, finish, make_probe, checkpoint_dir)
     else:

@@ -8,6 +8,8 @@ import math
 import sys
 from pathlib import Path
 
+import jax
+
 from bnjax.atomic import atomic_write, write_json
 from bnjax.data import DataError
 from bnjax.provenance import environment
@@ -83,8 +85,11 @@ def _problem_with_run(run) -> str | None:
 
 
 def save_results(path: Path, results: dict) -> None:
+    """Write `results` atomically; over several processes (jax.distributed)
+    process 0 alone writes, every process keeping the same runs in memory."""
     results["environment"] = environment()
-    write_json(path, results)
+    if jax.process_index() == 0:
+        write_json(path, results)
 
 
 def unfinished(results: dict, configs: list[TrainConfig]) -> list[TrainConfig]:

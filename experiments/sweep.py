@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import jax
+
 from bnjax.atomic import unwritable_reason
 from bnjax.compilation_cache import use_persistent_cache
 from bnjax.engine import default_strategy, train_many
@@ -55,11 +57,18 @@ def add_sweep_flags(parser: argparse.ArgumentParser, seeds: int, epochs: int | N
     parser.add_argument("--parallel-runs", type=positive_int, default=None,
                         help="runs trained side by side, one CPU core each (default: the engine's choice, "
                              "all cores on CPU); 1 = one run at a time in this process")
+    parser.add_argument("--distributed", action="store_true",
+                        help="join the processes of a multi-host run first (jax.distributed.initialize(), which "
+                             "finds a Cloud TPU pod slice or a SLURM job itself); process 0 writes the results")
 
 
 def sweep_strategy(args: argparse.Namespace, num_devices: int = 1) -> Strategy | None:
     """The engine's choice for runs over `num_devices` devices, with
-    --parallel-runs applied; None (the engine's choice) when it is not set."""
+    --parallel-runs applied; None (the engine's choice) when it is not set.
+    With --distributed, joins this process to the others first (before JAX
+    starts a backend: studies call this before anything else touches JAX)."""
+    if getattr(args, "distributed", False):
+        jax.distributed.initialize()
     if args.parallel_runs is None:
         return None
     return dataclasses.replace(default_strategy(None, num_devices), parallel_runs=args.parallel_runs)

@@ -127,3 +127,42 @@ def test_a_stacked_program_on_a_mesh_trains_each_run_as_alone(histories):
         assert_same_curves(histories["ghost_2_stacked_seed0"], histories["ghost_2"], "ghost stacked")
     assert histories["sync_2_stacked_seed1"]["final_step"] == 32
     assert max_curve_difference(histories["sync_2_stacked_seed1"], histories["sync_2"], LOSSES) > TOLERANCE
+
+
+# ---------------------------------------------------------------- a sweep spread over the devices
+
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
+
+
+def spread_sweep(tmp_path, *flags):
+    """The JSON of tests/spread_run.py, and every collective in the compiled training programs."""
+    dump = tmp_path / ("dump" + "".join(flags))
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count=8 --xla_dump_to={dump} --xla_dump_hlo_as_text",
+           "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, str(TESTS / "spread_run.py"), *flags], capture_output=True, text=True,
+                            env=env, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    programs = [path for path in dump.glob("*_chunk*after_optimizations.txt")]
+    assert programs, "no training program was dumped"
+    found = {name for path in programs for name in COLLECTIVES if f" {name}(" in path.read_text()}
+    return json.loads(result.stdout), found
+
+
+@pytest.mark.slow
+def test_a_sweep_spreads_its_runs_over_the_devices_each_run_as_alone(tmp_path):
+    spread, collectives = spread_sweep(tmp_path)
+    assert collectives == set()  # no cross-device communication in any training program
+    # 8 runs, 8 devices: every run whole on one device, each on another (a thread per device takes a run)
+    assert all(len(devices) == 1 for devices in spread["devices"])
+    assert len({devices[0] for devices in spread["devices"]}) == 8
+    assert spread["heard"] and all(spread["heard"])  # on_eval hears of the caller's own configs
+    for index, (history, alone) in enumerate(zip(spread["histories"], spread["alone"])):
+        for key in ("steps", "train_loss", "val_loss", "train_accuracy", "val_accuracy"):
+            assert history[key] == alone[key], (index, key)  # the same program on another device: bit for bit
+    # The same sweep with each run's batch split over all 8 devices needs all-reduces (the check can fail),
+    # and trains the same runs within the round-off of synchronized BN.
+    data_parallel, collectives = spread_sweep(tmp_path, "--data-parallel")
+    assert "all-reduce" in collectives
+    for history, alone in zip(data_parallel["histories"], spread["alone"]):
+        assert_same_curves(history, alone, "data-parallel vs. alone")

@@ -13,6 +13,7 @@ import pytest
 from bnjax.atomic import write_json
 from bnjax.train import TrainConfig
 from experiments import plot_article, sweep
+from experiments import results as results_module
 from experiments.results import load_results
 
 CONFIG = TrainConfig(max_steps=4, eval_every=2)
@@ -111,3 +112,13 @@ def test_the_article_figures_take_runs_evaluated_at_different_steps(tmp_path):
     plot_article.plot_all(path)
     assert "1 diverged" in (tmp_path / "summary.md").read_text()
     assert len(list(tmp_path.glob("*.png"))) == 1
+
+
+def test_over_several_processes_process_0_alone_writes_the_results(tmp_path, monkeypatch):
+    path = tmp_path / "results.json"
+    monkeypatch.setattr(results_module.jax, "process_index", lambda: 1)
+    results_module.save_results(path, {"runs": []})
+    assert not path.exists()
+    monkeypatch.setattr(results_module.jax, "process_index", lambda: 0)
+    results_module.save_results(path, {"runs": []})
+    assert json.loads(path.read_text())["runs"] == []

@@ -120,3 +120,13 @@ def test_a_resumed_sweep_trains_its_remaining_runs_as_the_uninterrupted_sweep_di
     by_seed = lambda runs: {run["config"]["seed"]: {k: v for k, v in run.items() if k not in timing}  # noqa: E731
                             for run in runs}
     assert by_seed(resumed["runs"]) == by_seed(full["runs"])  # bit for bit
+
+
+def test_distributed_joins_the_processes_before_the_sweep_starts(monkeypatch):
+    joined = []
+    monkeypatch.setattr(sweep.jax.distributed, "initialize", lambda: joined.append(True))
+    parser = argparse.ArgumentParser()
+    sweep.add_sweep_flags(parser, seeds=1, epochs=1, out="outputs/x")
+    assert sweep.sweep_strategy(parser.parse_args([])) is None and joined == []
+    sweep.sweep_strategy(parser.parse_args(["--distributed"]))
+    assert joined == [True]
