@@ -15,6 +15,9 @@ Each contender runs in a process of its own, started from this one:
   bnjax cold  `train_many(configs, data)` with the default strategy and an
               empty persistent compilation cache (compiling included);
   bnjax warm  the same again in a new process, the cache filled by the cold run;
+  bnjax VARIANT  cold and warm again with another arithmetic (`--variants`):
+              "bfloat16" (TrainConfig(compute_dtype="bfloat16")) and
+              "highest" (TrainConfig(matmul_precision="highest"), float32 products);
   stacking    R = 1, 2, 4, 8, 16 BN runs of one program (sigmoid, lr 0.01):
               steady-state run-steps/s, from the difference between runs of
               `STACKING_STEPS` steps (one evaluation, at the end, in both);
@@ -41,6 +44,8 @@ from experiments.sweep import positive_int
 
 DEFAULT_OUT = Path("outputs/benchmarks/accelerator_sweep.json")
 PEERS = ("eager", "cudagraphs", "vmap")
+# The sweep again with another arithmetic: the TrainConfig fields each variant sets.
+VARIANTS = {"bfloat16": {"compute_dtype": "bfloat16"}, "highest": {"matmul_precision": "highest"}}
 
 
 def fraction(text: str) -> float:
@@ -53,14 +58,20 @@ def fraction(text: str) -> float:
     return value
 
 
-def peer_list(text: str) -> list[str]:
-    if text == "none":
-        return []
-    names = text.split(",")
-    unknown = [name for name in names if name not in PEERS]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown peer {unknown[0]!r}; allowed: {', '.join(PEERS)}, or none")
-    return names
+def names_of(allowed, kind: str):
+    """An argparse type: a comma-separated list of names from `allowed`, or "none"."""
+    def parse(text: str) -> list[str]:
+        if text == "none":
+            return []
+        names = text.split(",")
+        unknown = [name for name in names if name not in allowed]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {kind} {unknown[0]!r}; allowed: {', '.join(allowed)}, or none")
+        return names
+    return parse
+
+
+peer_list, variant_list = names_of(PEERS, "peer"), names_of(VARIANTS, "variant")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -75,6 +86,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help=f"comma-separated PyTorch ways ({','.join(PEERS)}) or none (default: all)")
     parser.add_argument("--peer-fraction", type=fraction, default=0.2,
                         help="share of every run's steps a PyTorch way trains; its time is scaled up (default 0.2)")
+    parser.add_argument("--variants", type=variant_list, default=list(VARIANTS),
+                        help=f"the sweep again in other arithmetic: {', '.join(VARIANTS)} (comma-separated) or none")
+    parser.add_argument("--variant", help=argparse.SUPPRESS)  # set in the processes this one starts
     parser.add_argument("--no-stacking", action="store_true", help="leave out the stacked-runs scaling measurement")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"the JSON file (default {DEFAULT_OUT})")
     parser.add_argument("--contender", help=argparse.SUPPRESS)  # set in the processes this one starts
@@ -97,7 +111,8 @@ def sweep_configs(args):
     from experiments.article import sweep_configs as article_configs
 
     configs = article_configs("article", seeds=args.seeds, epochs=args.epochs, max_steps=args.max_steps)
-    return [dataclasses.replace(config, eval_every=args.eval_every) for config in configs]
+    arithmetic = VARIANTS[args.variant] if args.variant else {}
+    return [dataclasses.replace(config, eval_every=args.eval_every, **arithmetic) for config in configs]
 
 
 # ---------------------------------------------------------------- in the contenders' processes
@@ -123,7 +138,7 @@ def bnjax_contender(args) -> dict:
     return {"seconds": seconds, "compile_seconds": sum(compile_seconds), "run_steps": run_steps,
             "device": f"{device.device_kind} ({device.platform})", "num_devices": jax.device_count(),
             "mean_final_val_accuracy": sum(h.val_accuracy[-1] for h, _ in results) / len(results),
-            "environment": environment()}
+            "precision": results[0][0].precision, "environment": environment()}
 
 
 STACKING_RUNS = (1, 2, 4, 8, 16)
@@ -212,6 +227,8 @@ def main(argv=None) -> None:
         env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": cache, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
         cold = run_contender(passed_on, "bnjax", env)
         warm = run_contender(passed_on, "bnjax", env)
+        variants = {variant: [run_contender([*passed_on, "--variant", variant], "bnjax", env) for _ in ("cold", "warm")]
+                    for variant in args.variants}
         stacking = None if args.no_stacking else run_contender(passed_on, "stacking", env)
     peers = {}
     missing = available()["pytorch"]
@@ -234,8 +251,14 @@ def main(argv=None) -> None:
                   "compile_seconds": cold.get("compile_seconds"),
                   "compile_seconds_warm": warm.get("compile_seconds"),
                   "run_steps_per_s": (warm["run_steps"] / warm["seconds"]) if "seconds" in warm else None,
-                  "mean_final_val_accuracy": warm.get("mean_final_val_accuracy"),
+                  "mean_final_val_accuracy": warm.get("mean_final_val_accuracy"), "precision": warm.get("precision"),
                   **({"error": cold.get("error") or warm.get("error")} if "error" in cold or "error" in warm else {})},
+        "variants": {variant: {"seconds_cold": cold_run.get("seconds"), "seconds_warm": warm_run.get("seconds"),
+                               "mean_final_val_accuracy": warm_run.get("mean_final_val_accuracy"),
+                               "precision": warm_run.get("precision"),
+                               **({"error": cold_run.get("error") or warm_run.get("error")}
+                                  if "error" in cold_run or "error" in warm_run else {})}
+                     for variant, (cold_run, warm_run) in variants.items()},
         "stacking": stacking,
         "peers": peers,
         "command": "python -m benchmarks.accelerator_sweep " + " ".join(passed_on),

@@ -22,6 +22,7 @@ WHOLE = {"setup_seconds": 0.0, "measured_seconds": 90.0, "fraction": 1.0, "steps
 @pytest.mark.parametrize("argv, message", [
     (["--seeds", "0"], "--seeds: expected a positive integer, got '0'"),
     (["--peers", "eager,jit"], "unknown peer 'jit'; allowed: eager, cudagraphs, vmap, or none"),
+    (["--variants", "float16"], "unknown variant 'float16'; allowed: bfloat16, highest, or none"),
     (["--peer-fraction", "1.5"], "--peer-fraction: must be a number in (0, 1], got '1.5'"),
     (["--out", "."], "--out . is a directory; give a file path"),
     (["--out", "no/such/folder/x.json"], "its folder no/such/folder does not exist"),
@@ -45,7 +46,7 @@ def test_the_file_holds_the_workload_cold_and_warm_and_each_peer_scaled_up(tmp_p
     monkeypatch.setattr(accelerator_sweep, "run_contender", contender)
     monkeypatch.setattr(benchmarks.peers, "available", lambda: {"pytorch": None, "keras-tf": "not installed"})
     out = tmp_path / "sweep.json"
-    accelerator_sweep.main(["--seeds", "5", "--out", str(out)])
+    accelerator_sweep.main(["--seeds", "5", "--variants", "none", "--out", str(out)])
     # cold and warm share one fresh compilation cache; the peers run without it
     assert [name for name, _ in started] == ["bnjax", "bnjax", "stacking", "eager", "cudagraphs", "vmap"]
     assert started[0][1] == started[1][1] == started[2][1] and started[0][1] is not None
@@ -70,3 +71,26 @@ def test_peers_without_pytorch_are_recorded_as_skipped(tmp_path, monkeypatch):
     accelerator_sweep.main(["--peers", "eager", "--no-stacking", "--out", str(out)])
     assert json.loads(out.read_text())["peers"] == {
         "pytorch-eager": {"seconds": None, "extrapolated": False, "skipped": "torch not installed"}}
+
+
+def test_each_precision_variant_runs_cold_and_warm_with_its_arithmetic(tmp_path, monkeypatch):
+    started = []
+
+    def contender(argv, name, env):
+        variant = argv[argv.index("--variant") + 1] if "--variant" in argv else "default"
+        started.append((name, variant))
+        run = sum(1 for entry in started if entry == (name, variant))
+        return {**(COLD if run == 1 else WARM), "precision": f"{variant} arithmetic"}
+
+    monkeypatch.setattr(accelerator_sweep, "run_contender", contender)
+    out = tmp_path / "sweep.json"
+    accelerator_sweep.main(["--peers", "none", "--no-stacking", "--out", str(out)])
+    assert started == [("bnjax", "default")] * 2 + [("bnjax", "bfloat16")] * 2 + [("bnjax", "highest")] * 2
+    result = json.loads(out.read_text())
+    assert result["bnjax"]["precision"] == "default arithmetic"
+    for variant in ("bfloat16", "highest"):
+        assert result["variants"][variant] == {"seconds_cold": 40.0, "seconds_warm": 15.0,
+                                               "mean_final_val_accuracy": WARM["mean_final_val_accuracy"],
+                                               "precision": f"{variant} arithmetic"}
+    configs = accelerator_sweep.sweep_configs(accelerator_sweep.parse_args(["--seeds", "1", "--variant", "bfloat16"]))
+    assert {config.compute_dtype for config in configs} == {"bfloat16"} and len(configs) == 6
