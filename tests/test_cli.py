@@ -28,6 +28,7 @@ def test_a_short_run_prints_progress_and_saves_its_history(tmp_path, monkeypatch
     assert result["config"]["batch_norm"] is True and result["config"]["learning_rate"] == 0.01
     assert result["steps"] == [3, 6] and len(result["val_accuracy"]) == 2 == len(result["precise_val_accuracy"])
     assert {"jax", "flax", "bnjax_commit"} <= set(result["environment"])
+    assert result["precision"] == "float32 arrays; products: float32"  # what this CPU computed
 
 
 @pytest.mark.parametrize("setting, message", [
