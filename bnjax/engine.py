@@ -7,7 +7,6 @@ loop (bnjax/loop.py) and worker processes, as a `Strategy` (bnjax/strategy.py) s
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import hashlib
 import json
@@ -85,22 +84,35 @@ def _run_groups_over_devices(groups: list[list[int]], configs, placed: list[Trai
         with lock:
             report(original[id(config)], *record)
 
+    errors = []
+
     def work(device):
-        while True:
+        while not errors:
             with lock:
                 if not pending:
                     return
                 group = pending.pop()
-            outcomes = _train_group(data, [placed[i] for i in group], strategy, report and locked_report,
-                                    make_probe, checkpoint_dir, devices=[device])
-            with lock:
-                for index, (history, state) in zip(group, outcomes):
-                    finish(index, history, state)
-                    trained_here[index] = (history, _state_arrays(state))
+            try:
+                outcomes = _train_group(data, [placed[i] for i in group], strategy, report and locked_report,
+                                        make_probe, checkpoint_dir, devices=[device])
+                with lock:
+                    for index, (history, state) in zip(group, outcomes):
+                        finish(index, history, state)
+                        if jax.process_count() > 1:
+                            trained_here[index] = (history, _state_arrays(state))
+            except Exception as error:  # noqa: BLE001 - raised in the calling thread below
+                errors.append(error)
+                return
 
-    with concurrent.futures.ThreadPoolExecutor(len(devices)) as pool:
-        for finished in [pool.submit(work, device) for device in devices]:
-            finished.result()  # an error in a thread is raised here
+    # Daemon threads: Ctrl-C in the calling thread ends the program without
+    # waiting for the groups still training.
+    threads = [threading.Thread(target=work, args=(device,), daemon=True) for device in devices]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
     if jax.process_count() > 1:
         for index, (history, arrays) in _gathered(trained_here).items():
             if index not in trained_here:

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from bnjax import xla_flags
+from bnjax import engine, xla_flags
 from bnjax.engine import Strategy, default_strategy, program_key, train_many
 from bnjax.recurrent import PAPER_SETTINGS
 from bnjax.schedule import resolve_steps
@@ -309,3 +309,41 @@ def test_the_bn_lstm_trains_as_stacked_runs_of_the_one_loop(tiny_data):
         assert_same_run(result, alone)
         np.testing.assert_allclose(result[0].precise_val_loss, alone[0].precise_val_loss, rtol=RELATIVE_TOLERANCE)
     assert together[0][1].batch_stats["bn_cell"]["mean"].shape == (28, 8)
+
+
+def two_device_views(monkeypatch):
+    """This process's one CPU device seen twice: train_many then spreads runs over "two devices",
+    a thread each (the real thing, 8 devices and the absence of collectives: tests/test_parallel.py)."""
+    device = jax.devices()[0]
+    monkeypatch.setattr(jax, "devices", lambda *args: [device, device])
+    monkeypatch.setattr(jax, "local_devices", lambda *args: [device, device])
+    monkeypatch.setattr(jax, "device_count", lambda *args: 2)
+
+
+class FailingProbe:
+    def __init__(self, config, data):
+        if config.seed == 1:
+            raise ValueError("probe of seed 1 failed")
+
+    def __call__(self, state):
+        return {}
+
+
+def test_spread_runs_train_as_alone_report_the_callers_configs_and_raise_errors_as_themselves(tiny_data,
+                                                                                             monkeypatch):
+    configs = [TrainConfig(batch_norm=True, model="mlp", max_steps=4, eval_every=2, seed=seed) for seed in range(3)]
+    alone = [train(config, tiny_data)[0] for config in configs]
+    two_device_views(monkeypatch)
+    placements = []
+    train_group = engine._train_group
+    monkeypatch.setattr(engine, "_train_group", lambda *args, **kwargs: placements.append(
+        ([config.num_devices for config in args[1]], kwargs.get("devices"))) or train_group(*args, **kwargs))
+    heard = []
+    results = train_many(configs, tiny_data, strategy=Strategy(models_per_program=1),
+                         on_eval=lambda config, *_: heard.append(any(config is c for c in configs)))
+    assert sorted(placements, key=str) == [([1], [jax.devices()[0]])] * 3  # each run alone on "one device"
+    assert heard and all(heard) and len(heard) == 6
+    for (history, _), expected in zip(results, alone):
+        assert history.val_loss == expected.val_loss and history.train_loss == expected.train_loss
+    with pytest.raises(ValueError, match="^probe of seed 1 failed$"):
+        train_many(configs, tiny_data, strategy=Strategy(models_per_program=1), make_probe=FailingProbe)
