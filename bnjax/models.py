@@ -54,6 +54,11 @@ def get_kernel_init(name: str) -> Callable:
     return KERNEL_INITS[name]
 
 
+def at_least_float32(logits):
+    """bfloat16 logits as float32, so that the loss is computed in float32; wider ones as they are."""
+    return logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+
+
 def max_pool_2x2(x):
     """2x2 max-pool, stride 2, VALID (an odd last row/column is dropped, as in Keras).
 
@@ -81,9 +86,10 @@ class ConvNet(nn.Module):
     # defaults are the article's BN net.
     bn_position: str = "before"  # BN_POSITIONS; the output layer has no activation, so BN stays last there
     bn_use_bias: bool = False    # True: Conv/Dense keep their bias under BN too
-    # The dtype of the convolutions, matrix products and activations
-    # (parameters stay float32; BN computes its statistics in float32).
-    dtype: Any = jnp.float32
+    # The dtype of the convolutions, matrix products and activations (None:
+    # that of the inputs and parameters, as flax's; parameters stay float32
+    # and BN computes its statistics in float32 or wider either way).
+    dtype: Any = None
     # How the convolutions are computed (bnjax/conv.py): "lax" (XLA's
     # convolution) or "matmul" (patches and one matrix product, which stays a
     # batched matrix product when runs are stacked). Same parameters either way.
@@ -124,7 +130,7 @@ class ConvNet(nn.Module):
         x = linear_unit(conv(64), x, hidden=True)   # (N, 3, 3, 64)
         x = x.reshape(x.shape[0], -1)                # (N, 576)
         x = linear_unit(dense(64), x, hidden=True)  # (N, 64)
-        return linear_unit(dense(10), x, hidden=False).astype(jnp.float32)  # (N, 10) logits; the loss in float32
+        return at_least_float32(linear_unit(dense(10), x, hidden=False))  # (N, 10) logits
 
 
 def count_params(params) -> int:
@@ -143,7 +149,7 @@ class MLP(nn.Module):
     hidden_units: tuple[int, ...] = (100, 100, 100)
     kernel_init: str = "glorot_uniform"
     bn: BatchNorm = BatchNorm()  # BN's settings, as ConvNet's
-    dtype: Any = jnp.float32  # of the matrix products and activations, as ConvNet's
+    dtype: Any = None  # of the matrix products and activations, as ConvNet's
 
     @nn.compact
     def __call__(self, x, *, train: bool):
@@ -157,4 +163,4 @@ class MLP(nn.Module):
             # The input to this layer's nonlinearity, which the paper's figure 1(b, c) tracks.
             self.sow("intermediates", "sigmoid_input", x)
             x = activation(x)
-        return nn.Dense(10, kernel_init=kernel_init, dtype=self.dtype)(x).astype(jnp.float32)
+        return at_least_float32(nn.Dense(10, kernel_init=kernel_init, dtype=self.dtype)(x))

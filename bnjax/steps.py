@@ -47,7 +47,7 @@ def make_model(config: TrainConfig, num_devices: int = 1, conv_implementation: s
                              bn_scale_init=config.lstm_bn_scale_init, permutation_seed=config.permutation_seed,
                              activation=config.activation)
     common = dict(batch_norm=config.batch_norm, bn=bn, activation=config.activation, kernel_init=config.kernel_init,
-                  dtype=getattr(jnp, config.compute_dtype))
+                  dtype=None if config.compute_dtype == "float32" else getattr(jnp, config.compute_dtype))
     if config.model == "mlp":
         return _shared_model(MLP, **common)
     return _shared_model(ConvNet, **common, bn_position=config.bn_position, bn_use_bias=config.bn_use_bias,
