@@ -1,5 +1,6 @@
-"""Training many runs: `train_many` groups runs into programs of the one
-loop (bnjax/loop.py) and worker processes, as a `Strategy` (bnjax/strategy.py) says.
+"""Training many runs: `train_many` groups runs into programs of the training
+loop (bnjax/loop.py), spreads them over devices and hosts or hands them to
+worker processes, as the devices and a `Strategy` (bnjax/strategy.py) say.
 
     from bnjax.engine import Strategy, default_strategy, train_many
     results = train_many(configs, data)       # [(History, TrainState)] in config order

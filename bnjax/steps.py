@@ -1,4 +1,4 @@
-"""The one train step and the one eval step, and what they act on: the
+"""The train step and the eval step, and what they act on: the
 model, its `TrainState`, the optimizer and the device mesh.
 
 Where BN state moves:
