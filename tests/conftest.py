@@ -26,6 +26,11 @@ if _OWN_COMPILATION_CACHE:
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 from bnjax.data import Dataset, load_mnist  # noqa: E402  (after the cache is chosen: it may import JAX)
+import tolerance_margins  # noqa: E402
+
+
+def pytest_configure(config):
+    tolerance_margins.pytest_configure(config)  # records each comparison's margin, if BNJAX_TOLERANCE_REPORT is set
 
 
 def pytest_unconfigure(config):

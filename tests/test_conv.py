@@ -9,17 +9,18 @@ from jax import lax
 
 from bnjax.conv import conv_as_matmul
 from bnjax.models import ConvNet
+from tolerances import assert_within, network_round_off, sum_round_off
 
 RUNS = 3
 # (runs, batch, height, width, channels) images and (runs, 3, 3, channels, features) kernels:
 # the article's second convolution's shapes, a different kernel per run.
 IMAGES = jax.random.normal(jax.random.key(0), (RUNS, 4, 13, 13, 32))
 KERNELS = jax.random.normal(jax.random.key(1), (RUNS, 3, 3, 32, 64)) * 0.1
-# float32 sums of 288 products in another order, measured (jax 0.10.2, CPU):
-# outputs within 5.2e-6 of values up to 9.3; input gradients within 3.9e-6 of
-# values up to 7; kernel gradients (sums over the batch too) within 4.4e-5 of
-# values up to 67. Gradients are checked with atol 1e-4.
-RTOL, ATOL = 1e-5, 1e-5
+# The sums each value is (tests/tolerances.py takes round-off to grow with the
+# square root of their length): an output sums 3 x 3 x 32 = 288 products, an
+# input gradient 3 x 3 x 64 = 576, a kernel gradient 4 x 11 x 11 = 484 (batch
+# and positions).
+TERMS = {"output": 288, "input-gradient": 576, "kernel-gradient": 484}
 
 
 def lax_conv(images, kernel):
@@ -36,8 +37,14 @@ def test_equals_lax_convolution_run_by_run_forward_and_gradients(argnums):
     gradients = jax.jit(jax.vmap(jax.grad(lambda x, k: loss(conv_as_matmul, x, k), argnums)))(IMAGES, KERNELS)
     lax_gradient = jax.jit(jax.grad(lambda x, k: loss(lax_conv, x, k), argnums))
     for run in range(RUNS):  # each run against lax's convolution on that run alone
-        np.testing.assert_allclose(stacked[run], lax_conv(IMAGES[run], KERNELS[run]), rtol=RTOL, atol=ATOL)
-        np.testing.assert_allclose(gradients[run], lax_gradient(IMAGES[run], KERNELS[run]), rtol=RTOL, atol=ATOL * 10)
+        expected, expected_gradient = lax_conv(IMAGES[run], KERNELS[run]), lax_gradient(IMAGES[run], KERNELS[run])
+        assert_within(stacked[run], expected, sum_round_off(TERMS["output"], np.abs(expected).max()))
+        gradient_tolerance = sum_round_off(TERMS[["input-gradient", "kernel-gradient"][argnums]],
+                                           np.abs(expected_gradient).max())
+        assert_within(gradients[run], expected_gradient, gradient_tolerance)
+        # The next run's kernel (a wrong one) lies far outside it.
+        assert np.abs(lax_conv(IMAGES[run], KERNELS[(run + 1) % RUNS]) - expected).max() > 100 * sum_round_off(
+            TERMS["output"], np.abs(expected).max())
 
 
 def convolutions_in(jaxpr) -> list:
@@ -72,10 +79,18 @@ def test_the_convnet_has_the_same_parameters_and_outputs_either_way():
     variables = jax.jit(lambda key: lax_net.init(key, images, train=False))(jax.random.key(3))
     assert jax.tree_util.tree_structure(variables) == jax.tree_util.tree_structure(
         jax.eval_shape(lambda key: matmul_net.init(key, images, train=False), jax.random.key(3)))
+    # Two float32 evaluations of a five-layer net: within the net's round-off
+    # (tests/tolerances.py), relative to each compared array's largest value.
+    relative = network_round_off(lax_net, variables, images)
     for train in (True, False):
         outputs = [jax.jit(lambda v, x: net.apply(v, x, train=train, mutable=["batch_stats"] if train else False))(
                    variables, images) for net in (lax_net, matmul_net)]
-        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL), *outputs)
+        jax.tree_util.tree_map(lambda a, b: assert_within(a, b, relative * np.abs(b).max()), *outputs)
+    # A wrong computation lies far outside it: Conv_1's kernel transposed (its 3 x 3 taps mirrored).
+    wrong = jax.tree_util.tree_map(lambda a: a, variables)
+    wrong["params"]["Conv_1"]["kernel"] = variables["params"]["Conv_1"]["kernel"][::-1, ::-1]
+    logits, wrong_logits = (matmul_net.apply(v, images, train=False) for v in (variables, wrong))
+    assert np.abs(np.asarray(wrong_logits) - np.asarray(logits)).max() > 10 * relative * np.abs(logits).max()
 
 
 def test_what_it_cannot_compute_is_refused_in_one_line():

@@ -45,6 +45,13 @@ RELATIVE_TOLERANCE = 5e-5
 PARAM_TOLERANCE = 1e-5
 PARAM_SHARE_WITHIN = 0.9
 ONE_ADAM_STEP = 1e-3
+# Accuracies count examples, and an example whose two top logits lie within
+# round-off of each other may change its argmax. Measured: at most one of the
+# 64 test images (or of the 64-192 training images between evaluations) on
+# AVX-512, AVX2 and SSE 4.2 code paths; three are allowed, so that flips in
+# another CPU's order do not fail a test. A wrong evaluation (another batch,
+# statistics one step behind) moves the losses beside them by ~1e-2.
+ACCURACY_FLIPS = 3
 
 
 def assert_same_run(a, b, tolerance=CURVE_TOLERANCE):
@@ -54,12 +61,9 @@ def assert_same_run(a, b, tolerance=CURVE_TOLERANCE):
     for key in ("val_loss", "train_loss"):
         np.testing.assert_allclose(getattr(history_a, key), getattr(history_b, key), atol=tolerance,
                                    rtol=RELATIVE_TOLERANCE, err_msg=key)
-    # An example whose two top logits are within round-off may change its
-    # argmax: accuracies may differ by one example of the 64 test images
-    # (or of the 192 training images between evaluations).
     for key in ("val_accuracy", "train_accuracy"):
-        np.testing.assert_allclose(getattr(history_a, key), getattr(history_b, key), atol=1 / 64 + 1e-9,
-                                   err_msg=key)
+        np.testing.assert_allclose(getattr(history_a, key), getattr(history_b, key),
+                                   atol=ACCURACY_FLIPS / 64 + 1e-9, err_msg=key)
     for tree in ("params", "batch_stats"):
         leaves_a = jax.tree_util.tree_leaves(getattr(state_a, tree))
         leaves_b = jax.tree_util.tree_leaves(getattr(state_b, tree))

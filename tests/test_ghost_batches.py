@@ -98,14 +98,21 @@ def test_config_refuses_bad_ghost_batch_sizes_in_one_line(fields, message):
 @pytest.mark.slow
 def test_ghost_batches_reach_a_run_through_the_loop():
     data = make_dataset(num_train=256, num_test=64)
-    base = TrainConfig(batch_norm=True, model="mlp", batch_size=16, max_steps=6, eval_every=3, eval_batch_size=32,
+    base = TrainConfig(batch_norm=True, model="mlp", batch_size=16, max_steps=6, eval_every=3, eval_batch_size=16,
                        eval_statistics="batch")
     plain = train(base, data)[0]
     whole = train(dataclasses.replace(base, bn_ghost_batch_size=16), data)[0]
     ghost = train(dataclasses.replace(base, bn_ghost_batch_size=4), data)[0]
-    # One ghost batch of the whole batch is plain BN computed in another order (float32 round-off).
+    # One ghost batch of the whole batch (training and evaluation batches of
+    # 16, evaluated with their own statistics) is plain BN computed in another order:
+    # float32 round-off, grown by 6 training steps to at most 7e-8 relative on
+    # losses ~0.7 (measured on AVX-512, AVX2 and SSE 4.2 code paths, jax 0.7.1
+    # and 0.10.2), against 1e-3 and more for ghost batches of 4 (below).
+    # Accuracies are not compared: an image whose two top logits lie within
+    # round-off of each other may flip, so equal computations can differ by
+    # whole images; the losses of the same evaluations are compared instead.
     np.testing.assert_allclose(whole.train_loss, plain.train_loss, rtol=1e-5)
-    np.testing.assert_allclose(whole.batch_val_accuracy, plain.batch_val_accuracy, atol=1 / 64)
+    np.testing.assert_allclose(whole.batch_val_loss, plain.batch_val_loss, rtol=1e-5)
     assert np.abs(np.array(ghost.train_loss) - np.array(plain.train_loss)).max() > 1e-3
 
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from bnjax.models import ACTIVATIONS, ConvNet, count_params, max_pool_2x2
+from tolerances import assert_within, normalized_round_off
 
 IMAGES = jax.random.uniform(jax.random.key(0), (16, 28, 28, 1))
 
@@ -160,9 +161,15 @@ def test_bn_position_puts_bn_before_or_after_the_activation(position):
                            capture_intermediates=True)
     conv_out = state["intermediates"]["Conv_0"]["__call__"][0]
     bn_out = state["intermediates"]["BatchNorm_0"]["__call__"][0]
-    normalized_input = conv_out if position == "before" else nn.relu(conv_out)
+    normalized_input = np.asarray(conv_out if position == "before" else nn.relu(conv_out), dtype=np.float64)
     mean, var = normalized_input.mean(axis=(0, 1, 2)), normalized_input.var(axis=(0, 1, 2))
-    np.testing.assert_allclose(bn_out, (normalized_input - mean) / jnp.sqrt(var + 1e-3), atol=1e-4)
+    # Against float64 statistics, within the round-off of float32 statistics
+    # over 16 x 26 x 26 positions (tests/tolerances.py): up to 3e-3 where a
+    # channel's mean is large against its std ("before": mean^2 / var up to 14).
+    tolerance = normalized_round_off(normalized_input, 1e-3, axis=(0, 1, 2))
+    assert_within(bn_out, (normalized_input - mean) / np.sqrt(var + 1e-3), tolerance)
+    # Keras's epsilon is what BN used: flax's 1e-5 moves the outputs far beyond it.
+    assert np.any(np.abs(bn_out - (normalized_input - mean) / np.sqrt(var + 1e-5)) > 10 * tolerance)
     # The output layer has no activation: BN is its last layer in both placements.
     assert set(variables["params"]["Dense_1"]) == {"kernel", "bias"}
     assert "BatchNorm_4" in variables["params"]
