@@ -6,81 +6,130 @@ Two pure functions hold all of the math:
         -> (y, new_running_mean, new_running_var)
     batch_norm_eval(x, scale, bias, running_mean, running_var, ...) -> y
 
-and a small Flax linen module, `BatchNorm`, stores their state: `scale` and
-`bias` in the `params` collection (learned by the optimizer), `mean` and `var`
-in the `batch_stats` collection (running averages, updated only in train mode).
-The names and shapes are those of `flax.linen.BatchNorm`, so variables move
-between the two unchanged.
+and a Flax linen module, `BatchNorm`, stores their state: `scale` and `bias`
+in the `params` collection (learned by the optimizer), `mean` and `var` in the
+`batch_stats` collection (running averages, updated only in train mode).
 
-The variants live beside them, so that one file shows every way BN's state
-moves: the running-average rules
-(`running_average_weights`), Batch Renormalization (`batch_renorm_train`),
-frozen BN (`BatchNorm(frozen=True)`) and ghost batches inside a device
+`BatchNorm` is a drop-in for `flax.linen.BatchNorm`: the same fields in the
+same order with the same defaults (momentum 0.99, epsilon 1e-5), the same call
+(`bn(x, use_running_average=..., mask=...)`) and the same variables, so
+`partial(bnjax.BatchNorm, ...)` replaces `partial(nn.BatchNorm, ...)` in any
+flax model and gives the same numbers. Beside flax's fields, keyword-only, the
+variants, so that one file shows every way BN's state moves: the
+running-average rules (`running_average_weights`), PyTorch's unbiased running
+variance, Batch Renormalization (`batch_renorm_train`), frozen BN
+(`BatchNorm(frozen=True)`) and ghost batches inside a device
 (`ghost_batch_statistics`).
 
-The feature axis is the last one (NHWC images, (batch, features) vectors), as in
-Keras (`axis=-1`) and Flax.
+The feature axis is the last one by default (NHWC images, (batch, features)
+vectors), as in Keras (`axis=-1`) and Flax; `axis` picks others (NCHW: 1).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
+from flax.linen.dtypes import canonicalize_dtype
 
 from bnjax.checks import check_choice, check_integer, is_integer
 
-# Keras's defaults, which the article used. PyTorch's momentum=0.1 weights the
-# *new* batch statistic; Keras and Flax weight the *old* running value, so
-# PyTorch 0.1 is Keras/Flax 0.9.
+# flax.linen.BatchNorm's defaults, which BatchNorm and the pure functions share.
 DEFAULT_MOMENTUM = 0.99
-DEFAULT_EPSILON = 1e-3
+DEFAULT_EPSILON = 1e-5
+# Keras's defaults, which the article used: bnjax's own nets pass them
+# explicitly (KERAS_BN). PyTorch's momentum=0.1 weights the *new* batch
+# statistic; Keras and Flax weight the *old* running value, so PyTorch 0.1 is
+# Keras/Flax 0.9.
+KERAS_MOMENTUM = 0.99
+KERAS_EPSILON = 1e-3
 # How the running statistics average the batch statistics (running_average_weights).
 RUNNING_AVERAGES = ("ema", "debiased_ema", "cumulative")
 
 
-def batch_statistics(x, axis_name: str | None = None, two_pass_variance: bool = False):
-    """Mean and biased variance of `x` over every axis but the last.
+def canonical_axes(ndim: int, axes) -> tuple[int, ...]:
+    """`axes` (an int or a sequence, negative counted from the end) as sorted non-negative axes of an ndim array."""
+    axes = (axes,) if isinstance(axes, int) else tuple(axes)
+    return tuple(sorted({axis + ndim if axis < 0 else axis for axis in axes}))
 
-    x: (..., features). Returns two (features,) float32 arrays. With `axis_name`
-    (inside `shard_map`/`pmap`), the statistics are those of the global batch
-    across devices, assuming every device holds the same number of examples.
 
-    One pass (the default, as Flax and Keras): var = E[x^2] - E[x]^2, both
-    moments in one sweep and one collective; in float32 it loses the variance
-    when the mean is large against the spread (mean 1e4, std 1: E[x^2] ~ 1e8,
-    whose float32 spacing is 8). `two_pass_variance`: var = E[(x - E[x])^2],
-    a second sweep (and a second collective) after the mean, accurate there.
+def broadcast_features(value, reduction_axes, ndim: int):
+    """A per-feature value (mean, var, scale, ...) shaped to broadcast against
+    an ndim input reduced over `reduction_axes`. With the features last, as
+    they are by default, the value broadcasts as it is, and is left so: the
+    compiled program (its gradient's reductions included) stays the one of a
+    (features,) vector, so numbers do not move with the shape."""
+    if tuple(reduction_axes) == tuple(range(ndim - 1)):
+        return value
+    return jnp.expand_dims(value, tuple(reduction_axes))
+
+
+def _squared_magnitude(x):
+    """|x|^2: x^2 for real x, re^2 + im^2 for complex x (the variance of a complex batch is real)."""
+    if jnp.iscomplexobj(x):
+        return jnp.square(jnp.real(x)) + jnp.square(jnp.imag(x))
+    return jnp.square(x)
+
+
+def batch_statistics(x, axis_name: str | None = None, *, reduction_axes=None, use_fast_variance: bool = True,
+                     mask=None, axis_index_groups=None, dtype=None, force_float32_reductions: bool = True):
+    """Mean and biased variance of `x` over `reduction_axes` (default: every
+    axis but the last), as flax.linen.BatchNorm computes them.
+
+    Returns two arrays of x's shape without the reduction axes, in at least
+    float32 (`force_float32_reductions`; `dtype`: a wider minimum). With
+    `axis_name` (inside `shard_map`/`pmap`), the statistics are those of the
+    global batch across devices (or across `axis_index_groups` of them),
+    assuming every device holds the same number of examples. `mask`: a
+    boolean array broadcastable to `x`, the values that count.
+
+    One pass (`use_fast_variance`, the default, as Flax and Keras):
+    var = E[|x|^2] - |E[x]|^2, both moments in one sweep and one collective; in
+    float32 it loses the variance when the mean is large against the spread
+    (mean 1e4, std 1: E[x^2] ~ 1e8, whose float32 spacing is 8). Otherwise
+    var = E[|x - E[x]|^2], a second sweep (and a second collective) after the
+    mean, accurate there.
     """
-    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-    reduction_axes = tuple(range(x.ndim - 1))
-    if two_pass_variance:
-        mean = jnp.mean(x, axis=reduction_axes)
-        if axis_name is not None:
-            mean = jax.lax.pmean(mean, axis_name)
-        var = jnp.mean(jnp.square(x - mean), axis=reduction_axes)
-        if axis_name is not None:
-            var = jax.lax.pmean(var, axis_name)  # equal shards: the mean of the shards' squared deviations
+    if dtype is None:
+        dtype = jnp.result_type(x)
+    if force_float32_reductions:
+        dtype = jnp.promote_types(dtype, jnp.float32)
+    x = jnp.asarray(x, dtype)
+    axes = tuple(range(x.ndim - 1)) if reduction_axes is None else canonical_axes(x.ndim, reduction_axes)
+    where = None if mask is None else jnp.asarray(mask, bool)
+
+    def mean_of(value):
+        return jnp.mean(value, axis=axes, where=where)
+
+    def across_devices(*means):  # one collective for all of them
+        if axis_name is None:
+            return means
+        return jax.lax.pmean(means, axis_name, axis_index_groups=axis_index_groups)
+
+    if not use_fast_variance:
+        (mean,) = across_devices(mean_of(x))
+        # Equal shards: the mean of the shards' squared deviations.
+        (var,) = across_devices(mean_of(_squared_magnitude(x - jnp.expand_dims(mean, axes))))
         return mean, var
-    mean = jnp.mean(x, axis=reduction_axes)
-    mean_of_squares = jnp.mean(jnp.square(x), axis=reduction_axes)
-    if axis_name is not None:
-        # One collective for both moments: E[x] and E[x^2] average exactly
-        # across equally sized shards, which E[(x - mean)^2] would not.
-        mean, mean_of_squares = jax.lax.pmean((mean, mean_of_squares), axis_name)
+    # E[x] and E[x^2] average exactly across equally sized shards, which
+    # E[(x - mean)^2] would not: one collective for both moments.
+    mean = mean_of(x)
+    mean, mean_of_squares = across_devices(mean, mean_of(_squared_magnitude(x)))
     # Biased ("population") variance: divide by N, not N - 1. Round-off can
     # make E[x^2] - E[x]^2 slightly negative, so clip at zero.
-    var = jnp.maximum(mean_of_squares - jnp.square(mean), 0.0)
+    var = jnp.maximum(mean_of_squares - _squared_magnitude(mean), 0.0)
     return mean, var
 
 
-def ghost_batch_statistics(x, ghost_batch_size: int, two_pass_variance: bool = False):
-    """Mean and biased variance of each ghost batch: `x` (B, ..., features)
-    split along its first axis into B // ghost_batch_size groups of
-    consecutive examples. Returns two (groups, features) arrays.
+def ghost_batch_statistics(x, ghost_batch_size: int, **statistics):
+    """Mean and biased variance of each ghost batch: `x` (B, ...) split along
+    its first axis into B // ghost_batch_size groups of consecutive examples,
+    each reduced as `batch_statistics(group, **statistics)` would reduce `x`.
+    Returns two (groups, *features) arrays.
 
     Ghost batches (Hoffer et al., 2017) normalize each group by its own
     statistics inside one device: the normalization batch size is
@@ -91,13 +140,16 @@ def ghost_batch_statistics(x, ghost_batch_size: int, two_pass_variance: bool = F
         raise ValueError(f"ghost_batch_size must be a positive integer that divides the batch of {batch} examples, "
                          f"got {ghost_batch_size!r}")
     groups = x.reshape(batch // ghost_batch_size, ghost_batch_size, *x.shape[1:])
-    return jax.vmap(lambda group: batch_statistics(group, None, two_pass_variance))(groups)
+    return jax.vmap(lambda group: batch_statistics(group, None, **statistics))(groups)
 
 
 def normalize(x, mean, var, scale, bias, epsilon: float):
-    """y = scale * (x - mean) / sqrt(var + epsilon) + bias, per feature."""
+    """y = scale * (x - mean) / sqrt(var + epsilon) + bias, with mean, var,
+    scale and bias broadcast against x (scale or bias None: left out), in
+    flax.linen.BatchNorm's order of operations."""
     inverse_std = jax.lax.rsqrt(var + epsilon)
-    return (x - mean) * (inverse_std * scale) + bias
+    y = (x - mean) * (inverse_std if scale is None else inverse_std * scale)
+    return y if bias is None else y + bias
 
 
 def check_running_average(running_average: str, name: str = "running_average") -> None:
@@ -129,21 +181,10 @@ def running_average_weights(running_average: str, momentum: float, count):
     return 1.0 - take, take
 
 
-def batch_norm_train(
-    x,
-    scale,
-    bias,
-    running_mean,
-    running_var,
-    momentum: float = DEFAULT_MOMENTUM,
-    epsilon: float = DEFAULT_EPSILON,
-    axis_name: str | None = None,
-    unbiased_running_var: bool = False,
-    running_average: str = "ema",
-    count=1,
-    two_pass_variance: bool = False,
-    ghost_batch_size: int | None = None,
-):
+def batch_norm_train(x, scale, bias, running_mean, running_var, momentum: float = DEFAULT_MOMENTUM,
+                     epsilon: float = DEFAULT_EPSILON, axis_name: str | None = None,
+                     unbiased_running_var: bool = False, running_average: str = "ema", count=1,
+                     ghost_batch_size: int | None = None, **statistics):
     """Train mode: normalize with this batch's statistics, update the running ones.
 
     Returns (y, new_running_mean, new_running_var), where
@@ -156,32 +197,41 @@ def batch_norm_train(
     Gradients flow through the batch mean and variance (that is what makes BN
     more than a fixed rescaling); the running averages are not differentiated.
 
-    `ghost_batch_size`: each group of that many consecutive examples is
-    normalized with its own statistics (`ghost_batch_statistics`), and the
-    running averages take the mean over the groups (and over devices, with
-    `axis_name`) of the group means and group variances: what ghost BN over
-    devices records (bnjax/steps.py averages each device's update).
+    `statistics`: how `batch_statistics` computes them (reduction_axes,
+    use_fast_variance, mask, axis_index_groups, dtype,
+    force_float32_reductions); the running statistics have the shape of the
+    axes not reduced, and scale and bias broadcast against x.
+
+    `ghost_batch_size`: each group of that many consecutive examples (along
+    axis 0) is normalized with its own statistics (`ghost_batch_statistics`),
+    and the running averages take the mean over the groups (and over devices,
+    with `axis_name`) of the group means and group variances: what ghost BN
+    over devices records (bnjax/steps.py averages each device's update).
     """
     keep, take = running_average_weights(running_average, momentum, count)
+    axes = canonical_axes(x.ndim, statistics.get("reduction_axes") or range(x.ndim - 1))
+    statistics = {**statistics, "reduction_axes": axes}
     if ghost_batch_size is None:
-        mean, var = batch_statistics(x, axis_name, two_pass_variance)
-        y = normalize(x, mean, var, scale, bias, epsilon)
+        mean, var = batch_statistics(x, axis_name, **statistics)
+        y = normalize(x, broadcast_features(mean, axes, x.ndim), broadcast_features(var, axes, x.ndim), scale, bias,
+                      epsilon)
     else:
-        group_mean, group_var = ghost_batch_statistics(x, ghost_batch_size, two_pass_variance)
+        group_mean, group_var = ghost_batch_statistics(x, ghost_batch_size, **statistics)
         groups = x.reshape(group_mean.shape[0], ghost_batch_size, *x.shape[1:])
-        per_group = (group_mean.shape[0],) + (1,) * (x.ndim - 1) + (x.shape[-1],)
-        y = normalize(groups, group_mean.reshape(per_group), group_var.reshape(per_group), scale, bias,
-                      epsilon).reshape(x.shape)
+        group_axes = tuple(axis + 1 for axis in axes)  # the groups' reduction axes, behind the axis of groups
+        y = normalize(groups, jnp.expand_dims(group_mean, group_axes), jnp.expand_dims(group_var, group_axes),
+                      scale, bias, epsilon).reshape(x.shape)
         mean, var = group_mean.mean(axis=0), group_var.mean(axis=0)
         if axis_name is not None:
-            mean, var = jax.lax.pmean((mean, var), axis_name)
+            mean, var = jax.lax.pmean((mean, var), axis_name,
+                                      axis_index_groups=statistics.get("axis_index_groups"))
     var_for_running = var
     if unbiased_running_var:
-        values = x.size // x.shape[-1]  # values per feature in this (local) batch
+        values = math.prod(x.shape[axis] for axis in axes)  # values per feature in this (local) batch
         if ghost_batch_size is not None:
             values = values * ghost_batch_size // x.shape[0]  # ... in one ghost batch
         if axis_name is not None and ghost_batch_size is None:
-            values = values * jax.lax.psum(1, axis_name)
+            values = values * jax.lax.psum(1, axis_name, axis_index_groups=statistics.get("axis_index_groups"))
         var_for_running = var * (values / max(values - 1, 1))
     new_running_mean = keep * running_mean + take * jax.lax.stop_gradient(mean)
     new_running_var = keep * running_var + take * jax.lax.stop_gradient(var_for_running)
@@ -279,10 +329,12 @@ def clip_limits(renorm: Renorm, count):
 
 
 def batch_renorm_train(x, scale, bias, stats: dict, renorm: Renorm, momentum: float, epsilon: float,
-                       axis_name: str | None = None, two_pass_variance: bool = False):
+                       axis_name: str | None = None, **statistics):
     """Train mode of Batch Renorm. `stats`: this layer's `batch_stats` (mean,
-    var, std, renorm_mean, renorm_std, count). Returns (y, new_stats)."""
-    mean, var = batch_statistics(x, axis_name, two_pass_variance)
+    var, std, renorm_mean, renorm_std, count); `statistics`: how
+    `batch_statistics` computes the batch's. Returns (y, new_stats)."""
+    axes = canonical_axes(x.ndim, statistics.get("reduction_axes") or range(x.ndim - 1))
+    mean, var = batch_statistics(x, axis_name, **{**statistics, "reduction_axes": axes})
     std = jnp.sqrt(var + epsilon)
     count = stats["count"] + 1
     r_max, d_max = clip_limits(renorm, count)
@@ -290,7 +342,11 @@ def batch_renorm_train(x, scale, bias, stats: dict, renorm: Renorm, momentum: fl
     # never reaches 0 (Keras guards it with max(renorm_std, sqrt(eps)): a no-op).
     r = jax.lax.stop_gradient(jnp.clip(std / stats["renorm_std"], 1.0 / r_max, r_max))
     d = jax.lax.stop_gradient(jnp.clip((mean - stats["renorm_mean"]) / stats["renorm_std"], -d_max, d_max))
-    y = normalize(x, mean, var, scale * r, scale * d + bias, epsilon)
+    scale = 1.0 if scale is None else scale
+    bias = 0.0 if bias is None else bias
+    shaped = {name: broadcast_features(value, axes, x.ndim) for name, value in (("mean", mean), ("var", var),
+                                                                               ("r", r), ("d", d))}
+    y = normalize(x, shaped["mean"], shaped["var"], scale * shaped["r"], scale * shaped["d"] + bias, epsilon)
 
     mean, std = jax.lax.stop_gradient(mean), jax.lax.stop_gradient(std)
     new_std = momentum * stats["std"] + (1.0 - momentum) * std
@@ -306,78 +362,128 @@ def batch_renorm_train(x, scale, bias, stats: dict, renorm: Renorm, momentum: fl
 
 
 class BatchNorm(nn.Module):
-    """Linen wrapper that keeps BN's state in Flax collections.
+    """Batch Normalization as a linen module, a drop-in for flax.linen.BatchNorm.
 
-    Call as `BatchNorm()(x, train=True)` inside `apply(..., mutable=["batch_stats"])`,
-    or `BatchNorm()(x, train=False)` with nothing mutable.
+        y = scale * (x - mean) / sqrt(var + epsilon) + bias
+
+    over the axes not in `axis`. In train mode (`use_running_average=False`)
+    mean and var are this batch's, and the running averages in `batch_stats`
+    move (inside `apply(..., mutable=["batch_stats"])`):
+        running = momentum * running + (1 - momentum) * batch_statistic.
+    In eval mode (`use_running_average=True`) mean and var are the running
+    averages and nothing changes.
+
+    flax's fields, in flax's order and with its defaults (flax 0.12):
+      use_running_average  None: given at the call; True: eval mode, False: train mode.
+      axis                 the feature axis or axes (-1: NHWC; 1: NCHW); the others are reduced.
+      momentum             0.99, of the running averages; in [0, 1].
+      epsilon              1e-5, added to the variance; > 0. (Keras: 1e-3, KERAS_BN.)
+      dtype                None: the output's dtype from the input's and the parameters'.
+      param_dtype          float32, of scale and bias.
+      use_bias, use_scale  True: learn bias / scale.
+      bias_init, scale_init  zeros / ones.
+      axis_name            the named device axis the batch statistics are averaged over (synchronized BN).
+      axis_index_groups    groups of devices along axis_name, each averaged on its own.
+      use_fast_variance    True: var = E[x^2] - E[x]^2 in one pass; False: E[(x - E[x])^2].
+      force_float32_reductions  True: statistics in at least float32 whatever the input.
+    Variables, as flax's: params `scale`, `bias`; batch_stats `mean`, `var`.
+    The call is flax's: `bn(x, use_running_average=None, *, mask=None)`,
+    `mask` a boolean array broadcastable to x: the values the statistics count.
+
+    bnjax's variants, keyword-only, each off by default (so BatchNorm() is flax's):
+      running_average      "ema" (flax, Keras, PyTorch), "debiased_ema" (Haiku), "cumulative"
+                           (PyTorch's momentum=None): `running_average_weights`. The last two
+                           also keep `count`, the updates so far, in batch_stats.
+      unbiased_running_var True: the running variance tracks N / (N - 1) x the batch's (PyTorch).
+      renorm               Renorm(...): Batch Renormalization in train mode (`batch_renorm_train`).
+      frozen               True: frozen BN for fine-tuning (torchvision's FrozenBatchNorm2d):
+                           train mode too normalizes with the running statistics, updates
+                           nothing, and scale and bias get no gradient.
+      ghost_batch_size     train mode: each group of this many consecutive examples (axis 0)
+                           is normalized with its own statistics (Hoffer et al., 2017).
 
     An unbound BatchNorm is also how BN's settings travel as one value: the
-    nets take one as `bn` and copy it for each of their BN layers
-    (`ConvNet(batch_norm=True, bn=BatchNorm(momentum=0.9, epsilon=1e-5))`, as
-    flax/examples/imagenet hands its ResNet `partial(nn.BatchNorm, ...)`).
-    The settings are checked when the BatchNorm is made (`check_variant`).
-
-    `running_average` picks the rule of `running_average_weights`. The rules
-    that weigh the t-th update by t ("debiased_ema", "cumulative") also keep
-    `count`, the number of updates so far, in `batch_stats`; "ema" keeps only
-    `mean` and `var`, as flax.linen.BatchNorm. Eval mode normalizes with the
-    rule's current `mean` and `var` whatever the rule.
-
-    `renorm=Renorm(...)`: Batch Renormalization in train mode
-    (`batch_renorm_train`; eval mode unchanged). `frozen=True`: frozen BN for
-    fine-tuning (torchvision's FrozenBatchNorm2d): train mode too normalizes
-    with the running statistics and updates nothing, and `scale` and `bias`
-    get no gradient (their gradient is stopped, so the optimizer sees zeros).
+    nets take one as `bn` and copy it for each of their BN layers, as
+    flax/examples/imagenet hands its ResNet `partial(nn.BatchNorm, ...)`.
+    Every setting is checked when the BatchNorm is made: one-line ValueErrors.
     """
 
+    use_running_average: bool | None = None
+    axis: int | tuple[int, ...] = -1
     momentum: float = DEFAULT_MOMENTUM
     epsilon: float = DEFAULT_EPSILON
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: Callable = nn.initializers.zeros
+    scale_init: Callable = nn.initializers.ones
     axis_name: str | None = None
-    unbiased_running_var: bool = False  # True: PyTorch's running-variance convention
+    axis_index_groups: Any = None
+    use_fast_variance: bool = True
+    force_float32_reductions: bool = True
+    _: dataclasses.KW_ONLY
     running_average: str = "ema"
-    two_pass_variance: bool = False  # batch_statistics: E[(x - E[x])^2] instead of E[x^2] - E[x]^2
+    unbiased_running_var: bool = False
     renorm: Renorm | None = None
     frozen: bool = False
-    ghost_batch_size: int | None = None  # train mode: groups of this many examples, each by its own statistics
+    ghost_batch_size: int | None = None
 
     def __post_init__(self):
-        # Checked where the settings are made, so a net holding a BatchNorm
-        # as its `bn` (bnjax/models.py) holds a valid one.
-        check_variant(self.running_average, self.renorm is not None, self.frozen, self.ghost_batch_size,
-                      self.unbiased_running_var)
+        check_settings(self)
         super().__post_init__()
 
     @nn.compact
-    def __call__(self, x, *, train: bool):
-        features = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
-        running = {"mean": self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32),
-                   "var": self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)}
+    def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
+        use_running_average = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
+        check_call(self, x, use_running_average, mask)
+        feature_axes = canonical_axes(x.ndim, self.axis)
+        reduction_axes = tuple(axis for axis in range(x.ndim) if axis not in feature_axes)
+        feature_shape = tuple(x.shape[axis] for axis in feature_axes)
+
+        statistics_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
+        running = {"mean": self.variable("batch_stats", "mean", lambda: jnp.zeros(feature_shape, statistics_dtype)),
+                   "var": self.variable("batch_stats", "var", lambda: jnp.ones(feature_shape, statistics_dtype))}
         if self.running_average != "ema" or self.renorm is not None:  # updates so far
             running["count"] = self.variable("batch_stats", "count", jnp.zeros, (), jnp.int32)
         if self.renorm is not None:
             for name, init in (("std", jnp.ones), ("renorm_mean", jnp.zeros), ("renorm_std", jnp.ones)):
-                running[name] = self.variable("batch_stats", name, init, (features,), jnp.float32)
+                running[name] = self.variable("batch_stats", name, lambda init=init: init(feature_shape,
+                                                                                         statistics_dtype))
+        # As flax: scale, then bias (the order their initializers draw keys in).
+        scale = (broadcast_features(self.param("scale", self.scale_init, feature_shape, self.param_dtype),
+                                    reduction_axes, x.ndim) if self.use_scale else None)
+        bias = (broadcast_features(self.param("bias", self.bias_init, feature_shape, self.param_dtype),
+                                   reduction_axes, x.ndim) if self.use_bias else None)
+        output_dtype = canonicalize_dtype(*(value for value in (x, scale, bias) if value is not None),
+                                          dtype=self.dtype)
 
         if self.frozen:
-            scale, bias = jax.lax.stop_gradient(scale), jax.lax.stop_gradient(bias)
-        if not train or self.frozen:
-            return batch_norm_eval(x, scale, bias, running["mean"].value, running["var"].value, self.epsilon)
+            scale, bias = (None if value is None else jax.lax.stop_gradient(value) for value in (scale, bias))
+        if use_running_average or self.frozen:
+            mean, var = (running[name].value for name in ("mean", "var"))
+            if not self.force_float32_reductions:
+                mean, var = jnp.asarray(mean, self.param_dtype), jnp.asarray(var, self.param_dtype)
+            y = batch_norm_eval(x, scale, bias, broadcast_features(mean, reduction_axes, x.ndim),
+                                broadcast_features(var, reduction_axes, x.ndim), self.epsilon)
+            return jnp.asarray(y, output_dtype)
 
+        statistics = dict(reduction_axes=reduction_axes, use_fast_variance=self.use_fast_variance, mask=mask,
+                          axis_index_groups=self.axis_index_groups, dtype=self.dtype,
+                          force_float32_reductions=self.force_float32_reductions)
         # `init` runs outside any device mapping, so there is no axis to average over.
         axis_name = None if self.is_initializing() else self.axis_name
         if self.renorm is not None:
             y, new_running = batch_renorm_train(
                 x, scale, bias, {name: variable.value for name, variable in running.items()}, self.renorm,
-                self.momentum, self.epsilon, axis_name, self.two_pass_variance)
+                self.momentum, self.epsilon, axis_name, **statistics)
         else:
             count = 1 if "count" not in running else running["count"].value + 1
             y, new_mean, new_var = batch_norm_train(
                 x, scale, bias, running["mean"].value, running["var"].value, self.momentum, self.epsilon,
                 axis_name=axis_name, unbiased_running_var=self.unbiased_running_var,
-                running_average=self.running_average, count=count, two_pass_variance=self.two_pass_variance,
-                ghost_batch_size=self.ghost_batch_size)
+                running_average=self.running_average, count=count, ghost_batch_size=self.ghost_batch_size,
+                **statistics)
             new_running = {"mean": new_mean, "var": new_var, "count": count}
         # Where running statistics change (train mode only). `init` only
         # creates them (as flax.linen.BatchNorm does), so a freshly initialized
@@ -385,4 +491,70 @@ class BatchNorm(nn.Module):
         if not self.is_initializing():
             for name, variable in running.items():
                 variable.value = new_running[name]
-        return y
+        return jnp.asarray(y, output_dtype)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+
+
+def check_settings(bn: BatchNorm) -> None:
+    """Every setting of a BatchNorm, where it is made: one-line ValueErrors
+    naming the bad value and what is allowed."""
+    if bn.use_running_average is not None and not isinstance(bn.use_running_average, bool):
+        raise ValueError(f"use_running_average must be None, True or False, got {bn.use_running_average!r}")
+    axes = (bn.axis,) if isinstance(bn.axis, int) else bn.axis
+    if isinstance(bn.axis, bool) or not isinstance(axes, (tuple, list)) or not axes or not all(
+            is_integer(axis) for axis in axes):
+        raise ValueError(f"axis must be an integer or a non-empty tuple of integers, got {bn.axis!r}")
+    if not _is_real(bn.momentum) or not 0 <= bn.momentum <= 1:
+        raise ValueError(f"momentum must be a number in [0, 1] (the weight of the old running value), "
+                         f"got {bn.momentum!r}")
+    if not _is_real(bn.epsilon) or not bn.epsilon > 0:
+        raise ValueError(f"epsilon must be a number > 0, got {bn.epsilon!r}")
+    for name in ("dtype", "param_dtype"):
+        value = getattr(bn, name)
+        if value is None and name == "dtype":
+            continue
+        try:
+            inexact = jnp.issubdtype(jnp.dtype(value), jnp.inexact)
+        except TypeError:
+            inexact = False
+        if not inexact:
+            allowed = "None or a floating-point dtype" if name == "dtype" else "a floating-point dtype"
+            raise ValueError(f"{name} must be {allowed} (float32, bfloat16, ...), got {value!r}")
+    for name in ("use_bias", "use_scale", "use_fast_variance", "force_float32_reductions", "unbiased_running_var",
+                 "frozen"):
+        if not isinstance(getattr(bn, name), bool):
+            raise ValueError(f"{name} must be True or False, got {getattr(bn, name)!r}")
+    for name in ("bias_init", "scale_init"):
+        if not callable(getattr(bn, name)):
+            raise ValueError(f"{name} must be an initializer (key, shape, dtype) -> array, got {getattr(bn, name)!r}")
+    if bn.renorm is not None and not isinstance(bn.renorm, Renorm):
+        raise ValueError(f"renorm must be None or a Renorm(...), got {bn.renorm!r}")
+    check_variant(bn.running_average, bn.renorm is not None, bn.frozen, bn.ghost_batch_size, bn.unbiased_running_var)
+
+
+def check_call(bn: BatchNorm, x, use_running_average, mask) -> None:
+    """What only the call can check: the input against the settings."""
+    if not isinstance(use_running_average, bool):  # flax's merge_param has refused None already
+        raise ValueError(f"use_running_average must be True or False, got {use_running_average!r}")
+    if not jnp.issubdtype(jnp.result_type(x), jnp.inexact):
+        raise ValueError(f"BatchNorm normalizes floating-point or complex inputs, got dtype {jnp.result_type(x)}")
+    feature_axes = (bn.axis,) if isinstance(bn.axis, int) else tuple(bn.axis)
+    if any(not -x.ndim <= axis < x.ndim for axis in feature_axes):
+        raise ValueError(f"axis {bn.axis!r} is out of range for an input of {x.ndim} dimensions {tuple(x.shape)}")
+    if use_running_average or bn.frozen:
+        return
+    if len(canonical_axes(x.ndim, feature_axes)) == x.ndim:
+        raise ValueError(f"axis {bn.axis!r} leaves no axis of the input {tuple(x.shape)} to compute statistics over")
+    if bn.ghost_batch_size is not None and 0 in canonical_axes(x.ndim, feature_axes):
+        raise ValueError(f"ghost_batch_size groups the examples along axis 0, which axis={bn.axis!r} makes a "
+                         f"feature axis")
+    if mask is not None and (bn.ghost_batch_size is not None or bn.unbiased_running_var):
+        name = "ghost_batch_size" if bn.ghost_batch_size is not None else "unbiased_running_var"
+        raise ValueError(f"mask is not supported with {name}: they count the values per feature")
+
+
+# The article's BN settings (Keras's defaults), which bnjax's own nets use.
+KERAS_BN = BatchNorm(momentum=KERAS_MOMENTUM, epsilon=KERAS_EPSILON)

@@ -181,6 +181,6 @@ class TrainConfig:
         renorm = (Renorm(self.bn_renorm_r_max, self.bn_renorm_d_max, self.bn_renorm_momentum,
                          self.bn_renorm_warmup_steps) if self.bn_renorm else None)
         return BatchNorm(momentum=self.bn_momentum, epsilon=self.bn_epsilon, axis_name=axis_name,
-                         running_average=self.bn_running_average, two_pass_variance=self.bn_two_pass_variance,
+                         running_average=self.bn_running_average, use_fast_variance=not self.bn_two_pass_variance,
                          renorm=renorm, frozen=self.bn_frozen, ghost_batch_size=self.bn_ghost_batch_size)
 

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from bnjax.batchnorm import BatchNorm
+from bnjax.batchnorm import KERAS_BN, BatchNorm
 from bnjax.conv import CONV_IMPLEMENTATIONS, conv_as_matmul
 
 ACTIVATIONS: dict[str, Callable] = {
@@ -81,7 +81,8 @@ class ConvNet(nn.Module):
     # BN's settings as one value: every BN of the net is a copy of this layer
     # (`bn.copy()`, named BatchNorm_0, BatchNorm_1, ... as any BatchNorm).
     # E.g. `bn=BatchNorm(momentum=0.9, epsilon=1e-5)`; bnjax/batchnorm.py checks it when it is made.
-    bn: BatchNorm = BatchNorm()
+    # The default is the article's: Keras's momentum 0.99 and epsilon 1e-3.
+    bn: BatchNorm = KERAS_BN
     # Ablations of the article's keypoints (experiments/ablations.py); the
     # defaults are the article's BN net.
     bn_position: str = "before"  # BN_POSITIONS; the output layer has no activation, so BN stays last there
@@ -113,10 +114,10 @@ class ConvNet(nn.Module):
                 return activation(x) if hidden else x
             batch_norm = self.bn.copy()
             if not hidden:
-                return batch_norm(x, train=train)
+                return batch_norm(x, use_running_average=not train)
             if self.bn_position == "after":
-                return batch_norm(activation(x), train=train)
-            return activation(batch_norm(x, train=train))
+                return batch_norm(activation(x), use_running_average=not train)
+            return activation(batch_norm(x, use_running_average=not train))
 
         use_bias = not self.batch_norm or self.bn_use_bias
         conv = lambda features: nn.Conv(features, (3, 3), padding="VALID", use_bias=use_bias, kernel_init=kernel_init,
@@ -148,7 +149,7 @@ class MLP(nn.Module):
     activation: str = "sigmoid"
     hidden_units: tuple[int, ...] = (100, 100, 100)
     kernel_init: str = "glorot_uniform"
-    bn: BatchNorm = BatchNorm()  # BN's settings, as ConvNet's
+    bn: BatchNorm = KERAS_BN  # BN's settings, as ConvNet's
     dtype: Any = None  # of the matrix products and activations, as ConvNet's
 
     @nn.compact
@@ -159,7 +160,7 @@ class MLP(nn.Module):
         for units in self.hidden_units:
             x = nn.Dense(units, use_bias=not self.batch_norm, kernel_init=kernel_init, dtype=self.dtype)(x)
             if self.batch_norm:
-                x = self.bn.copy()(x, train=train)
+                x = self.bn.copy()(x, use_running_average=not train)
             # The input to this layer's nonlinearity, which the paper's figure 1(b, c) tracks.
             self.sow("intermediates", "sigmoid_input", x)
             x = activation(x)

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bnjax.batchnorm import DEFAULT_EPSILON, DEFAULT_MOMENTUM
+from bnjax.batchnorm import KERAS_EPSILON, KERAS_MOMENTUM
 from bnjax.models import get_activation, max_pool_2x2
 
 
@@ -29,8 +29,8 @@ class NNXConvNet(nnx.Module):
     """Conv 32, pool, Conv 64, pool, Conv 64, Dense 64, Dense 10; every layer
     without bias and followed by BatchNorm, then the activation (not on the output)."""
 
-    def __init__(self, activation: str = "relu", momentum: float = DEFAULT_MOMENTUM,
-                 epsilon: float = DEFAULT_EPSILON, *, rngs: nnx.Rngs):
+    def __init__(self, activation: str = "relu", momentum: float = KERAS_MOMENTUM,
+                 epsilon: float = KERAS_EPSILON, *, rngs: nnx.Rngs):
         self.activation = get_activation(activation)
         conv = lambda cin, cout: nnx.Conv(cin, cout, (3, 3), padding="VALID", use_bias=False, rngs=rngs)  # noqa: E731
         norm = lambda n: nnx.BatchNorm(n, momentum=momentum, epsilon=epsilon, rngs=rngs)  # noqa: E731

@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bnjax.batchnorm import DEFAULT_MOMENTUM, BatchNorm, batch_statistics, normalize, running_average_weights
+from bnjax.batchnorm import KERAS_BN, KERAS_MOMENTUM, BatchNorm, batch_statistics, normalize, running_average_weights
 from bnjax.models import get_activation
 
 SEQUENCES = {"rows": (28, 28), "pixels": (784, 1), "permuted_pixels": (784, 1)}  # (steps, values per step)
@@ -114,7 +114,7 @@ class StepStatistics(nn.Module):
     t_max: int
     features: int
     running_average: str = "ema"
-    momentum: float = DEFAULT_MOMENTUM
+    momentum: float = KERAS_MOMENTUM
 
     def setup(self):
         self.mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((self.t_max, self.features), jnp.float32))
@@ -156,9 +156,9 @@ class LSTM(nn.Module):
     activation: str = "tanh"
     # BN's settings as one value, as the other nets take them. The per-step BN
     # uses its momentum, epsilon, axis_name, running_average and
-    # two_pass_variance; Batch Renorm, frozen BN, ghost batches and PyTorch's
+    # use_fast_variance; Batch Renorm, frozen BN, ghost batches and PyTorch's
     # unbiased running variance are not variants of it.
-    bn: BatchNorm = BatchNorm()
+    bn: BatchNorm = KERAS_BN
 
     def __post_init__(self):
         defaults = BatchNorm()
@@ -200,7 +200,7 @@ class LSTM(nn.Module):
         def bn(name, z, population_t, scale, bias):
             """BN of `z` at one step: by the batch's statistics in train mode
             (returned, to update row t), by row t's in eval mode."""
-            mean, var = (batch_statistics(z, self.bn.axis_name, self.bn.two_pass_variance) if train
+            mean, var = (batch_statistics(z, self.bn.axis_name, use_fast_variance=self.bn.use_fast_variance) if train
                          else population_t[name])
             return normalize(z, mean, var, scale, bias, self.bn.epsilon), (mean, var)
 

@@ -47,12 +47,12 @@ def renorm_layer():
 def test_train_steps_gradients_and_eval_equal_keras():
     layer = renorm_layer()
     weights = jnp.asarray(FIXTURE["weights"])
-    variables = layer.init(jax.random.key(0), jnp.asarray(FIXTURE["batches"][0]), train=False)
+    variables = layer.init(jax.random.key(0), jnp.asarray(FIXTURE["batches"][0]), use_running_average=True)
     params = {"scale": jnp.asarray(FIXTURE["gamma"]), "bias": jnp.asarray(FIXTURE["beta"])}
     batch_stats = variables["batch_stats"]
 
     def loss(params, x, batch_stats):
-        y, updates = layer.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
+        y, updates = layer.apply({"params": params, "batch_stats": batch_stats}, x, use_running_average=False,
                                  mutable=["batch_stats"])
         return jnp.sum(y * weights), (y, updates["batch_stats"])
 
@@ -86,11 +86,11 @@ def test_train_steps_gradients_and_eval_equal_keras():
     assert 0 < clipped_r < STEPS * 4 and 0 < clipped_d < STEPS * 4
 
     eval_output = layer.apply({"params": params, "batch_stats": batch_stats}, jnp.asarray(FIXTURE["held_out"]),
-                              train=False)
+                              use_running_average=True)
     assert_keras(eval_output, FIXTURE["eval_output"], relative, "eval output")
     # One update fewer moves the outputs far beyond the tolerance.
     wrong = layer.apply({"params": params, "batch_stats": previous_batch_stats}, jnp.asarray(FIXTURE["held_out"]),
-                        train=False)
+                        use_running_average=True)
     assert np.any(np.abs(np.asarray(wrong) - FIXTURE["eval_output"]) > 10 * relative * feature_scale(FIXTURE["eval_output"]))
 
 
@@ -99,7 +99,7 @@ def test_gradient_is_stopped_through_r_and_d():
     # check the alternative really is another number (so the test above can fail).
     layer = renorm_layer()
     x, weights = jnp.asarray(FIXTURE["batches"][0]), jnp.asarray(FIXTURE["weights"])
-    variables = layer.init(jax.random.key(0), x, train=False)
+    variables = layer.init(jax.random.key(0), x, use_running_average=True)
     params = {"scale": jnp.asarray(FIXTURE["gamma"]), "bias": jnp.asarray(FIXTURE["beta"])}
 
     def through_r_and_d(x):  # the same first step (renorm mean 0, std 1), r and d differentiated
@@ -112,7 +112,7 @@ def test_gradient_is_stopped_through_r_and_d():
     tolerance = relative * feature_scale(FIXTURE["grad_input/0"])
     unstopped = jax.grad(through_r_and_d)(x)
     assert np.any(np.abs(np.asarray(unstopped) - FIXTURE["grad_input/0"]) > 10 * tolerance)
-    stopped = jax.grad(lambda x: jnp.sum(layer.apply({**variables, "params": params}, x, train=True,
+    stopped = jax.grad(lambda x: jnp.sum(layer.apply({**variables, "params": params}, x, use_running_average=False,
                                                      mutable=["batch_stats"])[0] * weights))(x)
     assert_keras(stopped, FIXTURE["grad_input/0"], relative)
 
@@ -124,10 +124,10 @@ def test_warm_up_opens_the_clipping_linearly_from_plain_bn():
     # At the first update r = 1 and d = 0: the output is plain BN's.
     x = jnp.asarray(FIXTURE["batches"][0])
     warm = BatchNorm(momentum=MOMENTUM, epsilon=EPSILON, renorm=renorm)
-    variables = warm.init(jax.random.key(0), x, train=False)
-    y_renorm = warm.apply(variables, x, train=True, mutable=["batch_stats"])[0]
+    variables = warm.init(jax.random.key(0), x, use_running_average=True)
+    y_renorm = warm.apply(variables, x, use_running_average=False, mutable=["batch_stats"])[0]
     y_plain = BatchNorm(momentum=MOMENTUM, epsilon=EPSILON).apply(
-        {"params": variables["params"]}, x, train=True, mutable=["batch_stats"])[0]
+        {"params": variables["params"]}, x, use_running_average=False, mutable=["batch_stats"])[0]
     np.testing.assert_allclose(y_renorm, y_plain, rtol=1e-6, atol=1e-6)
 
 

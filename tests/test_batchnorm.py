@@ -6,7 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bnjax.batchnorm import BatchNorm, batch_norm_eval, batch_norm_train, batch_statistics
+from bnjax.batchnorm import KERAS_BN, BatchNorm, batch_norm_eval, batch_norm_train, batch_statistics
+from bnjax.models import MLP, ConvNet
+from bnjax.recurrent import LSTM
 from tolerances import assert_within, mean_round_off, variance_round_off
 
 TOLERANCE = 1e-5
@@ -31,7 +33,7 @@ def random_setup(shape, seed=0):
 
 
 def apply_ours(variables, x, train):
-    return BatchNorm(momentum=0.9, epsilon=1e-3).apply(variables, x, train=train, mutable=["batch_stats"] if train else False)
+    return BatchNorm(momentum=0.9, epsilon=1e-3).apply(variables, x, use_running_average=not train, mutable=["batch_stats"] if train else False)
 
 
 def apply_flax(variables, x, train):
@@ -76,19 +78,21 @@ def test_gradients_equal_flax(train):
 
 def test_variables_have_flax_names_and_shapes():
     x = jnp.ones((2, 3, 3, 5))
-    ours = BatchNorm().init(jax.random.key(0), x, train=True)
+    ours = BatchNorm().init(jax.random.key(0), x, use_running_average=False)
     theirs = nn.BatchNorm(use_running_average=False).init(jax.random.key(0), x)
     assert jax.tree_util.tree_structure(ours) == jax.tree_util.tree_structure(theirs)
     assert jax.tree_util.tree_map(jnp.shape, ours) == jax.tree_util.tree_map(jnp.shape, theirs)
-    # Keras's initial values: scale 1, bias 0, running mean 0, running var 1 (init does not update them).
+    # Initial values: scale 1, bias 0, running mean 0, running var 1 (init does not update them).
     np.testing.assert_array_equal(ours["params"]["scale"], 1.0)
     np.testing.assert_array_equal(ours["params"]["bias"], 0.0)
     np.testing.assert_array_equal(ours["batch_stats"]["mean"], 0.0)
     np.testing.assert_array_equal(ours["batch_stats"]["var"], 1.0)
 
 
-def test_defaults_are_keras():
-    assert BatchNorm().momentum == 0.99 and BatchNorm().epsilon == 1e-3
+def test_defaults_are_flax_and_the_nets_use_keras():
+    assert BatchNorm().momentum == 0.99 and BatchNorm().epsilon == 1e-5  # flax.linen.BatchNorm's
+    assert KERAS_BN.momentum == 0.99 and KERAS_BN.epsilon == 1e-3  # the article's, which bnjax's nets use
+    assert ConvNet().bn == KERAS_BN and MLP().bn == KERAS_BN and LSTM().bn == KERAS_BN
 
 
 def test_pure_functions_follow_the_equations():
@@ -126,4 +130,4 @@ def test_unbiased_running_var_is_pytorchs_convention():
     np.testing.assert_allclose(biased, x.var(0), rtol=1e-5)
     np.testing.assert_allclose(unbiased, x.var(0, ddof=1), rtol=1e-5)
     # The batch itself is still normalized with the biased variance.
-    np.testing.assert_allclose(y, (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-3), atol=1e-5)
+    np.testing.assert_allclose(y, (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-5), atol=1e-5)  # flax's epsilon, the default

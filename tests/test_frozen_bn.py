@@ -34,7 +34,7 @@ def test_train_mode_output_and_gradient_equal_torchvision():
     weights = jnp.asarray(FIXTURE["weights"].transpose(NCHW_TO_NHWC))
 
     def loss(params, x):
-        y, updates = layer.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
+        y, updates = layer.apply({**variables, "params": params}, x, use_running_average=False, mutable=["batch_stats"])
         return jnp.sum(y * weights), (y, updates["batch_stats"])
 
     (_, (y, batch_stats)), (grad_params, grad_x) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
@@ -45,7 +45,7 @@ def test_train_mode_output_and_gradient_equal_torchvision():
         np.testing.assert_array_equal(batch_stats[name], FIXTURE[f"after/{torch_name}"])
     assert all(float(jnp.abs(grad).max()) == 0.0 for grad in jax.tree_util.tree_leaves(grad_params))
     # and an unfrozen BN in train mode gives other numbers (the check above can fail)
-    unfrozen = BatchNorm(epsilon=float(FIXTURE["epsilon"])).apply(variables, x, train=True, mutable=["batch_stats"])[0]
+    unfrozen = BatchNorm(epsilon=float(FIXTURE["epsilon"])).apply(variables, x, use_running_average=False, mutable=["batch_stats"])[0]
     assert float(jnp.abs(unfrozen - y).max()) > 0.1
 
 

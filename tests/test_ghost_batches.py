@@ -20,10 +20,10 @@ X = jax.random.normal(jax.random.key(1), (16, 5, 5, 3)) * 2.0 + 0.5
 
 
 def apply_train(module, x, variables=None):
-    variables = variables or module.init(jax.random.key(0), x, train=False)
+    variables = variables or module.init(jax.random.key(0), x, use_running_average=True)
     variables = {"params": {"scale": jnp.arange(1.0, 4.0), "bias": jnp.asarray([0.1, -0.2, 0.3])},
                  "batch_stats": variables["batch_stats"]}
-    y, updates = module.apply(variables, x, train=True, mutable=["batch_stats"])
+    y, updates = module.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
     return y, updates["batch_stats"], variables
 
 
@@ -68,8 +68,8 @@ def test_one_group_of_the_whole_batch_is_plain_bn():
 
 def test_eval_mode_ignores_ghost_batches():
     _, _, variables = apply_train(BatchNorm(ghost_batch_size=4), X)
-    np.testing.assert_array_equal(BatchNorm(ghost_batch_size=4).apply(variables, X, train=False),
-                                  BatchNorm().apply(variables, X, train=False))
+    np.testing.assert_array_equal(BatchNorm(ghost_batch_size=4).apply(variables, X, use_running_average=True),
+                                  BatchNorm().apply(variables, X, use_running_average=True))
 
 
 @pytest.mark.parametrize("size, message", [

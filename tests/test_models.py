@@ -123,14 +123,14 @@ def test_a_bias_right_before_bn_gets_exactly_zero_gradient(model):
         def __call__(self, x):
             x = x.reshape(x.shape[0], -1)
             x = nn.Dense(32, use_bias=True, bias_init=nn.initializers.normal(1.0))(x)
-            x = nn.sigmoid(BatchNorm()(x, train=True))
+            x = nn.sigmoid(BatchNorm()(x, use_running_average=False))
             return nn.Dense(10)(x)
 
     class ConvBiasBN(nn.Module):
         @nn.compact
         def __call__(self, x):
             x = nn.Conv(8, (3, 3), use_bias=True, bias_init=nn.initializers.normal(1.0))(x)
-            x = nn.relu(BatchNorm()(x, train=True))
+            x = nn.relu(BatchNorm()(x, use_running_average=False))
             return nn.Dense(10)(x.reshape(x.shape[0], -1))
 
     net = DenseBiasBN() if model == "mlp" else ConvBiasBN()

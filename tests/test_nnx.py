@@ -18,7 +18,7 @@ def assert_same(nnx_value, linen_value, relative: float):
 
 
 def test_nnx_equals_linen_in_train_and_eval_mode():
-    linen_model = ConvNet(batch_norm=True, activation="sigmoid", bn=BatchNorm(momentum=0.9))
+    linen_model = ConvNet(batch_norm=True, activation="sigmoid", bn=BatchNorm(momentum=0.9, epsilon=1e-3))
     variables = linen_model.init(jax.random.key(1), IMAGES, train=False)
     # Give the running statistics values of their own before copying.
     _, updates = linen_model.apply(variables, IMAGES, train=True, mutable=["batch_stats"])

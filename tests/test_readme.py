@@ -15,7 +15,7 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 EXPECTED = {
     "bnjax/batchnorm.py::BatchNorm.__call__": "variable.value = new_running[name]",
     "bnjax/recurrent.py::StepStatistics.update": "variable.value = variable.value.at[:recorded].set(moved)",
-    "bnjax/batchnorm.py::batch_statistics": "jax.lax.pmean((mean, mean_of_squares), axis_name)",
+    "bnjax/batchnorm.py::batch_statistics": "jax.lax.pmean(means, axis_name, axis_index_groups=axis_index_groups)",
     "bnjax/batchnorm.py::batch_norm_train": "momentum",
     "bnjax/batchnorm.py::running_average_weights": "(1.0 - momentum) / (1.0 - momentum**t)",
     "bnjax/batchnorm.py::batch_renorm_train": "jax.lax.stop_gradient(jnp.clip(std / stats[\"renorm_std\"], 1.0 / r_max, r_max))",

@@ -20,7 +20,7 @@ MOMENTUM = 0.9
 
 
 def small_lstm(two_pass_variance=False, **fields):
-    bn = BatchNorm(momentum=MOMENTUM, epsilon=1e-5, two_pass_variance=two_pass_variance)
+    bn = BatchNorm(momentum=MOMENTUM, epsilon=1e-5, use_fast_variance=not two_pass_variance)
     return LSTM(**{"batch_norm": True, "hidden_size": HIDDEN, "bn": bn, **fields})
 
 

@@ -28,15 +28,15 @@ RTOL, ATOL = 1e-5, 1e-5
 def feed(module, batches, held_out):
     """Train-mode steps over `batches`; the running statistics after each, and
     the eval-mode output on `held_out` after the last."""
-    variables = module.init(jax.random.key(0), jnp.asarray(batches[0]), train=False)
+    variables = module.init(jax.random.key(0), jnp.asarray(batches[0]), use_running_average=True)
     means, variances = [], []
     for batch in batches:
-        _, updates = module.apply(variables, jnp.asarray(batch), train=True, mutable=["batch_stats"])
+        _, updates = module.apply(variables, jnp.asarray(batch), use_running_average=False, mutable=["batch_stats"])
         variables = {**variables, **updates}
         means.append(np.asarray(variables["batch_stats"]["mean"]))
         variances.append(np.asarray(variables["batch_stats"]["var"]))
     return np.stack(means), np.stack(variances), np.asarray(module.apply(variables, jnp.asarray(held_out),
-                                                                          train=False)), variables
+                                                                          use_running_average=True)), variables
 
 
 def batch_moments(batches, unbiased=False):
@@ -90,7 +90,7 @@ def test_eval_mode_reads_the_rule_s_average_and_moves_nothing():
     module = BatchNorm(running_average="cumulative")
     _, _, _, variables = feed(module, FIXTURE["batches"][:3], FIXTURE["held_out"])
     x = jnp.asarray(FIXTURE["held_out"])
-    output, after = module.apply(variables, x, train=False, mutable=["batch_stats"])
+    output, after = module.apply(variables, x, use_running_average=True, mutable=["batch_stats"])
     jax.tree_util.tree_map(np.testing.assert_array_equal, after["batch_stats"], variables["batch_stats"])
     stats = variables["batch_stats"]
     expected = (x - stats["mean"]) / jnp.sqrt(stats["var"] + module.epsilon)  # scale 1, bias 0 at init
@@ -101,7 +101,7 @@ def test_unknown_rules_are_refused_in_one_line():
     with pytest.raises(ValueError, match="unknown bn_running_average 'median'; allowed: cumulative, debiased_ema, ema"):
         TrainConfig(batch_norm=True, bn_running_average="median")
     with pytest.raises(ValueError, match="unknown running_average 'EMA'; allowed: cumulative, debiased_ema, ema"):
-        BatchNorm(running_average="EMA").init(jax.random.key(0), jnp.ones((2, 3)), train=False)
+        BatchNorm(running_average="EMA").init(jax.random.key(0), jnp.ones((2, 3)), use_running_average=True)
 
 
 @pytest.mark.slow
@@ -126,15 +126,15 @@ def test_two_pass_variance_keeps_what_one_pass_loses():
     x = (1e4 + rng.normal(size=(64, 3))).astype(np.float32)
     exact = x.astype(np.float64).var(axis=0)
     _, one_pass = batch_statistics(jnp.asarray(x))
-    mean, two_pass = batch_statistics(jnp.asarray(x), two_pass_variance=True)
+    mean, two_pass = batch_statistics(jnp.asarray(x), use_fast_variance=False)
     assert np.max(np.abs(np.asarray(one_pass) - exact)) > 0.5  # measured: 24, 8, 0 for 1.13, 0.74, 0.85
     np.testing.assert_allclose(two_pass, exact, rtol=1e-3)
     np.testing.assert_allclose(mean, x.astype(np.float64).mean(axis=0), rtol=1e-6)
     # On ordinary inputs the two agree to round-off, also across devices: a
     # vmapped axis stands for 4 devices of 16 examples each.
     y = rng.normal(2.0, 3.0, size=(4, 16, 5)).astype(np.float32)
-    whole = np.asarray(batch_statistics(jnp.asarray(y.reshape(64, 5)), two_pass_variance=True)[1])
-    sharded = jax.vmap(lambda shard: batch_statistics(shard, "devices", two_pass_variance=True)[1],
+    whole = np.asarray(batch_statistics(jnp.asarray(y.reshape(64, 5)), use_fast_variance=False)[1])
+    sharded = jax.vmap(lambda shard: batch_statistics(shard, "devices", use_fast_variance=False)[1],
                        axis_name="devices")(jnp.asarray(y))
     np.testing.assert_allclose(sharded, np.broadcast_to(whole, (4, 5)), rtol=1e-5)
     np.testing.assert_allclose(whole, np.asarray(batch_statistics(jnp.asarray(y.reshape(64, 5)))[1]), rtol=1e-5)

@@ -1,0 +1,124 @@
+"""bnjax.BatchNorm dropped into a ResNet in the style of flax/examples/imagenet
+(written here): the model takes its norm as `partial(nn.BatchNorm, ...)`, and
+`partial(bnjax.BatchNorm, ...)` replaces it with nothing else changed."""
+
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import bnjax
+from tolerances import assert_within, network_round_off
+
+
+class ResidualBlock(nn.Module):
+    filters: int
+    norm: Callable
+    strides: tuple[int, int] = (1, 1)
+
+    @nn.compact
+    def __call__(self, x):
+        residual = x
+        y = nn.Conv(self.filters, (3, 3), self.strides, use_bias=False)(x)
+        y = nn.relu(self.norm()(y))
+        y = nn.Conv(self.filters, (3, 3), use_bias=False)(y)
+        y = self.norm(scale_init=nn.initializers.zeros)(y)  # each block starts as the identity
+        if residual.shape != y.shape:
+            residual = self.norm(name="norm_projection")(
+                nn.Conv(self.filters, (1, 1), self.strides, use_bias=False, name="conv_projection")(residual))
+        return nn.relu(residual + y)
+
+
+class ResNet(nn.Module):
+    """A small ResNet for 32 x 32 images, its norm handed in as one value."""
+
+    norm: Callable = nn.BatchNorm
+    stage_sizes: tuple[int, ...] = (1, 1)
+    num_filters: int = 8
+    num_classes: int = 10
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = True):
+        norm = functools.partial(self.norm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                                 dtype=self.dtype)
+        x = nn.Conv(self.num_filters, (3, 3), use_bias=False, name="conv_init")(x)
+        x = nn.relu(norm(name="bn_init")(x))
+        for stage, blocks in enumerate(self.stage_sizes):
+            for block in range(blocks):
+                strides = (2, 2) if stage > 0 and block == 0 else (1, 1)
+                x = ResidualBlock(self.num_filters * 2**stage, norm, strides)(x)
+        return nn.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))
+
+
+IMAGES = jax.random.uniform(jax.random.key(0), (16, 32, 32, 3))
+LABELS = jnp.arange(16) % 10
+
+
+def train_step(model, variables, optimizer, optimizer_state):
+    def loss_fn(params):
+        logits, updates = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, IMAGES,
+                                      mutable=["batch_stats"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, LABELS).mean(), (logits, updates)
+
+    (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(variables["params"])
+    changes, optimizer_state = optimizer.update(grads, optimizer_state)
+    params = optax.apply_updates(variables["params"], changes)
+    return {"params": params, "batch_stats": updates["batch_stats"]}, optimizer_state, logits, grads
+
+
+def test_bnjax_batchnorm_replaces_flaxs_in_a_resnet():
+    flax_model, bnjax_model = ResNet(norm=nn.BatchNorm), ResNet(norm=bnjax.BatchNorm)
+    variables = flax_model.init(jax.random.key(1), IMAGES, train=False)
+    ours = bnjax_model.init(jax.random.key(1), IMAGES, train=False)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, ours, variables)  # the same variables, names and inits
+    assert any(np.all(np.asarray(leaf) == 0) for leaf in jax.tree_util.tree_leaves(variables["params"]))
+
+    optimizer = optax.sgd(0.1, momentum=0.9)
+    runs = {}
+    for name, model in (("flax", flax_model), ("bnjax", bnjax_model)):
+        state, optimizer_state = variables, optimizer.init(variables["params"])
+        for _ in range(2):
+            previous = state
+            state, optimizer_state, logits, grads = train_step(model, state, optimizer, optimizer_state)
+        runs[name] = dict(state=state, logits=logits, grads=grads, previous=previous,
+                          eval_logits=model.apply(state, IMAGES, train=False))
+    # The first step is flax's bit for bit forward; the gradients sum the
+    # same terms in another order, so after a step everything agrees within
+    # the net's float32 round-off (tests/tolerances.py), relative to each
+    # compared value's largest.
+    relative = network_round_off(flax_model, variables, IMAGES)
+    for key in ("logits", "eval_logits"):
+        assert_within(runs["bnjax"][key], runs["flax"][key], relative * np.abs(runs["flax"][key]).max(), key)
+    for tree in ("params", "batch_stats"):
+        for ours_leaf, theirs_leaf in zip(jax.tree_util.tree_leaves(runs["bnjax"]["state"][tree]),
+                                          jax.tree_util.tree_leaves(runs["flax"]["state"][tree])):
+            assert_within(ours_leaf, theirs_leaf, relative * np.abs(theirs_leaf).max() + 1e-30, tree)
+    # Training moved everything, so the comparisons above had something to catch.
+    assert float(jnp.abs(runs["flax"]["state"]["batch_stats"]["bn_init"]["mean"]).max()) > 1e-3
+
+
+# (PyTorch's unbiased running variance moves this net's statistics by 1 / 16383
+# only: it is held to PyTorch in tests/test_convert.py and test_batchnorm.py.)
+@pytest.mark.parametrize("variant", [
+    dict(running_average="cumulative"), dict(renorm=bnjax.Renorm(r_max=1.5, d_max=0.5)), dict(frozen=True),
+    dict(ghost_batch_size=4)], ids=["cumulative", "renorm", "frozen", "ghost"])
+def test_each_variant_is_one_keyword_in_the_resnet(variant):
+    plain = ResNet(norm=bnjax.BatchNorm)
+    varied = ResNet(norm=functools.partial(bnjax.BatchNorm, **variant))
+    variables = varied.init(jax.random.key(1), IMAGES, train=False)
+    plain_variables = {"params": variables["params"],
+                       "batch_stats": jax.tree_util.tree_map(lambda stats: {k: stats[k] for k in ("mean", "var")},
+                                                             variables["batch_stats"],
+                                                             is_leaf=lambda node: "mean" in node)}
+    logits, updates = varied.apply(variables, IMAGES, mutable=["batch_stats"])
+    plain_logits, plain_updates = plain.apply(plain_variables, IMAGES, mutable=["batch_stats"])
+    moved = max(float(jnp.abs(logits - plain_logits).max()),
+                float(jnp.abs(updates["batch_stats"]["bn_init"]["var"]
+                              - plain_updates["batch_stats"]["bn_init"]["var"]).max()))
+    assert moved > 1e-4, variant
