@@ -457,41 +457,47 @@ class BatchNorm(nn.Module):
                                    reduction_axes, x.ndim) if self.use_bias else None)
         output_dtype = canonicalize_dtype(*(value for value in (x, scale, bias) if value is not None),
                                           dtype=self.dtype)
-
-        if self.frozen:
-            scale, bias = (None if value is None else jax.lax.stop_gradient(value) for value in (scale, bias))
-        if use_running_average or self.frozen:
-            mean, var = (running[name].value for name in ("mean", "var"))
-            if not self.force_float32_reductions:
-                mean, var = jnp.asarray(mean, self.param_dtype), jnp.asarray(var, self.param_dtype)
-            y = batch_norm_eval(x, scale, bias, broadcast_features(mean, reduction_axes, x.ndim),
-                                broadcast_features(var, reduction_axes, x.ndim), self.epsilon)
-            return jnp.asarray(y, output_dtype)
-
-        statistics = dict(reduction_axes=reduction_axes, use_fast_variance=self.use_fast_variance, mask=mask,
-                          axis_index_groups=self.axis_index_groups, dtype=self.dtype,
-                          force_float32_reductions=self.force_float32_reductions)
         # `init` runs outside any device mapping, so there is no axis to average over.
         axis_name = None if self.is_initializing() else self.axis_name
-        if self.renorm is not None:
-            y, new_running = batch_renorm_train(
-                x, scale, bias, {name: variable.value for name, variable in running.items()}, self.renorm,
-                self.momentum, self.epsilon, axis_name, **statistics)
-        else:
-            count = 1 if "count" not in running else running["count"].value + 1
-            y, new_mean, new_var = batch_norm_train(
-                x, scale, bias, running["mean"].value, running["var"].value, self.momentum, self.epsilon,
-                axis_name=axis_name, unbiased_running_var=self.unbiased_running_var,
-                running_average=self.running_average, count=count, ghost_batch_size=self.ghost_batch_size,
-                **statistics)
-            new_running = {"mean": new_mean, "var": new_var, "count": count}
+        y, new_running = forward(self, x, scale, bias, {name: variable.value for name, variable in running.items()},
+                                 use_running_average, mask, axis_name)
         # Where running statistics change (train mode only). `init` only
         # creates them (as flax.linen.BatchNorm does), so a freshly initialized
         # model starts from mean 0, var 1 whatever batch initialized it.
-        if not self.is_initializing():
+        if new_running is not None and not self.is_initializing():
             for name, variable in running.items():
                 variable.value = new_running[name]
         return jnp.asarray(y, output_dtype)
+
+
+def forward(bn, x, scale, bias, running: dict, use_running_average: bool, mask, axis_name):
+    """One call of a BN layer `bn` (bnjax's linen or NNX BatchNorm: the
+    settings are its attributes) on x, given its scale and bias (broadcast
+    against x, or None) and the values of its running statistics. Returns
+    (y, new running statistics), or (y, None) where nothing is updated."""
+    reduction_axes = tuple(axis for axis in range(x.ndim) if axis not in canonical_axes(x.ndim, bn.axis))
+    force_float32_reductions = getattr(bn, "force_float32_reductions", True)  # flax.nnx has no such setting
+    if bn.frozen:
+        scale, bias = (None if value is None else jax.lax.stop_gradient(value) for value in (scale, bias))
+    if use_running_average or bn.frozen:
+        mean, var = running["mean"], running["var"]
+        if not force_float32_reductions:
+            mean, var = jnp.asarray(mean, bn.param_dtype), jnp.asarray(var, bn.param_dtype)
+        return batch_norm_eval(x, scale, bias, broadcast_features(mean, reduction_axes, x.ndim),
+                               broadcast_features(var, reduction_axes, x.ndim), bn.epsilon), None
+
+    statistics = dict(reduction_axes=reduction_axes, use_fast_variance=bn.use_fast_variance, mask=mask,
+                      axis_index_groups=bn.axis_index_groups, dtype=bn.dtype,
+                      force_float32_reductions=force_float32_reductions)
+    if bn.renorm is not None:
+        return batch_renorm_train(x, scale, bias, running, bn.renorm, bn.momentum, bn.epsilon, axis_name,
+                                  **statistics)
+    count = 1 if "count" not in running else running["count"] + 1
+    y, new_mean, new_var = batch_norm_train(
+        x, scale, bias, running["mean"], running["var"], bn.momentum, bn.epsilon, axis_name=axis_name,
+        unbiased_running_var=bn.unbiased_running_var, running_average=bn.running_average, count=count,
+        ghost_batch_size=bn.ghost_batch_size, **statistics)
+    return y, {"mean": new_mean, "var": new_var, "count": count}
 
 
 def _is_real(value) -> bool:

@@ -1,6 +1,7 @@
 """The article's BN net in Flax NNX, for reading beside the linen `ConvNet`.
 
-NNX keeps state *inside* the module object: each `nnx.BatchNorm` holds its
+NNX keeps state *inside* the module object: each BatchNorm (bnjax.nnx's,
+which is flax.nnx.BatchNorm with bnjax's variants beside it) holds its
 running `mean` and `var` as `nnx.BatchStat` variables. A train-mode view
 (`nnx.view(model, use_running_average=False)`) normalizes with batch
 statistics and updates those variables in place when called; an eval-mode
@@ -23,6 +24,7 @@ from flax import nnx
 
 from bnjax.batchnorm import KERAS_EPSILON, KERAS_MOMENTUM
 from bnjax.models import get_activation, max_pool_2x2
+from bnjax.nnx import BatchNorm
 
 
 class NNXConvNet(nnx.Module):
@@ -33,7 +35,7 @@ class NNXConvNet(nnx.Module):
                  epsilon: float = KERAS_EPSILON, *, rngs: nnx.Rngs):
         self.activation = get_activation(activation)
         conv = lambda cin, cout: nnx.Conv(cin, cout, (3, 3), padding="VALID", use_bias=False, rngs=rngs)  # noqa: E731
-        norm = lambda n: nnx.BatchNorm(n, momentum=momentum, epsilon=epsilon, rngs=rngs)  # noqa: E731
+        norm = lambda n: BatchNorm(n, momentum=momentum, epsilon=epsilon, rngs=rngs)  # noqa: E731
         self.convs = nnx.List([conv(1, 32), conv(32, 64), conv(64, 64)])
         self.denses = nnx.List([nnx.Linear(576, 64, use_bias=False, rngs=rngs),
                                 nnx.Linear(64, 10, use_bias=False, rngs=rngs)])

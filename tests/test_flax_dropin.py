@@ -234,3 +234,44 @@ def test_bad_calls_are_refused_in_one_line(settings, call, message):
 def test_integer_inputs_are_refused_in_one_line():
     with pytest.raises(ValueError, match="BatchNorm normalizes floating-point or complex inputs, got dtype int32"):
         BatchNorm().init(jax.random.key(0), jnp.ones((4, 3), jnp.int32), use_running_average=False)
+
+
+GROUPS_SCRIPT = """
+import json, jax, jax.numpy as jnp, numpy as np, flax.linen as nn
+import bnjax
+x = 2.0 * jax.random.normal(jax.random.key(0), (4, 2, 3, 3, 5)) + 1.0   # 4 devices, 2 examples each
+groups = [[0, 1], [2, 3]]
+def on_devices(module):
+    variables = module.init(jax.random.key(1), x[0], use_running_average=True)
+    return jax.pmap(lambda part: module.apply(variables, part, use_running_average=False, mutable=["batch_stats"]),
+                    axis_name="devices")(x)
+ours = on_devices(bnjax.BatchNorm(axis_name="devices", axis_index_groups=groups))
+theirs = on_devices(nn.BatchNorm(axis_name="devices", axis_index_groups=groups))
+alone = on_devices(bnjax.BatchNorm(axis_name="devices"))
+equal = all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(theirs)))
+mean = np.asarray(ours[1]["batch_stats"]["mean"])
+print(json.dumps({"equal": equal, "group_means_differ": float(np.abs(mean[0] - mean[2]).max()),
+                  "within_group": float(np.abs(mean[0] - mean[1]).max()),
+                  "groups_matter": float(np.abs(np.asarray(alone[1]["batch_stats"]["mean"])[0] - mean[0]).max())}))
+"""
+
+
+@pytest.mark.slow
+def test_axis_index_groups_equal_flax_on_four_devices():
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", GROUPS_SCRIPT], capture_output=True, text=True, env=env,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    assert found["equal"]  # bit for bit flax's, outputs and statistics
+    assert found["within_group"] == 0.0  # devices 0 and 1 share their group's statistics ...
+    assert found["group_means_differ"] > 1e-3  # ... which differ from the other group's
+    assert found["groups_matter"] > 1e-3  # and from all four devices' together

@@ -1,0 +1,76 @@
+"""bnjax's BN for Flax NNX: `bnjax.nnx.BatchNorm` is `flax.nnx.BatchNorm`
+(its constructor, its call, its `BatchStat` and `Param` variables, its
+`train()` / `eval()` / `nnx.view` switching; it subclasses it) with bnjax's
+variants as extra keyword-only arguments, computed by the same functions as
+the linen `bnjax.BatchNorm` (`bnjax.batchnorm.forward`).
+
+NNX keeps state inside the module: in train mode a call writes the new
+running averages into the layer's `mean` and `var` (and, for the variants
+that need them, `count`, `std`, `renorm_mean`, `renorm_std`) in place.
+"""
+
+from __future__ import annotations
+
+import types
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.linen.dtypes import canonicalize_dtype
+
+from bnjax.batchnorm import Renorm, check_call, check_settings, forward
+
+VARIANTS = dict(running_average="ema", unbiased_running_var=False, renorm=None, frozen=False, ghost_batch_size=None)
+
+
+class BatchNorm(nnx.BatchNorm):
+    """`flax.nnx.BatchNorm(num_features, *, ..., rngs)` plus, keyword-only,
+    `running_average`, `unbiased_running_var`, `renorm`, `frozen` and
+    `ghost_batch_size` (bnjax.BatchNorm's docstring says what each does).
+    Every setting is checked here, when the layer is made."""
+
+    def __init__(self, num_features: int, *, running_average: str = "ema", unbiased_running_var: bool = False,
+                 renorm: Renorm | None = None, frozen: bool = False, ghost_batch_size: int | None = None,
+                 **flax_arguments):
+        super().__init__(num_features, **flax_arguments)
+        self.running_average, self.unbiased_running_var = running_average, unbiased_running_var
+        self.renorm, self.frozen, self.ghost_batch_size = renorm, frozen, ghost_batch_size
+        check_settings(types.SimpleNamespace(
+            **{name: getattr(self, name) for name in ("use_running_average", "axis", "momentum", "epsilon", "dtype",
+                                                      "param_dtype", "use_bias", "use_scale", *VARIANTS)},
+            use_fast_variance=self.use_fast_variance, force_float32_reductions=True,
+            bias_init=flax_arguments.get("bias_init", jnp.zeros), scale_init=flax_arguments.get("scale_init",
+                                                                                                jnp.ones)))
+        if running_average != "ema" or renorm is not None:  # updates so far
+            self.count = nnx.BatchStat(jnp.zeros((), jnp.int32))
+        if renorm is not None:
+            self.std = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
+            self.renorm_mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
+            self.renorm_std = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
+
+    def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
+        use_running_average = self.use_running_average if use_running_average is None else use_running_average
+        if use_running_average is None:
+            raise ValueError("use_running_average must be given: to the constructor, at the call, or by "
+                             "model.train() / model.eval() / nnx.view")
+        check_call(self, x, use_running_average, mask)
+        names = [name for name in ("mean", "var", "count", "std", "renorm_mean", "renorm_std") if hasattr(self, name)]
+        running = {name: getattr(self, name)[...] for name in names}
+        scale = self.scale[...] if self.scale is not None else None
+        bias = self.bias[...] if self.bias is not None else None
+        read = running  # what the call normalizes with in eval mode
+        promote = getattr(self, "promote_dtype", None)  # flax >= 0.12.4 promotes inputs and state together
+        if promote is not None:  # ... for the call; the update averages into the state as it is
+            x, mean, var, scale, bias = promote((x, running["mean"], running["var"], scale, bias), dtype=self.dtype)
+            read = {**running, "mean": mean, "var": var}
+        feature_axes = (self.axis % x.ndim,)
+        reduction_axes = tuple(axis for axis in range(x.ndim) if axis not in feature_axes)
+        if reduction_axes != tuple(range(x.ndim - 1)):  # the features elsewhere than last: broadcast shapes
+            scale, bias = (None if value is None else jnp.expand_dims(value, reduction_axes) for value in (scale, bias))
+        y, new_running = forward(self, x, scale, bias, read if use_running_average or self.frozen else running,
+                                 use_running_average, mask, self.axis_name)
+        if new_running is not None:  # train mode: the running statistics change here, in place
+            for name in names:
+                getattr(self, name)[...] = jax.lax.stop_gradient(new_running[name])
+        return jnp.asarray(y, canonicalize_dtype(*(value for value in (x, scale, bias) if value is not None),
+                                                 dtype=self.dtype))

@@ -1,0 +1,97 @@
+"""bnjax.nnx.BatchNorm is a drop-in for flax.nnx.BatchNorm: held to flax's
+own NNX layer (outputs and running statistics bit for bit, gradients within
+float32 round-off), its train/eval switching, and the variants."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import bnjax.nnx
+from bnjax.batchnorm import Renorm
+from bnjax.nnx_model import NNXConvNet
+from tolerances import assert_within, bn_round_off, feature_scale
+
+X = 2.0 * jax.random.normal(jax.random.key(0), (8, 5, 5, 6)) + 1.0
+WEIGHTS = jax.random.normal(jax.random.key(1), X.shape)
+
+
+def loss(layer, x, use_running_average):
+    return jnp.sum(layer(x, use_running_average=use_running_average).astype(jnp.float32) * WEIGHTS)
+
+
+@pytest.mark.parametrize("arguments", [
+    dict(), dict(momentum=0.9, epsilon=1e-3), dict(use_bias=False), dict(use_scale=False),
+    dict(use_fast_variance=False), dict(bias_init=nnx.initializers.normal(0.5), scale_init=nnx.initializers.uniform(2.0)),
+    dict(dtype=jnp.bfloat16), dict(axis=1)],
+    ids=["defaults", "keras-values", "no-bias", "no-scale", "two-pass", "random-inits", "bfloat16", "axis-1"])
+def test_equals_flax_nnx(arguments):
+    features = X.shape[arguments.get("axis", -1)]
+    ours = bnjax.nnx.BatchNorm(features, rngs=nnx.Rngs(0), **arguments)
+    theirs = nnx.BatchNorm(features, rngs=nnx.Rngs(0), **arguments)
+    for use_running_average in (False, True, False):  # train, eval with the updated statistics, train again
+        our_y, their_y = ours(X, use_running_average), theirs(X, use_running_average)
+        assert our_y.dtype == their_y.dtype
+        np.testing.assert_array_equal(our_y, their_y)
+        np.testing.assert_array_equal(ours.mean[...], theirs.mean[...])
+        np.testing.assert_array_equal(ours.var[...], theirs.var[...])
+    # Gradients: the same terms summed in another order (tests/tolerances.py).
+    our_grads = nnx.grad(loss)(ours, X, False)
+    their_grads = nnx.grad(loss)(theirs, X, False)
+    values = np.moveaxis(np.asarray(X, np.float64), arguments.get("axis", -1), -1).reshape(-1, features)
+    relative = bn_round_off(values) * max(float(jnp.finfo(arguments.get("dtype") or jnp.float32).eps) / 2**-23, 1)
+    for name in ("scale", "bias"):
+        if getattr(theirs, name) is not None:
+            size = np.abs(np.asarray(WEIGHTS, np.float64)).sum() * np.sqrt(values.shape[0])
+            assert_within(getattr(our_grads, name)[...], getattr(their_grads, name)[...], relative * size, name)
+
+
+def test_train_eval_and_views_switch_it_as_flaxs():
+    layer = bnjax.nnx.BatchNorm(6, rngs=nnx.Rngs(0))
+    assert layer.use_running_average is False  # flax.nnx's default
+    layer.eval()
+    before = np.asarray(layer.mean[...])
+    layer(X)
+    np.testing.assert_array_equal(layer.mean[...], before)  # eval mode moves nothing
+    layer.train()
+    layer(X)
+    assert not np.array_equal(layer.mean[...], before)  # train mode does, in place
+    if hasattr(nnx, "view"):  # flax >= 0.12.4
+        eval_view = nnx.view(layer, use_running_average=True)
+        after = np.asarray(layer.mean[...])
+        eval_view(X)
+        np.testing.assert_array_equal(layer.mean[...], after)
+
+
+@pytest.mark.parametrize("variant", [
+    dict(running_average="debiased_ema"), dict(running_average="cumulative"), dict(unbiased_running_var=True),
+    dict(renorm=Renorm(r_max=1.5, d_max=0.5)), dict(frozen=True), dict(ghost_batch_size=4)],
+    ids=["debiased", "cumulative", "unbiased", "renorm", "frozen", "ghost"])
+def test_variants_equal_the_linen_layer(variant):
+    """Each variant computes what bnjax.BatchNorm (linen, held to Haiku, PyTorch,
+    Keras and torchvision elsewhere) computes: the same outputs and statistics."""
+    layer = bnjax.nnx.BatchNorm(6, momentum=0.9, rngs=nnx.Rngs(0), **variant)
+    linen = bnjax.BatchNorm(momentum=0.9, **variant)
+    variables = linen.init(jax.random.key(0), X, use_running_average=True)
+    for step in range(2):
+        y = layer(X * (1 + step), use_running_average=False)
+        linen_y, updates = linen.apply(variables, X * (1 + step), use_running_average=False, mutable=["batch_stats"])
+        variables = {**variables, **updates}
+        np.testing.assert_array_equal(y, linen_y)
+        for name, value in variables["batch_stats"].items():
+            np.testing.assert_array_equal(getattr(layer, name)[...], value)
+
+
+def test_bad_settings_are_refused_in_one_line():
+    with pytest.raises(ValueError, match=r"^momentum must be a number in \[0, 1\]"):
+        bnjax.nnx.BatchNorm(6, momentum=1.5, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="^ghost_batch_size applies to plain BN only, not with frozen$"):
+        bnjax.nnx.BatchNorm(6, frozen=True, ghost_batch_size=4, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="^use_running_average must be given"):
+        bnjax.nnx.BatchNorm(6, use_running_average=None, rngs=nnx.Rngs(0))(X)
+
+
+def test_bnjaxs_nnx_net_uses_it():
+    model = NNXConvNet("relu", rngs=nnx.Rngs(0))
+    assert all(type(norm) is bnjax.nnx.BatchNorm for norm in model.norms)
