@@ -18,3 +18,6 @@ apply_cpu_flags()
 from bnjax.batchnorm import KERAS_BN, BatchNorm, Renorm  # noqa: E402  (after the flags: it imports JAX)
 
 __all__ = ["BatchNorm", "KERAS_BN", "Renorm"]
+from bnjax.update_bn import update_bn  # noqa: E402
+
+__all__ += ["update_bn"]

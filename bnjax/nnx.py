@@ -74,3 +74,48 @@ class BatchNorm(nnx.BatchNorm):
                 getattr(self, name)[...] = jax.lax.stop_gradient(new_running[name])
         return jnp.asarray(y, canonicalize_dtype(*(value for value in (x, scale, bias) if value is not None),
                                                  dtype=self.dtype))
+
+
+def update_bn(model, batches, *, variance: str = "batch_average", **call_kwargs) -> dict:
+    """Precise BN for an NNX model whose BN layers are bnjax's or flax's: each
+    layer's `mean` and `var` re-estimated for the model's current weights from
+    `batches` (any iterable of what the model takes first), written into the
+    model in place, as `torch.optim.swa_utils.update_bn` does, and returned as
+    {path: {"mean", "var"}}. `call_kwargs` go to every call.
+
+    A copy of the model runs each batch in train mode with every BN's momentum
+    at 0 (its running statistics become exactly that batch's, under its own
+    variance convention); the per-batch statistics are averaged as
+    `bnjax.update_bn` averages them (`variance`)."""
+    from bnjax.update_bn import average, check_variance
+
+    check_variance(variance)
+    graphdef, state = nnx.split(model)
+    probe = nnx.merge(graphdef, state)  # the same values, its own variables: the model is left as it is
+    layers = {path: layer for path, layer in nnx.iter_graph(probe) if isinstance(layer, nnx.BatchNorm)}
+    if not layers:
+        raise ValueError("update_bn needs a model with BN layers; this one has none")
+    for layer in layers.values():
+        layer.momentum, layer.use_running_average = 0.0, False
+        if isinstance(layer, BatchNorm):  # one batch's statistics, whole, whatever the variant
+            layer.running_average, layer.frozen, layer.ghost_batch_size = "ema", False, None
+
+    @nnx.jit
+    def one_batch(probe, batch):
+        probe(batch, **call_kwargs)
+        return {path: (layer.mean[...], layer.var[...]) for path, layer in nnx.iter_graph(probe)
+                if isinstance(layer, nnx.BatchNorm)}
+
+    per_layer: dict = {}
+    for batch in batches:
+        for path, statistics in one_batch(probe, batch).items():
+            per_layer.setdefault(path, []).append(statistics)
+    if not per_layer:
+        raise ValueError("update_bn found no batches to average (an empty iterable)")
+    originals = {path: layer for path, layer in nnx.iter_graph(model) if isinstance(layer, nnx.BatchNorm)}
+    result = {}
+    for path, per_batch in per_layer.items():
+        mean, var = average(per_batch, variance)
+        originals[path].mean[...], originals[path].var[...] = mean, var
+        result[path] = {"mean": mean, "var": var}
+    return result
