@@ -19,5 +19,6 @@ from bnjax.batchnorm import KERAS_BN, BatchNorm, Renorm  # noqa: E402  (after th
 
 __all__ = ["BatchNorm", "KERAS_BN", "Renorm"]
 from bnjax.update_bn import update_bn  # noqa: E402
+from bnjax.checkup import Checkup, accuracy, checkup  # noqa: E402
 
-__all__ += ["update_bn"]
+__all__ += ["update_bn", "checkup", "Checkup", "accuracy"]

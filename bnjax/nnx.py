@@ -90,8 +90,7 @@ def update_bn(model, batches, *, variance: str = "batch_average", **call_kwargs)
     from bnjax.update_bn import average, check_variance
 
     check_variance(variance)
-    graphdef, state = nnx.split(model)
-    probe = nnx.merge(graphdef, state)  # the same values, its own variables: the model is left as it is
+    probe = nnx.clone(model)  # its own variables: the model changes only where the averages are written
     layers = {path: layer for path, layer in nnx.iter_graph(probe) if isinstance(layer, nnx.BatchNorm)}
     if not layers:
         raise ValueError("update_bn needs a model with BN layers; this one has none")
@@ -119,3 +118,38 @@ def update_bn(model, batches, *, variance: str = "batch_average", **call_kwargs)
         originals[path].mean[...], originals[path].var[...] = mean, var
         result[path] = {"mean": mean, "var": var}
     return result
+
+
+def _copy_in_mode(model, use_running_average: bool):
+    """A copy of `model` (its own variables, the same values) with every BN in eval or train mode."""
+    copy = nnx.clone(model)
+    for _, layer in nnx.iter_graph(copy):
+        if isinstance(layer, nnx.BatchNorm):
+            layer.use_running_average = use_running_average
+    return copy
+
+
+def checkup(model, train_batches, eval_batches, metric, *, higher_is_better: bool = True, tolerance: float = 0.005,
+            **call_kwargs):
+    """`bnjax.checkup` for an NNX model (bnjax's or flax's BN layers): the
+    metric with the running averages, with precise statistics and with each
+    evaluation batch's own, every BN layer's gap, and the verdict. The model
+    itself is left as it is."""
+    from bnjax.checkup import Checkup, _score, layer_gaps, verdict
+
+    if not isinstance(tolerance, (int, float)) or isinstance(tolerance, bool) or tolerance != tolerance or tolerance < 0:
+        raise ValueError(f"tolerance must be a number >= 0, got {tolerance!r}")
+    eval_batches = list(eval_batches)
+    precise_model = _copy_in_mode(model, True)
+    update_bn(precise_model, train_batches, **call_kwargs)
+    scores = []
+    for scored in (_copy_in_mode(model, True), precise_model, _copy_in_mode(model, False)):
+        call = nnx.jit(lambda scored, inputs: scored(inputs, **call_kwargs))
+        scores.append(_score(lambda inputs: call(scored, inputs), eval_batches, metric))
+
+    def statistics(of):
+        return {"/".join(str(name) for name in path): {"mean": layer.mean[...], "var": layer.var[...]}
+                for path, layer in nnx.iter_graph(of) if isinstance(layer, nnx.BatchNorm)}
+
+    stale, message = verdict(scores[0], scores[1], higher_is_better, tolerance)
+    return Checkup(*scores, layer_gaps(statistics(model), statistics(precise_model)), stale, message)

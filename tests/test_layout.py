@@ -67,7 +67,7 @@ def test_a_cycle_is_found():
 # only modules of its own layer or of a layer below.
 LAYERS = {
     "support": {"checks", "atomic", "provenance", "xla_flags"},
-    "the BN library": {"batchnorm", "nnx", "update_bn", "conv", "models", "recurrent", "nnx_model", "convert"},
+    "the BN library": {"batchnorm", "nnx", "update_bn", "checkup", "conv", "models", "recurrent", "nnx_model", "convert"},
     "training": {"config", "steps", "runs", "schedule", "precise_bn", "evaluation", "checkpoint", "strategy", "loop",
                  "train", "data", "data_sources"},
     "launching": {"engine", "workers", "compilation_cache", "__main__", "__init__"},

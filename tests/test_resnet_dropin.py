@@ -1,9 +1,8 @@
 """bnjax.BatchNorm dropped into a ResNet in the style of flax/examples/imagenet
-(written here): the model takes its norm as `partial(nn.BatchNorm, ...)`, and
+(experiments/bn_checkup.py): the model takes its norm as `partial(nn.BatchNorm, ...)`, and
 `partial(bnjax.BatchNorm, ...)` replaces it with nothing else changed."""
 
 import functools
-from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -13,47 +12,8 @@ import optax
 import pytest
 
 import bnjax
+from experiments.bn_checkup import ResNet
 from tolerances import assert_within, network_round_off
-
-
-class ResidualBlock(nn.Module):
-    filters: int
-    norm: Callable
-    strides: tuple[int, int] = (1, 1)
-
-    @nn.compact
-    def __call__(self, x):
-        residual = x
-        y = nn.Conv(self.filters, (3, 3), self.strides, use_bias=False)(x)
-        y = nn.relu(self.norm()(y))
-        y = nn.Conv(self.filters, (3, 3), use_bias=False)(y)
-        y = self.norm(scale_init=nn.initializers.zeros)(y)  # each block starts as the identity
-        if residual.shape != y.shape:
-            residual = self.norm(name="norm_projection")(
-                nn.Conv(self.filters, (1, 1), self.strides, use_bias=False, name="conv_projection")(residual))
-        return nn.relu(residual + y)
-
-
-class ResNet(nn.Module):
-    """A small ResNet for 32 x 32 images, its norm handed in as one value."""
-
-    norm: Callable = nn.BatchNorm
-    stage_sizes: tuple[int, ...] = (1, 1)
-    num_filters: int = 8
-    num_classes: int = 10
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x, train: bool = True):
-        norm = functools.partial(self.norm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                                 dtype=self.dtype)
-        x = nn.Conv(self.num_filters, (3, 3), use_bias=False, name="conv_init")(x)
-        x = nn.relu(norm(name="bn_init")(x))
-        for stage, blocks in enumerate(self.stage_sizes):
-            for block in range(blocks):
-                strides = (2, 2) if stage > 0 and block == 0 else (1, 1)
-                x = ResidualBlock(self.num_filters * 2**stage, norm, strides)(x)
-        return nn.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))
 
 
 IMAGES = jax.random.uniform(jax.random.key(0), (16, 32, 32, 3))

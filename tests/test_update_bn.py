@@ -16,7 +16,7 @@ from bnjax.nnx_model import NNXConvNet, linen_to_nnx
 from bnjax.precise_bn import recompute_batch_stats
 from bnjax.steps import TrainState, to_float_images
 from conftest import make_dataset
-from test_resnet_dropin import ResNet
+from experiments.bn_checkup import ResNet
 from tolerances import assert_within, sum_round_off
 
 DATA = make_dataset(num_train=128)
