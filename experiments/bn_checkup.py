@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -134,7 +135,7 @@ def main(argv=None):
     text = "\n\n".join(f"## {title}\n\n```\n{report}\n```" for title, report in sections)
     print(text)
     if args.out is not None:
-        command = "python -m experiments.bn_checkup " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+        command = "python -m experiments.bn_checkup " + " ".join(argv if argv is not None else sys.argv[1:])
         args.out.mkdir(parents=True, exist_ok=True)
         with atomic_write(args.out / "report.md", "w") as file:
             file.write(f"# BN check-up (`bnjax.checkup`)\n\nMade by `{command}` on {describe_environment(environment())}."

@@ -40,3 +40,11 @@ def test_peers_report_why_they_are_unavailable():
     reasons = peers.available()
     assert set(reasons) == {"keras-tf", "pytorch"}
     assert all(reason is None or "not installed" in reason for reason in reasons.values())
+
+
+def test_bn_dropin_speed_refuses_bad_arguments_in_one_line(capsys):
+    from benchmarks import bn_dropin_speed
+
+    with pytest.raises(SystemExit):
+        bn_dropin_speed.main(["--rounds", "0"])
+    assert "--rounds must be a positive integer, got 0" in capsys.readouterr().err

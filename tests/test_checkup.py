@@ -86,3 +86,11 @@ def test_bad_requests_are_refused_in_one_line(trained):
         bnjax.checkup(trained.apply_fn.__self__, {"params": trained.params, "batch_stats": trained.batch_stats},
                       [to_float_images(jnp.asarray(DATA.x_train[:32]))], [], bnjax.accuracy,
                       train_kwargs={"train": True}, eval_kwargs={"train": False})
+
+
+def test_the_study_refuses_bad_arguments_in_one_line(capsys):
+    from experiments import bn_checkup
+
+    with pytest.raises(SystemExit):
+        bn_checkup.main(["--steps", "0"])
+    assert "--steps must be a positive integer, got 0" in capsys.readouterr().err
