@@ -95,3 +95,23 @@ def test_bad_settings_are_refused_in_one_line():
 def test_bnjaxs_nnx_net_uses_it():
     model = NNXConvNet("relu", rngs=nnx.Rngs(0))
     assert all(type(norm) is bnjax.nnx.BatchNorm for norm in model.norms)
+
+
+@pytest.mark.parametrize("case", ["mask", "float16", "complex"])
+def test_masks_half_and_complex_inputs_equal_flax_nnx(case):
+    x, call, arguments = X, {}, {}
+    if case == "mask":
+        call = {"mask": jax.random.bernoulli(jax.random.key(3), 0.7, X.shape[:-1] + (1,))}
+    elif case == "float16":
+        x, arguments = X.astype(jnp.float16), {"dtype": jnp.float16}
+    else:  # flax.nnx keeps float32 running statistics: a complex batch mean loses its
+        # imaginary part when written there, with JAX's warning, in both layers alike
+        x = (X + 1j * jnp.flip(X, axis=0)).astype(jnp.complex64)
+    ours = bnjax.nnx.BatchNorm(6, rngs=nnx.Rngs(0), **arguments)
+    theirs = nnx.BatchNorm(6, rngs=nnx.Rngs(0), **arguments)
+    for use_running_average in (False, True):
+        our_y, their_y = ours(x, use_running_average, **call), theirs(x, use_running_average, **call)
+        assert our_y.dtype == their_y.dtype
+        np.testing.assert_array_equal(our_y, their_y)
+        np.testing.assert_array_equal(ours.mean[...], theirs.mean[...])
+        np.testing.assert_array_equal(ours.var[...], theirs.var[...])
