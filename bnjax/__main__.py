@@ -26,6 +26,7 @@ from bnjax.data import DATASETS, SOURCES, DataError, load_dataset
 from bnjax.loop import DIVERGED_LOSS
 from bnjax.provenance import environment
 from bnjax.train import TrainConfig, train
+from bnjax.xla_flags import apply_cpu_flags
 
 FIELDS = {field.name: field for field in dataclasses.fields(TrainConfig)}
 FIELD_TYPES = typing.get_type_hints(TrainConfig)
@@ -128,6 +129,7 @@ def _progress_printer(config: TrainConfig):
 
 
 def main(argv=None) -> None:
+    apply_cpu_flags()  # where the program starts, before any JAX computation
     parser = _parser()
     args = parser.parse_args(argv)
     if args.fields:

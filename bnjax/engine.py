@@ -28,6 +28,7 @@ from bnjax.schedule import check_dataset, resolve_steps
 from bnjax.steps import TrainState, create_train_state, make_mesh
 from bnjax.strategy import Strategy, default_strategy
 from bnjax.workers import WorkerPool
+from bnjax.xla_flags import apply_cpu_flags
 
 __all__ = ["Strategy", "default_strategy", "program_key", "train_many", "checkpoint_file"]
 
@@ -257,6 +258,7 @@ def train_many(
     (None in the list returned), a group partly done is trained whole, and
     `on_eval` / `on_done` hear of unfinished runs only.
     """
+    apply_cpu_flags()  # before this function asks JAX for its devices (bnjax/xla_flags.py)
     check_dataset(data)
     if not configs:
         return []

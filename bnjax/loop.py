@@ -38,7 +38,7 @@ from bnjax.provenance import effective_precision
 from bnjax.steps import (DATA_AXIS, TrainState, create_train_state, make_mesh, matmul_precision, to_float_images,
                          train_step_body)
 from bnjax.strategy import Strategy, default_strategy
-from bnjax.xla_flags import version_tuple
+from bnjax.xla_flags import apply_cpu_flags, version_tuple
 
 # Fields that may differ between the runs of one program: everything else
 # (architecture, batch, schedule, devices) must be equal.
@@ -376,6 +376,7 @@ def train_runs(
     steps are launched, never what they compute. `devices`: where the runs
     train (the first `num_devices` of them; default `jax.devices()`).
     """
+    apply_cpu_flags()  # bnjax's XLA:CPU settings, if no JAX computation has run in this process yet
     check_dataset(data)
     config, num_runs = configs[0], len(configs)
     mesh = make_mesh(config, devices)

@@ -38,6 +38,8 @@ import sys
 import threading
 from typing import Any, Callable, Iterator
 
+from bnjax import xla_flags
+
 _WORKER_MAIN = "from bnjax.workers import worker_main; worker_main({parent})"
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
@@ -94,7 +96,8 @@ class WorkerPool:
         self._readers = []
         for worker_index, core in enumerate(cores):
             process = subprocess.Popen([sys.executable, "-c", _WORKER_MAIN.format(parent=os.getpid())],
-                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                       env=xla_flags.for_subprocess(os.environ))  # compile as the caller does
             pickle.dump((core, sys.path, shared), process.stdin)
             process.stdin.flush()
             reader = threading.Thread(target=self._read, args=(worker_index, process.stdout), daemon=True)

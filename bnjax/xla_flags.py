@@ -40,10 +40,30 @@ def apply_cpu_flags() -> list[str]:
         jaxlib_version = version_tuple(metadata.version("jaxlib"))
     except metadata.PackageNotFoundError:
         return []
-    if jaxlib_version < MIN_JAXLIB:
+    if jaxlib_version < MIN_JAXLIB or backend_started():
         return []
     current = os.environ.get("XLA_FLAGS", "")
     added = [flag for flag in CPU_FLAGS if flag.split("=")[0] not in current]
     if added:
         os.environ["XLA_FLAGS"] = " ".join([current, *added]).strip()
     return added
+
+
+def backend_started() -> bool:
+    """Whether a JAX backend has started in this process (XLA has read XLA_FLAGS)."""
+    import sys
+
+    if "jax" not in sys.modules:
+        return False
+    from jax._src import xla_bridge  # jax has no public question for it
+
+    return bool(getattr(xla_bridge, "backends_are_initialized", lambda: False)())
+
+
+def for_subprocess(environment: dict) -> dict:
+    """`environment` for a worker process that must compile as this one does:
+    without this process's flags, the worker does not add them either."""
+    current = environment.get("XLA_FLAGS", "")
+    if all(flag.split("=")[0] in current for flag in CPU_FLAGS):
+        return dict(environment)
+    return {**environment, DISABLE_ENV_VAR: "0"}

@@ -226,6 +226,7 @@ def test_strategy_values_are_checked_and_cpu_runs_one_step_per_dispatch():
 
 
 def test_xla_cpu_flags_are_added_once_and_can_be_turned_off(monkeypatch):
+    monkeypatch.setattr(xla_flags, "backend_started", lambda: False)  # as where a program starts
     monkeypatch.setattr(xla_flags.metadata, "version", lambda package: "0.7.1")  # older than the flags
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
     assert xla_flags.apply_cpu_flags() == [] and os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2"
@@ -239,6 +240,31 @@ def test_xla_cpu_flags_are_added_once_and_can_be_turned_off(monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "")
     monkeypatch.setenv("BNJAX_XLA_FLAGS", "0")
     assert xla_flags.apply_cpu_flags() == [] and os.environ["XLA_FLAGS"] == ""
+
+
+def test_xla_cpu_flags_are_never_added_once_jax_runs_and_workers_follow_their_parent(monkeypatch):
+    import jax.numpy as jnp
+
+    jnp.ones(1).block_until_ready()  # this process's backend has started: XLA has read XLA_FLAGS
+    monkeypatch.setattr(xla_flags.metadata, "version", lambda package: "0.10.2")
+    monkeypatch.setenv("XLA_FLAGS", "")
+    monkeypatch.delenv("BNJAX_XLA_FLAGS", raising=False)
+    assert xla_flags.backend_started() and xla_flags.apply_cpu_flags() == [] and os.environ["XLA_FLAGS"] == ""
+    # A worker of a process without the flags goes without them; of one with them, inherits them.
+    assert xla_flags.for_subprocess({"XLA_FLAGS": ""})["BNJAX_XLA_FLAGS"] == "0"
+    with_flags = {"XLA_FLAGS": " ".join(xla_flags.CPU_FLAGS)}
+    assert xla_flags.for_subprocess(with_flags) == with_flags
+
+
+def test_importing_bnjax_changes_nothing_global():
+    import subprocess
+    import sys
+
+    env = {key: value for key, value in os.environ.items() if key not in ("XLA_FLAGS", "BNJAX_XLA_FLAGS")}
+    script = "import os, bnjax, bnjax.nnx, bnjax.train, bnjax.engine; print(repr(os.environ.get('XLA_FLAGS')))"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "None"
 
 
 def running_variance_probe(config, data):
