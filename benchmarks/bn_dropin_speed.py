@@ -18,27 +18,17 @@ import time
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
 
 import bnjax
-from experiments.bn_checkup import ResNet
+from experiments.bn_checkup import ResNet, sgd_train_step
 
 
 def make_step(model, images, labels):
-    optimizer = optax.sgd(0.1, momentum=0.9)
-
-    @jax.jit
-    def step(variables, optimizer_state):
-        def loss_fn(params):
-            logits, updates = model.apply({**variables, "params": params}, images, mutable=["batch_stats"])
-            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), updates
-
-        grads, updates = jax.grad(loss_fn, has_aux=True)(variables["params"])
-        changes, optimizer_state = optimizer.update(grads, optimizer_state, variables["params"])
-        return {"params": optax.apply_updates(variables["params"], changes), **updates}, optimizer_state
-
+    """[step on this batch, initial variables, initial optimizer state]."""
+    train_step, optimizer = sgd_train_step(model)
     variables = model.init(jax.random.key(0), images, train=False)
-    return step, variables, optimizer.init(variables["params"])
+    return [lambda variables, optimizer_state: train_step(variables, optimizer_state, images, labels), variables,
+            optimizer.init(variables["params"])]
 
 
 def main(argv=None):
@@ -51,7 +41,7 @@ def main(argv=None):
             parser.error(f"--{name} must be a positive integer, got {getattr(args, name)}")
     images = jax.random.uniform(jax.random.key(1), (32, 32, 32, 3))
     labels = jnp.arange(32) % 10
-    runs = {name: list(make_step(ResNet(norm=norm), images, labels))
+    runs = {name: make_step(ResNet(norm=norm), images, labels)
             for name, norm in (("flax nn.BatchNorm", nn.BatchNorm), ("bnjax.BatchNorm", bnjax.BatchNorm))}
     for run in runs.values():  # compile and warm up
         run[1], run[2] = run[0](run[1], run[2])

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 from flax.linen.dtypes import canonicalize_dtype
 
-from bnjax.checks import check_choice, check_integer, is_integer
+from bnjax.checks import check_bool, check_choice, check_integer, is_integer, is_real
 
 # flax.linen.BatchNorm's defaults, which BatchNorm and the pure functions share.
 DEFAULT_MOMENTUM = 0.99
@@ -500,10 +500,6 @@ def forward(bn, x, scale, bias, running: dict, use_running_average: bool, mask, 
     return y, {"mean": new_mean, "var": new_var, "count": count}
 
 
-def _is_real(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
-
-
 def check_settings(bn: BatchNorm) -> None:
     """Every setting of a BatchNorm, where it is made: one-line ValueErrors
     naming the bad value and what is allowed."""
@@ -513,10 +509,10 @@ def check_settings(bn: BatchNorm) -> None:
     if isinstance(bn.axis, bool) or not isinstance(axes, (tuple, list)) or not axes or not all(
             is_integer(axis) for axis in axes):
         raise ValueError(f"axis must be an integer or a non-empty tuple of integers, got {bn.axis!r}")
-    if not _is_real(bn.momentum) or not 0 <= bn.momentum <= 1:
+    if not is_real(bn.momentum) or not 0 <= bn.momentum <= 1:
         raise ValueError(f"momentum must be a number in [0, 1] (the weight of the old running value), "
                          f"got {bn.momentum!r}")
-    if not _is_real(bn.epsilon) or not bn.epsilon > 0:
+    if not is_real(bn.epsilon) or not bn.epsilon > 0:
         raise ValueError(f"epsilon must be a number > 0, got {bn.epsilon!r}")
     for name in ("dtype", "param_dtype"):
         value = getattr(bn, name)
@@ -531,8 +527,7 @@ def check_settings(bn: BatchNorm) -> None:
             raise ValueError(f"{name} must be {allowed} (float32, bfloat16, ...), got {value!r}")
     for name in ("use_bias", "use_scale", "use_fast_variance", "force_float32_reductions", "unbiased_running_var",
                  "frozen"):
-        if not isinstance(getattr(bn, name), bool):
-            raise ValueError(f"{name} must be True or False, got {getattr(bn, name)!r}")
+        check_bool(name, getattr(bn, name))
     for name in ("bias_init", "scale_init"):
         if not callable(getattr(bn, name)):
             raise ValueError(f"{name} must be an initializer (key, shape, dtype) -> array, got {getattr(bn, name)!r}")

@@ -21,12 +21,12 @@ more than `tolerance`) and what would fix it.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bnjax.checks import is_real
 from bnjax.update_bn import update_bn
 
 
@@ -82,6 +82,11 @@ def _score(outputs_of, eval_batches, metric) -> float:
     return total / examples
 
 
+def check_tolerance(tolerance) -> None:
+    if not is_real(tolerance) or tolerance < 0:
+        raise ValueError(f"tolerance must be a number >= 0, got {tolerance!r}")
+
+
 def verdict(running: float, precise: float, higher_is_better: bool, tolerance: float) -> tuple[bool, str]:
     gain = (precise - running) if higher_is_better else (running - precise)
     if gain > tolerance:
@@ -100,8 +105,7 @@ def checkup(model, variables, train_batches, eval_batches, metric, *, train_kwar
     (pass a list); `metric(outputs, targets)`: a number per batch, averaged
     weighted by examples. `train_kwargs` / `eval_kwargs` put the model in
     train / eval mode as its own steps do (e.g. {"train": True})."""
-    if not isinstance(tolerance, (int, float)) or isinstance(tolerance, bool) or math.isnan(tolerance) or tolerance < 0:
-        raise ValueError(f"tolerance must be a number >= 0, got {tolerance!r}")
+    check_tolerance(tolerance)
     train_kwargs, eval_kwargs = dict(train_kwargs or {}), dict(eval_kwargs or {})
     eval_batches = list(eval_batches)
     precise_stats = update_bn(model, variables, train_batches, **train_kwargs)

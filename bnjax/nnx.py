@@ -19,6 +19,8 @@ from flax import nnx
 from flax.linen.dtypes import canonicalize_dtype
 
 from bnjax.batchnorm import Renorm, check_call, check_settings, forward
+from bnjax.checkup import Checkup, _score, check_tolerance, layer_gaps, verdict
+from bnjax.update_bn import average, check_variance, gather
 
 VARIANTS = dict(running_average="ema", unbiased_running_var=False, renorm=None, frozen=False, ghost_batch_size=None)
 
@@ -87,8 +89,6 @@ def update_bn(model, batches, *, variance: str = "batch_average", **call_kwargs)
     at 0 (its running statistics become exactly that batch's, under its own
     variance convention); the per-batch statistics are averaged as
     `bnjax.update_bn` averages them (`variance`)."""
-    from bnjax.update_bn import average, check_variance
-
     check_variance(variance)
     probe = nnx.clone(model)  # its own variables: the model changes only where the averages are written
     layers = {path: layer for path, layer in nnx.iter_graph(probe) if isinstance(layer, nnx.BatchNorm)}
@@ -105,10 +105,7 @@ def update_bn(model, batches, *, variance: str = "batch_average", **call_kwargs)
         return {path: (layer.mean[...], layer.var[...]) for path, layer in nnx.iter_graph(probe)
                 if isinstance(layer, nnx.BatchNorm)}
 
-    per_layer: dict = {}
-    for batch in batches:
-        for path, statistics in one_batch(probe, batch).items():
-            per_layer.setdefault(path, []).append(statistics)
+    per_layer = gather(batches, lambda batch: one_batch(probe, batch))
     if not per_layer:
         raise ValueError("update_bn found no batches to average (an empty iterable)")
     originals = {path: layer for path, layer in nnx.iter_graph(model) if isinstance(layer, nnx.BatchNorm)}
@@ -135,10 +132,7 @@ def checkup(model, train_batches, eval_batches, metric, *, higher_is_better: boo
     metric with the running averages, with precise statistics and with each
     evaluation batch's own, every BN layer's gap, and the verdict. The model
     itself is left as it is."""
-    from bnjax.checkup import Checkup, _score, layer_gaps, verdict
-
-    if not isinstance(tolerance, (int, float)) or isinstance(tolerance, bool) or tolerance != tolerance or tolerance < 0:
-        raise ValueError(f"tolerance must be a number >= 0, got {tolerance!r}")
+    check_tolerance(tolerance)
     eval_batches = list(eval_batches)
     precise_model = _copy_in_mode(model, True)
     update_bn(precise_model, train_batches, **call_kwargs)

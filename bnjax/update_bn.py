@@ -74,6 +74,15 @@ def statistics_by_layer(model, variables, batch, **apply_kwargs) -> dict:
     return found
 
 
+def gather(batches, statistics_of) -> dict:
+    """{layer: [its statistics from each batch]}, from `statistics_of(batch)` -> {layer: statistics}."""
+    per_layer: dict = {}
+    for batch in batches:
+        for layer, statistics in statistics_of(batch).items():
+            per_layer.setdefault(layer, []).append(statistics)
+    return per_layer
+
+
 def average(per_batch: list, variance: str):
     """Equal-weight averages of a layer's per-batch (mean, var) pairs."""
     means = jnp.stack([mean for mean, _ in per_batch])
@@ -95,10 +104,7 @@ def update_bn(model, variables, batches, *, variance: str = "batch_average", **a
     if "batch_stats" not in variables:
         raise ValueError("update_bn needs a model with BN layers; these variables have no batch_stats")
     one_batch = jax.jit(lambda variables, batch: statistics_by_layer(model, variables, batch, **apply_kwargs))
-    per_layer: dict = {}
-    for batch in batches:
-        for path, statistics in one_batch(variables, batch).items():
-            per_layer.setdefault(path, []).append(statistics)
+    per_layer = gather(batches, lambda batch: one_batch(variables, batch))
     if not per_layer:
         raise ValueError("update_bn found no batches to average (an empty iterable), or no BN layer was called")
     batch_stats = jax.tree_util.tree_map(lambda leaf: leaf, variables["batch_stats"])  # a copy of the containers

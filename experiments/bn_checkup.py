@@ -74,11 +74,9 @@ class ResNet(nn.Module):
         return nn.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))
 
 
-def train_resnet(data, steps: int, seed: int = 0):
-    """The ResNet trained `steps` steps of batch 32 (SGD, lr 0.1, momentum 0.9)."""
-    model = ResNet()
-    images = to_float_images(jnp.asarray(data.x_train[:32]))
-    variables = model.init(jax.random.key(seed), images, train=False)
+def sgd_train_step(model):
+    """(step, optimizer): a jitted train step of `model` (SGD, lr 0.1, momentum
+    0.9), (variables, optimizer_state, images, labels) -> (variables, optimizer_state)."""
     optimizer = optax.sgd(0.1, momentum=0.9)
 
     @jax.jit
@@ -91,6 +89,15 @@ def train_resnet(data, steps: int, seed: int = 0):
         changes, optimizer_state = optimizer.update(grads, optimizer_state, variables["params"])
         return {"params": optax.apply_updates(variables["params"], changes), **updates}, optimizer_state
 
+    return step, optimizer
+
+
+def train_resnet(data, steps: int, seed: int = 0):
+    """The ResNet trained `steps` steps of batch 32 (SGD, lr 0.1, momentum 0.9)."""
+    model = ResNet()
+    images = to_float_images(jnp.asarray(data.x_train[:32]))
+    variables = model.init(jax.random.key(seed), images, train=False)
+    step, optimizer = sgd_train_step(model)
     optimizer_state = optimizer.init(variables["params"])
     order = np.random.default_rng(seed).permutation(len(data.x_train))
     for index in range(steps):
