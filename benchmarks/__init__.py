@@ -1,7 +1,7 @@
 """bnjax's speed measurements, each a program: `python -m benchmarks.<name>`.
 Where they start, before any JAX computation, they take bnjax's XLA:CPU
-settings (bnjax/xla_flags.py), as the figures they print were measured with."""
+settings (bnjax/support/xla_flags.py), as the figures they print were measured with."""
 
-from bnjax.xla_flags import apply_cpu_flags
+from bnjax.support.xla_flags import apply_cpu_flags
 
 apply_cpu_flags()

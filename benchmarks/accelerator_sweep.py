@@ -120,10 +120,10 @@ def sweep_configs(args):
 def bnjax_contender(args) -> dict:
     import jax
 
-    from bnjax.data import load_mnist
-    from bnjax.engine import train_many
-    from bnjax.provenance import environment
-    from bnjax.schedule import resolve_steps
+    from bnjax.data.datasets import load_mnist
+    from bnjax.engine.launch import train_many
+    from bnjax.support.provenance import environment
+    from bnjax.training.schedule import resolve_steps
 
     compile_seconds = []
     jax.monitoring.register_event_duration_secs_listener(
@@ -149,9 +149,10 @@ def stacking_contender(args) -> dict:
     """Run-steps/s of R stacked BN runs in steady state, for each R."""
     import dataclasses
 
-    from bnjax.data import load_mnist
-    from bnjax.engine import default_strategy, train_many
-    from bnjax.train import TrainConfig
+    from bnjax.data.datasets import load_mnist
+    from bnjax.engine.strategy import default_strategy
+    from bnjax.engine.launch import train_many
+    from bnjax.training.config import TrainConfig
 
     data = load_mnist()
     # All R runs in one program, in this process (the CPU's default would train them side by side in workers).
@@ -177,8 +178,8 @@ COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/j
 
 def torch_contender(args, way: str) -> dict:
     from benchmarks.torch_sweep import run_workload
-    from bnjax.data import load_mnist
-    from bnjax.schedule import resolve_steps
+    from bnjax.data.datasets import load_mnist
+    from bnjax.training.schedule import resolve_steps
 
     data = load_mnist()
     configs = sweep_configs(args)
@@ -219,7 +220,7 @@ def main(argv=None) -> None:
 
     # This process never initializes a JAX backend: on a GPU it would hold
     # the memory the contenders' processes need.
-    from bnjax.atomic import write_json
+    from bnjax.support.atomic import write_json
     from benchmarks.peers import available
 
     passed_on = [a for a in argv if not a.startswith("--contender")]

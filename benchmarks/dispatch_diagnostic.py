@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import time
 
-from bnjax.data import load_mnist
-from bnjax.engine import Strategy, train_many
-from bnjax.train import TrainConfig, train
+from bnjax.data.datasets import load_mnist
+from bnjax.engine.launch import train_many
+from bnjax.engine.strategy import Strategy
+from bnjax.training.config import TrainConfig
+from bnjax.training.train import train
 
 
 def steady_steps_per_s(seconds_of, short: int = 100, long: int = 600) -> float:

@@ -1,5 +1,5 @@
 """The article's CNN in Keras 3 (TensorFlow backend) and in PyTorch, for side-by-side
-timing only. Same architecture as `bnjax.models.ConvNet` (BN nets: no biases, BN
+timing only. Same architecture as `bnjax.nets.models.ConvNet` (BN nets: no biases, BN
 before the activation, BN on the output layer too), Adam (lr, b1 0.9, b2 0.999,
 eps 1e-8), batch 32, BN momentum 0.99 / epsilon 1e-3 in each framework's own
 convention (PyTorch: momentum 0.01). Imported only when the peer is installed

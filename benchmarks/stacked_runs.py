@@ -5,7 +5,7 @@
     python -m benchmarks.stacked_runs --json
 
 Trains the same configs through `train_many` under several launch strategies
-(bnjax/engine.py) and prints the wall time of each, end to end (compilation,
+(bnjax/engine/launch.py) and prints the wall time of each, end to end (compilation,
 evaluation every 100 steps and all). Strategies that only change how runs are
 launched compute the same Histories within round-off (tests/test_engine.py),
 so the final mean test accuracy is printed beside each as a check.
@@ -22,9 +22,10 @@ import time
 
 import jax
 
-from bnjax.data import load_mnist
-from bnjax.engine import Strategy, default_strategy, train_many
-from bnjax.provenance import environment
+from bnjax.data.datasets import load_mnist
+from bnjax.engine.launch import train_many
+from bnjax.engine.strategy import Strategy, default_strategy
+from bnjax.support.provenance import environment
 from experiments.article import sweep_configs
 from experiments.sweep import positive_int
 

@@ -34,10 +34,14 @@ import time
 import jax
 import numpy as np
 
-from bnjax.data import load_mnist
-from bnjax.engine import default_strategy, train_many
-from bnjax.provenance import environment
-from bnjax.train import TrainConfig, create_train_state, evaluate, train, train_step
+from bnjax.data.datasets import load_mnist
+from bnjax.engine.launch import train_many
+from bnjax.engine.strategy import default_strategy
+from bnjax.support.provenance import environment
+from bnjax.training.config import TrainConfig
+from bnjax.training.evaluation import evaluate
+from bnjax.training.steps import create_train_state, train_step
+from bnjax.training.train import train
 from benchmarks import peers
 
 WARMUP = 50
@@ -169,7 +173,7 @@ def measure(args) -> dict:
                 implementations[peer] = lambda bn: (lambda steps: peers.torch_train_seconds(
                     peers.torch_model(bn), data.x_train, data.y_train, steps, device=torch_device))
     rates = {name: {False: [], True: []} for name in implementations}
-    # bnjax runs of one setting share their compiled step (bnjax/steps.py), so the
+    # bnjax runs of one setting share their compiled step (bnjax/training/steps.py), so the
     # first run compiles and later ones do not: time a first long run on its own
     # (it compiles the step and the evaluation), then measure rates
     # from runs that all reuse its compiled steps.

@@ -20,13 +20,14 @@ import argparse
 import dataclasses
 import typing
 
-from bnjax.atomic import unwritable_reason, write_json
-from bnjax.compilation_cache import use_persistent_cache
-from bnjax.data import DATASETS, SOURCES, DataError, load_dataset
-from bnjax.loop import DIVERGED_LOSS
-from bnjax.provenance import environment
-from bnjax.train import TrainConfig, train
-from bnjax.xla_flags import apply_cpu_flags
+from bnjax.data.datasets import DATASETS, SOURCES, DataError, load_dataset
+from bnjax.engine.launch import train_many
+from bnjax.support.atomic import unwritable_reason, write_json
+from bnjax.support.compilation_cache import use_persistent_cache
+from bnjax.support.provenance import environment
+from bnjax.support.xla_flags import apply_cpu_flags
+from bnjax.training.config import TrainConfig
+from bnjax.training.history import DIVERGED_LOSS
 
 FIELDS = {field.name: field for field in dataclasses.fields(TrainConfig)}
 FIELD_TYPES = typing.get_type_hints(TrainConfig)
@@ -151,7 +152,7 @@ def main(argv=None) -> None:
 
     use_persistent_cache()
     try:
-        history, _ = train(config, data, on_eval=_progress_printer(config))
+        [(history, _)] = train_many([config], data, on_eval=_progress_printer(config))
     except KeyboardInterrupt:
         parser.exit(130, "interrupted; nothing saved\n")
     except ValueError as error:  # e.g. a batch that does not divide over the devices
@@ -169,7 +170,7 @@ def main(argv=None) -> None:
         print(f"saved {args.save}")
     if history.diverged:
         parser.exit(3, f"the run diverged: its training loss is NaN, infinite or above {DIVERGED_LOSS:.0f} "
-                       "(bnjax/loop.py::has_diverged)\n")
+                       "(bnjax.training.history.has_diverged)\n")
 
 
 if __name__ == "__main__":

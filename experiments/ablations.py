@@ -30,9 +30,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bnjax.atomic import atomic_write  # noqa: E402
-from bnjax.data import load_mnist  # noqa: E402
-from bnjax.train import TrainConfig, cross_entropy_loss, to_float_images  # noqa: E402
+from bnjax.data.datasets import load_mnist  # noqa: E402
+from bnjax.support.atomic import atomic_write  # noqa: E402
+from bnjax.training.config import TrainConfig
+from bnjax.training.steps import cross_entropy_loss, to_float_images  # noqa: E402
 from experiments.results import last_full_interval, run_resumable, save_figure  # noqa: E402
 from experiments.sweep import add_sweep_flags, positive_int, run_sweep, sweep_strategy  # noqa: E402
 

@@ -21,9 +21,9 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from bnjax.data import DATASETS, SOURCES, load_dataset
-from bnjax.provenance import describe_environment, environment, same_setup
-from bnjax.train import TrainConfig
+from bnjax.data.datasets import DATASETS, SOURCES, load_dataset
+from bnjax.support.provenance import describe_environment, environment, same_setup
+from bnjax.training.config import TrainConfig
 from experiments import plot_article
 from experiments.results import load_results, run_key, run_resumable, unfinished
 from experiments.sweep import add_sweep_flags, run_sweep, sweep_strategy
@@ -59,7 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="also test every BN run's weights with precise BN statistics at each evaluation "
                              "(default: on)")
     parser.add_argument("--dataset", choices=sorted(DATASETS), default="mnist")
-    parser.add_argument("--source", choices=SOURCES, default="auto", help="data source (see bnjax/data.py)")
+    parser.add_argument("--source", choices=SOURCES, default="auto", help="data source (see bnjax/data/datasets.py)")
     parser.add_argument("--data-dir", default=None, help="IDX directory or TFDS data_dir")
     parser.add_argument("--cache-dir", default=None, help="data cache directory (default $BNJAX_CACHE_DIR or ~/.cache/bnjax)")
     args = parser.parse_args(argv)
@@ -120,7 +120,7 @@ def main(argv=None) -> None:
         except ValueError as error:  # e.g. a source that does not have this data set
             sys.exit(f"error: {error}")
 
-    # The engine picks the launch strategy for this backend (bnjax/strategy.py):
+    # The engine picks the launch strategy for this backend (bnjax/engine/strategy.py):
     # on CPU one run per core side by side, in worker processes; on GPU/TPU
     # many runs per vmapped program.
     run_sweep(configs, results_path, load_data, strategy=sweep_strategy(args), name=f"{args.grid} grid",

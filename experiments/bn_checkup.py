@@ -26,11 +26,12 @@ import numpy as np
 import optax
 
 import bnjax
-from bnjax.atomic import atomic_write
-from bnjax.data import load_mnist
-from bnjax.provenance import describe_environment, environment
-from bnjax.steps import to_float_images
-from bnjax.train import TrainConfig, train
+from bnjax.data.datasets import load_mnist
+from bnjax.support.atomic import atomic_write
+from bnjax.support.provenance import describe_environment, environment
+from bnjax.training.config import TrainConfig
+from bnjax.training.steps import to_float_images
+from bnjax.training.train import train
 
 
 class ResidualBlock(nn.Module):

@@ -36,11 +36,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bnjax.atomic import atomic_write  # noqa: E402
-from bnjax.data import load_mnist  # noqa: E402
-from bnjax.evaluation import batch_statistics_accuracy  # noqa: E402
-from bnjax.precise_bn import precise_statistics, sample_batches  # noqa: E402
-from bnjax.train import TrainConfig, evaluate, make_model  # noqa: E402
+from bnjax.data.datasets import load_mnist  # noqa: E402
+from bnjax.support.atomic import atomic_write  # noqa: E402
+from bnjax.training.config import TrainConfig
+from bnjax.training.evaluation import batch_statistics_accuracy  # noqa: E402
+from bnjax.training.evaluation import evaluate
+from bnjax.training.precise_bn import precise_statistics, sample_batches  # noqa: E402
+from bnjax.training.steps import make_model  # noqa: E402
 from experiments.results import load_results, run_resumable, save_figure  # noqa: E402
 from experiments.sweep import add_sweep_flags, run_sweep, sweep_strategy  # noqa: E402
 

@@ -28,9 +28,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bnjax.atomic import atomic_write  # noqa: E402
-from bnjax.data import load_mnist  # noqa: E402
-from bnjax.train import TrainConfig  # noqa: E402
+from bnjax.data.datasets import load_mnist  # noqa: E402
+from bnjax.support.atomic import atomic_write  # noqa: E402
+from bnjax.training.config import TrainConfig  # noqa: E402
 from experiments.results import load_results, run_resumable, save_figure  # noqa: E402
 from experiments.sweep import add_sweep_flags, run_sweep, sweep_strategy  # noqa: E402
 

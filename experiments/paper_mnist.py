@@ -3,7 +3,7 @@
     python -m experiments.paper_mnist [--steps 50000] [--seeds 1] [--out outputs/paper_mnist]
 
 An MLP of 3 fully connected hidden layers of 100 sigmoid units and a 10-way
-softmax (`bnjax.models.MLP`), mini-batches of 60, 50,000 steps, with and without
+softmax (`bnjax.nets.models.MLP`), mini-batches of 60, 50,000 steps, with and without
 BN before each sigmoid. Records (a) test accuracy vs. steps and (b, c) the 15th,
 50th and 85th percentiles, over the 10,000 test images, of the input to one
 sigmoid of the last hidden layer (unit 0), every --eval-every steps.
@@ -29,8 +29,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bnjax.data import load_mnist  # noqa: E402
-from bnjax.train import TrainConfig, to_float_images  # noqa: E402
+from bnjax.data.datasets import load_mnist  # noqa: E402
+from bnjax.training.config import TrainConfig
+from bnjax.training.steps import to_float_images  # noqa: E402
 from experiments.results import load_results, run_resumable, save_figure  # noqa: E402
 from experiments.sweep import add_sweep_flags, positive_int, run_sweep, sweep_strategy  # noqa: E402
 

@@ -18,8 +18,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bnjax.atomic import atomic_write  # noqa: E402
-from bnjax.data import DATASETS  # noqa: E402
+from bnjax.data.datasets import DATASETS  # noqa: E402
+from bnjax.support.atomic import atomic_write  # noqa: E402
 from experiments.results import load_results, save_figure  # noqa: E402
 
 # Final validation accuracies logged in the article's notebook
@@ -149,7 +149,7 @@ def summary_markdown(groups, dataset: str = "mnist") -> str:
         f"Data set: {DATASETS[dataset].title}. Final validation (test-set) accuracy, mean ± std over seeds; swing = mean over seeds of max − min "
         "validation accuracy among the last epoch's evaluations."
         + ("" if cost is None else f" BN precise: the BN runs' final weights with precise BN statistics "
-           f"(bnjax/precise_bn.py), measured at every evaluation, {cost:.2f} s per evaluation (compile included)."),
+           f"(bnjax/training/precise_bn.py), measured at every evaluation, {cost:.2f} s per evaluation (compile included)."),
         "",
         "| lr | activation | epochs | plain | BN | article notebook plain / BN | plain swing | BN swing |"
         + ("" if cost is None else " BN precise | BN precise swing |"),

@@ -6,7 +6,7 @@ MNIST: LSTM vs. BN-LSTM, the initial BN scale, per-step statistics.
     python -m experiments.recurrent_bn --task permuted_pixels --seeds 1 --max-steps 600
     python -m experiments.recurrent_bn --task permuted_pixels --epochs 200   # the paper's length: a GPU's job
 
-Every run uses the paper's settings (bnjax/recurrent.py::PAPER_SETTINGS:
+Every run uses the paper's settings (bnjax/nets/recurrent.py::PAPER_SETTINGS:
 100 hidden units, RMSProp lr 1e-3, gradient norm clipped at 1, batches of
 100) and is tested on the 10,000 test images every --eval-every steps. BN-LSTM
 accuracy is measured as the paper measures it, with population statistics
@@ -40,12 +40,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bnjax.atomic import atomic_write, write_json  # noqa: E402
-from bnjax.data import load_mnist  # noqa: E402
-from bnjax.precise_bn import average_statistics, recompute_batch_stats  # noqa: E402
-from bnjax.recurrent import PAPER_SETTINGS, SEQUENCES, sequence_length  # noqa: E402
-from bnjax.steps import cross_entropy_loss, model_of  # noqa: E402
-from bnjax.train import TrainConfig, create_train_state, evaluate, to_float_images  # noqa: E402
+from bnjax.data.datasets import load_mnist  # noqa: E402
+from bnjax.nets.recurrent import PAPER_SETTINGS, SEQUENCES, sequence_length  # noqa: E402
+from bnjax.support.atomic import atomic_write, write_json  # noqa: E402
+from bnjax.training.config import TrainConfig
+from bnjax.training.evaluation import evaluate  # noqa: E402
+from bnjax.training.precise_bn import average_statistics, recompute_batch_stats  # noqa: E402
+from bnjax.training.steps import cross_entropy_loss, model_of  # noqa: E402
+from bnjax.training.steps import create_train_state, to_float_images
 from experiments.results import run_key, run_resumable, save_figure  # noqa: E402
 from experiments.sweep import add_sweep_flags, positive_int, run_sweep, sweep_strategy  # noqa: E402
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import jax
 
-from bnjax.atomic import atomic_write, write_json
-from bnjax.data import DataError
-from bnjax.provenance import environment
-from bnjax.train import TrainConfig
+from bnjax.data.datasets import DataError
+from bnjax.support.atomic import atomic_write, write_json
+from bnjax.support.provenance import environment
+from bnjax.training.config import TrainConfig
 
 
 def run_key(config: dict) -> str:

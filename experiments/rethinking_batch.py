@@ -32,12 +32,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy import ndimage  # noqa: E402  (a dependency of jax)
 
-from bnjax.atomic import atomic_write  # noqa: E402
-from bnjax.batchnorm import RUNNING_AVERAGES  # noqa: E402
-from bnjax.data import load_mnist  # noqa: E402
-from bnjax.evaluation import batch_statistics_accuracy  # noqa: E402
-from bnjax.precise_bn import recompute_batch_stats  # noqa: E402
-from bnjax.train import TrainConfig, evaluate  # noqa: E402
+from bnjax.bn.batchnorm import RUNNING_AVERAGES  # noqa: E402
+from bnjax.data.datasets import load_mnist  # noqa: E402
+from bnjax.support.atomic import atomic_write  # noqa: E402
+from bnjax.training.config import TrainConfig
+from bnjax.training.evaluation import batch_statistics_accuracy  # noqa: E402
+from bnjax.training.evaluation import evaluate  # noqa: E402
+from bnjax.training.precise_bn import recompute_batch_stats  # noqa: E402
 from experiments.results import (  # noqa: E402
     last_full_interval, last_full_interval_index, load_results, run_resumable, save_figure)
 from experiments.sweep import add_sweep_flags, run_sweep, sweep_strategy  # noqa: E402

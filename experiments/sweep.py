@@ -7,7 +7,7 @@
 
 `run_sweep` trains every config whose run is not saved yet in the results
 file (so an interrupted sweep resumes where it stopped) through
-`bnjax.engine.train_many` — worker processes and vmapped programs where the
+`bnjax.train_many` — worker processes and vmapped programs where the
 engine chooses them — prints one progress line per evaluation with the
 sweep's ETA, and saves each finished run atomically as soon as it is done.
 `run_resumable(main)` (experiments/results.py) ends a study with one line on
@@ -26,11 +26,13 @@ from typing import Callable
 
 import jax
 
-from bnjax.atomic import unwritable_reason
-from bnjax.compilation_cache import use_persistent_cache
-from bnjax.engine import default_strategy, train_many
-from bnjax.strategy import Strategy
-from bnjax.train import TrainConfig, resolve_steps
+from bnjax.engine.launch import train_many
+from bnjax.engine.strategy import default_strategy
+from bnjax.engine.strategy import Strategy
+from bnjax.support.atomic import unwritable_reason
+from bnjax.support.compilation_cache import use_persistent_cache
+from bnjax.training.config import TrainConfig
+from bnjax.training.schedule import resolve_steps
 from experiments.results import add_run, load_results, unfinished
 
 
@@ -108,7 +110,7 @@ def run_sweep(
     """Train the configs not yet saved in `results_path`; return all results.
 
     `load_data()` is called only if something is left to train. `make_probe`:
-    see `bnjax.engine.train_many`. `measure(config, history, state, data) ->
+    see `bnjax.train_many`. `measure(config, history, state, data) ->
     dict`, if given, measures each finished run's final state; its values are
     saved beside the run's History. `results`: the file's contents, if the
     caller has read them already."""

@@ -25,11 +25,11 @@ if _OWN_COMPILATION_CACHE:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="bnjax-tests-jax-cache-")
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
-from bnjax.xla_flags import apply_cpu_flags  # noqa: E402
+from bnjax.support.xla_flags import apply_cpu_flags  # noqa: E402
 
 apply_cpu_flags()  # the test run is one of bnjax's programs: its XLA:CPU settings, before any JAX computation
 
-from bnjax.data import Dataset, load_mnist  # noqa: E402  (after the cache is chosen: it may import JAX)
+from bnjax.data.datasets import Dataset, load_mnist  # noqa: E402  (after the cache is chosen: it may import JAX)
 import tolerance_margins  # noqa: E402
 
 

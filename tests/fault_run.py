@@ -10,8 +10,9 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from bnjax.atomic import write_json
-from bnjax.train import TrainConfig, train
+from bnjax.support.atomic import write_json
+from bnjax.training.config import TrainConfig
+from bnjax.training.train import train
 from conftest import make_dataset
 from experiments.results import run_resumable
 from experiments.sweep import run_sweep

@@ -8,8 +8,9 @@ import sys
 
 import jax
 
-from bnjax.loop import train_runs
-from bnjax.train import TrainConfig, train
+from bnjax.engine.launch import train_many
+from bnjax.engine.loop import train_runs
+from bnjax.training.config import TrainConfig
 from conftest import make_dataset
 
 
@@ -32,22 +33,22 @@ def main():
     }
     histories = {}
     for name, config in runs.items():
-        history, state = train(config, data)
+        [(history, state)] = train_many([config], data)
         histories[name] = {**history.to_dict(), "final_step": int(state.step)}
     # Two runs (seeds 0 and 1) as one vmapped program over 2 devices, synchronized and ghost BN.
     for ghost_bn in (False, True):
         runs_of_program = [dataclasses.replace(base, num_devices=2, ghost_bn=ghost_bn, seed=seed) for seed in (0, 1)]
         try:
             results = train_runs(runs_of_program, data)
-        except ValueError as error:  # ghost BN stacks are refused below jax 0.10 (bnjax/loop.py)
+        except ValueError as error:  # ghost BN stacks are refused below jax 0.10 (bnjax/engine/loop.py)
             histories[f"{'ghost' if ghost_bn else 'sync'}_2_stacked_error"] = str(error)
             continue
         for seed, (history, state) in enumerate(results):
             histories[f"{'ghost' if ghost_bn else 'sync'}_2_stacked_seed{seed}"] = {
                 **history.to_dict(), "final_step": int(state.step)}
-    histories["ghost_2"] = train(dataclasses.replace(base, num_devices=2, ghost_bn=True), data)[0].to_dict()
+    histories["ghost_2"] = train_many([dataclasses.replace(base, num_devices=2, ghost_bn=True)], data)[0][0].to_dict()
     try:
-        train(dataclasses.replace(base, batch_size=36, num_devices=8), data)
+        train_many([dataclasses.replace(base, batch_size=36, num_devices=8)], data)
     except ValueError as error:
         histories["indivisible_error"] = str(error)
     json.dump(histories, sys.stdout)

@@ -14,8 +14,9 @@ coordinator, process_id, checkpoint = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 mode = sys.argv[4] if len(sys.argv) > 4 else "run"
 jax.distributed.initialize(coordinator_address=coordinator, num_processes=2, process_id=process_id)
 
-from bnjax.engine import train_many  # noqa: E402
-from bnjax.train import TrainConfig, train  # noqa: E402
+from bnjax.engine.launch import train_many  # noqa: E402
+from bnjax.engine.loop import train_runs  # noqa: E402
+from bnjax.training.config import TrainConfig  # noqa: E402
 from conftest import make_dataset  # noqa: E402
 
 assert jax.device_count() == 2 and jax.local_device_count() == 1, (jax.device_count(), jax.local_device_count())
@@ -30,7 +31,8 @@ if mode == "sweep":
 else:
     config = TrainConfig(model="mlp", batch_norm=True, activation="relu", batch_size=32, epochs=1, eval_every=4,
                          eval_batch_size=64)
-    history, _ = train(config, make_dataset(num_train=512, num_test=128),
-                       checkpoint_path=checkpoint.format(process=process_id))
+    # One run over both processes' devices: the engine's loop (the plain loop runs on one device).
+    [(history, _)] = train_runs([config], make_dataset(num_train=512, num_test=128),
+                                checkpoint_paths=[checkpoint.format(process=process_id)])
     print(json.dumps({"process": process_id, **history.to_dict()}))
 jax.distributed.shutdown()

@@ -8,9 +8,9 @@ import sys
 
 import jax
 
-from bnjax.engine import train_many
-from bnjax.strategy import default_strategy
-from bnjax.train import TrainConfig, train
+from bnjax.engine.launch import train_many
+from bnjax.engine.strategy import default_strategy
+from bnjax.training.config import TrainConfig
 from conftest import make_dataset
 
 
@@ -32,7 +32,7 @@ def main():
     out = {"devices": [devices[index] for index in range(len(sweep))], "heard": heard,
            "histories": [history.to_dict() for history, _ in results]}
     if not data_parallel:
-        out["alone"] = [train(dataclasses.replace(config, num_devices=1), data)[0].to_dict() for config in sweep]
+        out["alone"] = [train_many([dataclasses.replace(config, num_devices=1)], data)[0][0].to_dict() for config in sweep]
     json.dump(out, sys.stdout)
 
 

@@ -6,7 +6,7 @@ import stat
 
 import pytest
 
-from bnjax.atomic import atomic_write, write_json
+from bnjax.support.atomic import atomic_write, write_json
 
 
 def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):

@@ -1,4 +1,4 @@
-"""Batch Renormalization (bnjax/batchnorm.py::batch_renorm_train): equal to
+"""Batch Renormalization (bnjax/bn/batchnorm.py::batch_renorm_train): equal to
 Keras 3's `BatchNormalization(renorm=True)` on numbers exported once from it
 (tests/fixtures/make_batch_renorm_fixtures.py), plus what Keras has no
 counterpart for (the warm-up) and one-line errors."""
@@ -11,8 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bnjax.batchnorm import BatchNorm, Renorm, clip_limits
-from bnjax.train import TrainConfig, create_train_state, train_step, to_float_images
+from bnjax.bn.batchnorm import BatchNorm, Renorm, clip_limits
+from bnjax.training.config import TrainConfig
+from bnjax.training.steps import create_train_state, train_step, to_float_images
 from tolerances import assert_within, bn_round_off, feature_scale
 
 FIXTURE = np.load(Path(__file__).parent / "fixtures" / "batch_renorm.npz")

@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bnjax.batchnorm import KERAS_BN, BatchNorm, batch_norm_eval, batch_norm_train, batch_statistics
-from bnjax.models import MLP, ConvNet
-from bnjax.recurrent import LSTM
+from bnjax.bn.batchnorm import KERAS_BN, BatchNorm, RunningAverage, batch_norm_eval, batch_norm_train, batch_statistics
+from bnjax.nets.models import MLP, ConvNet
+from bnjax.nets.recurrent import LSTM
 from tolerances import assert_within, mean_round_off, variance_round_off
 
 TOLERANCE = 1e-5
@@ -99,7 +99,9 @@ def test_pure_functions_follow_the_equations():
     x = np.random.default_rng(0).normal(2.0, 3.0, size=(50, 3)).astype(np.float32)
     scale, bias = np.array([1.0, 2.0, 0.5], np.float32), np.array([0.0, -1.0, 3.0], np.float32)
     running_mean, running_var = np.array([0.1, 0.2, 0.3], np.float32), np.array([1.0, 2.0, 3.0], np.float32)
-    y, new_mean, new_var = batch_norm_train(x, scale, bias, running_mean, running_var, momentum=0.9, epsilon=1e-3)
+    y, new_running = batch_norm_train(x, scale, bias, {"mean": running_mean, "var": running_var},
+                                      RunningAverage(momentum=0.9), epsilon=1e-3)
+    new_mean, new_var = new_running["mean"], new_running["var"]
     mean, biased_var = x.mean(0), x.var(0)  # numpy's var is the biased (divide-by-N) one
     np.testing.assert_allclose(y, (x - mean) / np.sqrt(biased_var + 1e-3) * scale + bias, atol=1e-5)
     np.testing.assert_allclose(new_mean, 0.9 * running_mean + 0.1 * mean, atol=1e-6)
@@ -125,8 +127,10 @@ def test_axis_name_gives_global_batch_statistics():
 def test_unbiased_running_var_is_pytorchs_convention():
     x = np.random.default_rng(1).normal(size=(10, 4)).astype(np.float32)
     ones, zeros = np.ones(4, np.float32), np.zeros(4, np.float32)
-    _, _, biased = batch_norm_train(x, ones, zeros, zeros, ones, momentum=0.0)
-    y, _, unbiased = batch_norm_train(x, ones, zeros, zeros, ones, momentum=0.0, unbiased_running_var=True)
+    running = {"mean": zeros, "var": ones}
+    _, biased = batch_norm_train(x, ones, zeros, running, RunningAverage(momentum=0.0))
+    y, unbiased = batch_norm_train(x, ones, zeros, running, RunningAverage(momentum=0.0, unbiased_var=True))
+    biased, unbiased = biased["var"], unbiased["var"]
     np.testing.assert_allclose(biased, x.var(0), rtol=1e-5)
     np.testing.assert_allclose(unbiased, x.var(0, ddof=1), rtol=1e-5)
     # The batch itself is still normalized with the biased variance.

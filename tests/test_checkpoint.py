@@ -7,8 +7,10 @@ import jax
 import numpy as np
 import pytest
 
-from bnjax.checkpoint import restore_checkpoint
-from bnjax.train import TrainConfig, create_train_state, train
+from bnjax.training.checkpoint import restore_checkpoint
+from bnjax.training.config import TrainConfig
+from bnjax.training.steps import create_train_state
+from bnjax.training.train import train
 
 CONFIG = TrainConfig(batch_norm=True, activation="sigmoid", batch_size=32, epochs=3, eval_every=4, shuffle=True)
 CURVES = ("steps", "val_accuracy", "val_loss", "train_accuracy", "train_loss")

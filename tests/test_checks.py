@@ -1,8 +1,8 @@
-"""The shared value checks (bnjax/checks.py): one line naming the value and what is allowed."""
+"""The shared value checks (bnjax/support/checks.py): one line naming the value and what is allowed."""
 
 import pytest
 
-from bnjax.checks import check_bool, check_choice, check_integer, check_positive_real
+from bnjax.support.checks import check_bool, check_choice, check_integer, check_positive_real
 
 
 @pytest.mark.parametrize("call, message", [

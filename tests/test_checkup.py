@@ -11,12 +11,13 @@ import pytest
 from flax import nnx
 
 import bnjax
-import bnjax.nnx
-from bnjax.evaluation import batch_statistics_accuracy, evaluate
-from bnjax.nnx_model import NNXConvNet, linen_to_nnx
-from bnjax.precise_bn import recompute_batch_stats
-from bnjax.steps import to_float_images
-from bnjax.train import TrainConfig, train
+import bnjax
+from bnjax.nets.nnx_model import NNXConvNet, linen_to_nnx
+from bnjax.training.config import TrainConfig
+from bnjax.training.evaluation import batch_statistics_accuracy, evaluate
+from bnjax.training.precise_bn import recompute_batch_stats
+from bnjax.training.steps import to_float_images
+from bnjax.training.train import train
 from conftest import make_dataset
 
 DATA = make_dataset(num_train=512, num_test=128)

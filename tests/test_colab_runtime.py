@@ -15,7 +15,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from bnjax.data import default_cache_dir
+from bnjax.support.cache_dir import default_cache_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 

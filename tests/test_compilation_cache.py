@@ -1,4 +1,4 @@
-"""The entry points' persistent compilation cache (bnjax/compilation_cache.py):
+"""The entry points' persistent compilation cache (bnjax/support/compilation_cache.py):
 where it goes, that a second process loads instead of compiling, and that a
 user's own settings win. Each case runs in a fresh process (the cache is
 process-wide JAX configuration)."""
@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # in use and whether JAX served the program from the persistent cache.
 SCRIPT = """
 import json, jax, jax.numpy as jnp
-from bnjax.compilation_cache import use_persistent_cache
+from bnjax.support.compilation_cache import use_persistent_cache
 hits = []
 jax.monitoring.register_event_listener(lambda event, **kw: hits.append(event) if event.endswith("cache_hits") else None)
 directory = use_persistent_cache()

@@ -1,4 +1,4 @@
-"""`conv_as_matmul` (bnjax/conv.py) is lax's convolution, run by run, and
+"""`conv_as_matmul` (bnjax/nets/conv.py) is lax's convolution, run by run, and
 stays a batched matrix product when runs are stacked."""
 
 import jax
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from jax import lax
 
-from bnjax.conv import conv_as_matmul
-from bnjax.models import ConvNet
+from bnjax.nets.conv import conv_as_matmul
+from bnjax.nets.models import ConvNet
 from tolerances import assert_within, network_round_off, sum_round_off
 
 RUNS = 3

@@ -8,9 +8,9 @@ import numpy as np
 import optax
 import pytest
 
-from bnjax import convert
-from bnjax.batchnorm import BatchNorm
-from bnjax.models import ConvNet
+from bnjax.bn.batchnorm import BatchNorm
+from bnjax.nets import convert
+from bnjax.nets.models import ConvNet
 from tolerances import assert_within, network_round_off
 
 TOLERANCE = 1e-5  # absolute, plus 1e-5 relative where values exceed 1 (float32 round-off)

@@ -7,20 +7,11 @@ import pickle
 import numpy as np
 import pytest
 
-from bnjax import data as data_module
-from bnjax import data_sources
-from bnjax.data import (
-    DataError,
-    Dataset,
-    load_cache,
-    load_dataset,
-    load_fashion_mnist,
-    load_idx_dir,
-    load_mnist,
-    save_cache,
-    verify_mnist,
-)
-from bnjax.data_sources import parse_idx, parse_mnist_pickle
+from bnjax.data import datasets as data_module
+from bnjax.data import sources as data_sources
+from bnjax.data.datasets import (DataError, Dataset, load_cache, load_dataset, load_fashion_mnist, load_idx_dir,
+                                 load_mnist, save_cache, verify_mnist)
+from bnjax.data.sources import parse_idx, parse_mnist_pickle
 
 
 def idx_bytes(array: np.ndarray) -> bytes:
@@ -197,13 +188,13 @@ def test_a_fashion_mnist_error_names_fashion_mnist(monkeypatch, tmp_path):
 
 
 def test_bad_source_arguments():
-    with pytest.raises(ValueError, match="unknown MNIST source 'kaggle'; allowed: auto, tfds, idx, pypi"):
+    with pytest.raises(ValueError, match="unknown MNIST source 'kaggle'; allowed: auto, idx, pypi, tfds"):
         load_mnist("kaggle")
     with pytest.raises(ValueError, match="source='idx' needs data_dir"):
         load_mnist("idx")
-    with pytest.raises(ValueError, match="unknown Fashion-MNIST source 'pypi'; allowed: auto, tfds, idx"):
+    with pytest.raises(ValueError, match="unknown Fashion-MNIST source 'pypi'; allowed: auto, idx, tfds"):
         load_fashion_mnist("pypi")
-    with pytest.raises(ValueError, match="unknown dataset 'cifar10'; allowed: mnist, fashion_mnist"):
+    with pytest.raises(ValueError, match="unknown dataset 'cifar10'; allowed: fashion_mnist, mnist"):
         load_dataset("cifar10")
 
 

@@ -1,5 +1,7 @@
-"""Every launch strategy gives the History of the simple per-step path (same
-config, same seed), within float round-off: stated per test."""
+"""The plain loop (`bnjax.train`, bnjax/training/train.py) defines what
+training computes; every launch strategy of the engine gives its History
+(same config, same seed): bit for bit where the compiled computation is the
+same, else within the float round-off stated per test."""
 
 import collections
 import dataclasses
@@ -11,16 +13,20 @@ import jax
 import numpy as np
 import pytest
 
-from bnjax import engine, xla_flags
-from bnjax.engine import Strategy, default_strategy, program_key, train_many
-from bnjax.recurrent import PAPER_SETTINGS
-from bnjax.schedule import resolve_steps
-from bnjax.train import TrainConfig, train
+from bnjax.engine import launch as engine
+from bnjax.engine.launch import train_many
+from bnjax.engine.loop import program_key
+from bnjax.engine.strategy import Strategy, default_strategy
+from bnjax.nets.recurrent import PAPER_SETTINGS
+from bnjax.support import xla_flags
+from bnjax.training.config import TrainConfig
+from bnjax.training.schedule import resolve_steps
+from bnjax.training.train import train
 
 # A different but equivalent compilation (a loop body, a vmapped convolution)
 # changes float32 round-off only. How far round-off then travels depends on
 # the run, not on the strategy: switching XLA:CPU's convolution kernels alone
-# (bnjax/xla_flags.py on vs. off, both one step per dispatch) moved the BN
+# (bnjax/support/xla_flags.py on vs. off, both one step per dispatch) moved the BN
 # relu net's test loss by 5e-2 after 60 steps at Adam lr 0.01 on MNIST, while
 # the plain sigmoid net stayed within 2e-6. So strategies are compared where
 # round-off stays round-off: Adam at lr 0.001 on the synthetic set, 20 steps
@@ -95,8 +101,30 @@ MLP_BASE = dataclasses.replace(BASE, model="mlp")
 MLP_RELU = dataclasses.replace(RELU, model="mlp")
 
 
+def test_the_engine_one_step_per_dispatch_gives_the_plain_loops_history(tiny_data):
+    # A plain net: the engine's program for one run is the plain loop's step
+    # with the batch gathered on the device and a runs axis of one around it;
+    # XLA compiles the same arithmetic: bit for bit. With BN the running
+    # averages' update is fused otherwise (1 ulp of a running mean after 3
+    # steps, measured): within round-off (the slow tests below).
+    config = dataclasses.replace(MLP_BASE, batch_norm=False, max_steps=10, eval_every=4)
+    (engine_history, engine_state), = train_many([config], tiny_data, strategy=PER_STEP)
+    plain_history, plain_state = train(config, tiny_data)
+    assert plain_history.steps == [4, 8, 10]
+    for curve in ("val_loss", "val_accuracy", "train_loss", "train_accuracy"):
+        assert getattr(engine_history, curve) == getattr(plain_history, curve), curve
+    jax.tree_util.tree_map(np.testing.assert_array_equal, engine_state.params, plain_state.params)
+
+
+def test_the_plain_loop_runs_on_one_device(tiny_data):
+    with pytest.raises(ValueError, match=r"train runs on one device, got num_devices 2; "
+                                         r"bnjax.train_many\(\[config\], data\) splits each batch over several"):
+        train(dataclasses.replace(MLP_BASE, num_devices=2), tiny_data)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("config, strategy", [
+    (BASE, PER_STEP),
     (BASE, Strategy(steps_per_dispatch=4)),
     (BASE, Strategy(steps_per_dispatch=100)),
     (MLP_BASE, Strategy(steps_per_dispatch=4, unroll=True)),
@@ -104,12 +132,12 @@ MLP_RELU = dataclasses.replace(RELU, model="mlp")
     (dataclasses.replace(MLP_BASE, batch_norm=False), Strategy(steps_per_dispatch=4)),
     (BASE, Strategy(steps_per_dispatch=1, eval_chunk=8)),
     (BASE, default_strategy("cpu")),
-], ids=["bn-sigmoid-scan4", "bn-sigmoid-scan-to-eval", "mlp-bn-sigmoid-scan4-unrolled", "mlp-bn-relu-scan4",
+], ids=["bn-sigmoid-per-step", "bn-sigmoid-scan4", "bn-sigmoid-scan-to-eval", "mlp-bn-sigmoid-scan4-unrolled", "mlp-bn-relu-scan4",
         "mlp-plain-scan4", "bn-sigmoid-eval-in-chunks-of-8", "cpu-default"])
-def test_steps_per_dispatch_gives_the_per_step_history(tiny_data, strategy, config):
-    reference = train(config, tiny_data, strategy=PER_STEP)
+def test_every_launch_strategy_gives_the_plain_loops_history(tiny_data, strategy, config):
+    reference = train(config, tiny_data)
     assert reference[0].steps == ([6, 12, 18, 20] if config.max_steps == 20 else [4, 6])
-    assert_same_run(train(config, tiny_data, strategy=strategy), reference)
+    assert_same_run(train_many([config], tiny_data, strategy=strategy)[0], reference)
 
 
 @pytest.mark.slow
@@ -119,7 +147,7 @@ def test_vmapped_programs_give_each_runs_history(tiny_data):
     configs.append(dataclasses.replace(MLP_RELU, seed=3))  # another program (the MLP: cheaper to compile)
     # 4 BN runs -> programs of 3 and 1; test batches of 32 evaluated in pieces of 16.
     # The stacked CNNs compute their convolutions as GPUs and TPUs do by
-    # default (bnjax/conv.py: patches and batched matrix products); the run
+    # default (bnjax/nets/conv.py: patches and batched matrix products); the run
     # alone and the per-step references with lax's convolution.
     strategy = Strategy(steps_per_dispatch=5, models_per_program=3, eval_chunk=16, stacked_conv="matmul")
     seen = []
@@ -127,7 +155,7 @@ def test_vmapped_programs_give_each_runs_history(tiny_data):
     assert sorted(seen, key=configs.index) == configs
     assert [state.apply_fn.__self__.conv_implementation for _, state in together[:4]] == ["matmul"] * 3 + ["lax"]
     for config, result in zip(configs, together):
-        assert_same_run(result, train(config, tiny_data, strategy=PER_STEP))
+        assert_same_run(result, train(config, tiny_data))
     assert together[0][0].val_loss != together[1][0].val_loss  # seeds differ: not one run copied
 
 
@@ -184,7 +212,7 @@ def test_runs_in_worker_processes_give_each_runs_history_and_state(tiny_data):
     assert sorted(seen) == [(0, 6), (0, 12), (0, 18), (0, 20), (1, 6), (1, 12), (1, 18), (1, 20), (2, 4), (2, 6)]
     assert len(in_workers) == len(configs)
     for config, result in zip(configs, in_workers):
-        assert_same_run(result, train(config, tiny_data, strategy=PER_STEP))
+        assert_same_run(result, train(config, tiny_data))
         history, state = result
         # The state rebuilt from the worker's arrays is whole: step, optimizer state.
         assert int(state.step) == history.steps[-1]
@@ -196,7 +224,7 @@ def test_a_diverging_run_stops_its_history_where_train_stops(tiny_data):
     configs = [dataclasses.replace(MLP_BASE, batch_norm=False, activation="sigmoid", learning_rate=lr, optimizer="sgd",
                                    max_steps=18) for lr in (0.1, 1e38)]
     together = train_many(configs, tiny_data, strategy=Strategy(steps_per_dispatch=6, models_per_program=2))
-    alone = [train(config, tiny_data, strategy=PER_STEP) for config in configs]
+    alone = [train(config, tiny_data) for config in configs]
     assert alone[1][0].diverged and alone[1][0].steps == together[1][0].steps
     assert not together[0][0].diverged and together[0][0].steps == [6, 12, 18]
     np.testing.assert_allclose(together[0][0].val_accuracy, alone[0][0].val_accuracy, atol=CURVE_TOLERANCE,
@@ -218,7 +246,7 @@ def test_strategy_values_are_checked_and_cpu_runs_one_step_per_dispatch():
     assert default_strategy("cpu") == Strategy(1, False, 1, eval_chunk=200, parallel_runs=len(os.sched_getaffinity(0)))
     assert default_strategy("gpu").steps_per_dispatch > 1 and default_strategy("tpu").models_per_program > 1
     assert default_strategy("gpu").stacked_conv == default_strategy("tpu").stacked_conv == "matmul"
-    with pytest.raises(ValueError, match="stacked_conv must be one of lax, matmul, got 'grouped'"):
+    with pytest.raises(ValueError, match="unknown stacked_conv 'grouped'; allowed: lax, matmul"):
         Strategy(stacked_conv="grouped")
     several_cpus = default_strategy("cpu", num_devices=8)  # simulated devices: each step awaited, one process
     assert several_cpus.await_each_dispatch and several_cpus.parallel_runs == 1
@@ -261,7 +289,7 @@ def test_importing_bnjax_changes_nothing_global():
     import sys
 
     env = {key: value for key, value in os.environ.items() if key not in ("XLA_FLAGS", "BNJAX_XLA_FLAGS")}
-    script = "import os, bnjax, bnjax.nnx, bnjax.train, bnjax.engine; print(repr(os.environ.get('XLA_FLAGS')))"
+    script = "import os, bnjax, bnjax.engine.launch, bnjax.__main__; print(repr(os.environ.get('XLA_FLAGS')))"
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "None"
@@ -314,7 +342,7 @@ def test_a_stacked_program_resumes_from_its_checkpoints(tiny_data, tmp_path):
 
 @pytest.mark.slow
 def test_runs_of_different_programs_or_steps_are_refused_in_one_line(tiny_data, tmp_path):
-    from bnjax.loop import train_runs
+    from bnjax.engine.loop import train_runs
 
     with pytest.raises(ValueError, match="runs of one program may differ only in seed, learning_rate"):
         train_runs([MLP_BASE, MLP_RELU], tiny_data)
@@ -327,7 +355,7 @@ def test_runs_of_different_programs_or_steps_are_refused_in_one_line(tiny_data, 
 
 @pytest.mark.slow
 def test_the_bn_lstm_trains_as_stacked_runs_of_the_one_loop(tiny_data):
-    # The recurrent net (bnjax/recurrent.py), per-step statistics and all, is
+    # The recurrent net (bnjax/nets/recurrent.py), per-step statistics and all, is
     # one more model of the same loop: two seeds in one vmapped program of 3
     # steps per dispatch give each run's own History and state.
     lstm = TrainConfig(**{**PAPER_SETTINGS, "lstm_hidden_size": 8, "batch_size": 32}, batch_norm=True,
@@ -335,7 +363,7 @@ def test_the_bn_lstm_trains_as_stacked_runs_of_the_one_loop(tiny_data):
     configs = [dataclasses.replace(lstm, seed=seed) for seed in (0, 1)]
     together = train_many(configs, tiny_data, strategy=Strategy(steps_per_dispatch=3, models_per_program=2))
     for config, result in zip(configs, together):
-        alone = train(config, tiny_data, strategy=PER_STEP)
+        alone = train(config, tiny_data)
         assert_same_run(result, alone)
         np.testing.assert_allclose(result[0].precise_val_loss, alone[0].precise_val_loss, rtol=RELATIVE_TOLERANCE)
     assert together[0][1].batch_stats["bn_cell"]["mean"].shape == (28, 8)
@@ -362,7 +390,7 @@ class FailingProbe:
 def test_spread_runs_train_as_alone_report_the_callers_configs_and_raise_errors_as_themselves(tiny_data,
                                                                                              monkeypatch):
     configs = [TrainConfig(batch_norm=True, model="mlp", max_steps=4, eval_every=2, seed=seed) for seed in range(3)]
-    alone = [train(config, tiny_data)[0] for config in configs]
+    alone = [train_many([config], tiny_data)[0][0] for config in configs]
     two_device_views(monkeypatch)
     placements = []
     train_group = engine._train_group

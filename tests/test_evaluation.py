@@ -1,6 +1,6 @@
 """`TrainConfig(eval_statistics=...)`: each evaluation of a run also measures
 the same weights with precise BN statistics or with each test batch's own
-statistics (bnjax/evaluation.py), recorded beside the running-average curve,
+statistics (bnjax/training/evaluation.py), recorded beside the running-average curve,
 which stays exactly what it was."""
 
 import dataclasses
@@ -9,10 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bnjax.engine import train_many
-from bnjax.precise_bn import recompute_batch_stats
-from bnjax.strategy import Strategy
-from bnjax.train import TrainConfig, evaluate, to_float_images, train
+from bnjax.engine.launch import train_many
+from bnjax.engine.strategy import Strategy
+from bnjax.training.config import TrainConfig
+from bnjax.training.evaluation import evaluate
+from bnjax.training.precise_bn import recompute_batch_stats
+from bnjax.training.steps import to_float_images
+from bnjax.training.train import train
 from conftest import make_dataset
 
 DATA = make_dataset(num_train=512, num_test=200)

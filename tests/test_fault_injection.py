@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bnjax.checkpoint import restore_checkpoint
-from bnjax import data as data_module
-from bnjax.data import DataError, load_cache, save_cache
-from bnjax.steps import create_train_state
+from bnjax.data import datasets as data_module
+from bnjax.data.datasets import DataError, load_cache, save_cache
+from bnjax.training.checkpoint import restore_checkpoint
+from bnjax.training.steps import create_train_state
 from conftest import make_dataset
 from experiments.results import load_results
 
@@ -72,7 +72,7 @@ def kill_after(process: subprocess.Popen, seconds: float, sig=signal.SIGKILL) ->
 
 
 def workers_of(pid: int) -> list[int]:
-    """Live worker processes started by process `pid` (bnjax/workers.py names its parent on the command line)."""
+    """Live worker processes started by process `pid` (bnjax/engine/workers.py names its parent on the command line)."""
     found = []
     for entry in Path("/proc").iterdir():
         try:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import bnjax
-from bnjax.batchnorm import BatchNorm, Renorm, canonical_axes
+from bnjax.bn.batchnorm import BatchNorm, Renorm, canonical_axes
 from tolerances import EPS32, assert_within, bn_round_off
 
 X = 2.0 * jax.random.normal(jax.random.key(0), (8, 5, 5, 6)) + 1.0

@@ -10,8 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bnjax.batchnorm import BatchNorm
-from bnjax.train import TrainConfig, create_train_state, train
+from bnjax.bn.batchnorm import BatchNorm
+from bnjax.training.config import TrainConfig
+from bnjax.training.steps import create_train_state
+from bnjax.training.train import train
 
 FIXTURE = np.load(Path(__file__).parent / "fixtures" / "frozen_bn.npz")
 # torchvision computes x * (w * rsqrt(var + eps)) + (b - mean * w * rsqrt(var + eps));

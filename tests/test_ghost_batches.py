@@ -10,9 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bnjax.batchnorm import BatchNorm, Renorm
-from bnjax.precise_bn import recompute_batch_stats
-from bnjax.train import TrainConfig, create_train_state, train
+from bnjax.bn.batchnorm import BatchNorm, Renorm
+from bnjax.training.config import TrainConfig
+from bnjax.training.precise_bn import recompute_batch_stats
+from bnjax.training.steps import create_train_state
+from bnjax.training.train import train
 from conftest import make_dataset
 from tolerances import assert_within, mean_round_off, normalized_round_off, variance_round_off
 

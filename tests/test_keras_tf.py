@@ -11,9 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bnjax import convert
-from bnjax.models import ConvNet
-from bnjax.train import TrainConfig, create_train_state, cross_entropy_loss, to_float_images, train_step
+from bnjax.nets import convert
+from bnjax.nets.models import ConvNet
+from bnjax.training.config import TrainConfig
+from bnjax.training.steps import create_train_state, cross_entropy_loss, to_float_images, train_step
 
 FIXTURE = np.load(Path(__file__).parent / "fixtures" / "keras_tf.npz")
 ACTIVATIONS = ("sigmoid", "relu")

@@ -1,24 +1,48 @@
-"""bnjax's modules import each other without a cycle (anywhere in a module:
-a lazy import inside a function counts too), so a reader can follow the code
-downwards without climbing back up."""
+"""bnjax's folders are its layers: a module imports only modules of its own
+folder or of the folders below it (anywhere in a module: a lazy import
+inside a function counts too), and no two modules import each other, so a
+reader can follow the code downwards without climbing back up."""
 
 import ast
 from pathlib import Path
 
 BNJAX = Path(__file__).resolve().parents[1] / "bnjax"
 
+# bnjax's folders, lowest first (docs/layout.md draws them); "" is the
+# package itself: `import bnjax` (the front door) and `python -m bnjax`.
+LAYERS = ("support", "data", "bn", "nets", "training", "engine", "")
 
-def bnjax_imports(path: Path) -> set[str]:
-    """The bnjax modules `path` imports, by module name ("train", "engine", ...)."""
+
+def module_name(path: Path) -> str:
+    """"training.steps" for bnjax/training/steps.py, "__main__" for bnjax/__main__.py."""
+    return ".".join(path.relative_to(BNJAX).with_suffix("").parts)
+
+
+def modules() -> dict[str, Path]:
+    return {module_name(path): path for path in BNJAX.rglob("*.py")}
+
+
+def layer_of(module: str) -> str:
+    return module.split(".")[0] if "." in module else ""
+
+
+def bnjax_imports(path: Path, known: set[str]) -> set[str]:
+    """The bnjax modules `path` imports, by module name ("training.steps", ...)."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("bnjax."):
-            found.add(node.module.split(".")[1])
-        elif isinstance(node, ast.ImportFrom) and node.module == "bnjax":
-            found.update(alias.name for alias in node.names)
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("bnjax"):
+            base = node.module.removeprefix("bnjax").removeprefix(".")
+            for alias in node.names:  # `from bnjax.bn import nnx` imports a module, `from bnjax.bn.nnx import X` a name
+                candidate = f"{base}.{alias.name}" if base else alias.name
+                found.add(candidate if candidate in known else base or "__init__")
         elif isinstance(node, ast.Import):
-            found.update(alias.name.split(".")[1] for alias in node.names if alias.name.startswith("bnjax."))
-    return found - {path.stem}
+            found.update(alias.name.removeprefix("bnjax.") for alias in node.names if alias.name.startswith("bnjax."))
+    return found - {module_name(path) if path.is_relative_to(BNJAX) else path.stem}
+
+
+def import_graph() -> dict[str, set[str]]:
+    known = set(modules())
+    return {name: bnjax_imports(path, known) for name, path in modules().items()}
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -43,19 +67,10 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 
 def test_bnjax_modules_import_each_other_without_a_cycle():
-    graph = {path.stem: bnjax_imports(path) for path in BNJAX.glob("*.py")}
-    assert graph["engine"] >= {"loop", "strategy"}  # the graph is really read
+    graph = import_graph()
+    assert graph["engine.launch"] >= {"engine.loop", "engine.strategy"}  # the graph is really read
+    assert "bn.nnx" in graph["__init__"]  # `from bnjax.bn import nnx` is a module
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
-
-
-def test_the_training_code_reads_downwards():
-    """config <- steps <- loop <- train / engine: each layer imports only
-    those below it, so there is one loop and every launch path goes through it."""
-    graph = {path.stem: bnjax_imports(path) for path in BNJAX.glob("*.py")}
-    assert "steps" in graph["loop"] and "loop" in graph["train"] and "loop" in graph["engine"]
-    assert not graph["steps"] & {"loop", "train", "engine"}
-    assert not graph["loop"] & {"train", "engine", "workers"}
-    assert not graph["engine"] & {"train"}
 
 
 def test_a_cycle_is_found():
@@ -63,22 +78,29 @@ def test_a_cycle_is_found():
     assert find_cycle({"engine": {"train"}, "train": {"models"}}) is None
 
 
-# bnjax's layers, lowest first (docs/layout.md draws them): a module imports
-# only modules of its own layer or of a layer below.
-LAYERS = {
-    "support": {"checks", "atomic", "provenance", "xla_flags"},
-    "the BN library": {"batchnorm", "nnx", "update_bn", "checkup", "conv", "models", "recurrent", "nnx_model", "convert"},
-    "training": {"config", "steps", "runs", "schedule", "precise_bn", "evaluation", "checkpoint", "strategy", "loop",
-                 "train", "data", "data_sources"},
-    "launching": {"engine", "workers", "compilation_cache", "__main__", "__init__"},
-}
+def test_every_module_sits_in_a_layer_folder_and_imports_only_its_folder_or_those_below():
+    graph = import_graph()
+    assert {layer_of(module) for module in graph} == set(LAYERS), "a folder missing from LAYERS, or one without code"
+    for module, imported in sorted(graph.items()):
+        allowed = set(LAYERS[:LAYERS.index(layer_of(module)) + 1])
+        above = sorted(name for name in imported if layer_of(name) not in allowed)
+        assert not above, f"{module} ({layer_of(module) or 'bnjax'}) imports {above} from above"
 
 
-def test_every_module_imports_only_its_layer_or_those_below():
-    graph = {path.stem: bnjax_imports(path) for path in BNJAX.glob("*.py")}
-    assert set(graph) == set().union(*LAYERS.values()), "a module missing from LAYERS, or a name that is no module"
-    below = set()
-    for layer, modules in LAYERS.items():
-        below |= modules
-        for module in sorted(modules):
-            assert graph[module] <= below, f"{module} ({layer}) imports {sorted(graph[module] - below)} from above"
+def test_the_layer_rule_catches_an_import_from_above(tmp_path):
+    # bn importing training: the arrow the rule exists to forbid
+    path = tmp_path / "batchnorm.py"
+    path.write_text("from bnjax.training.steps import train_step\n")
+    imported = bnjax_imports(path, {"training.steps"})
+    assert imported == {"training.steps"}
+    assert layer_of("training.steps") not in LAYERS[:LAYERS.index("bn") + 1]
+
+
+def test_the_plain_loop_reaches_batchnorm_in_three_calls():
+    """train -> train_step (training/steps.py) -> the net's __call__ -> BatchNorm.__call__:
+    the plain loop imports the step, the step the nets, the nets the BN, and none of them the engine."""
+    graph = import_graph()
+    assert "training.steps" in graph["training.train"]
+    assert {"nets.models", "nets.recurrent"} <= graph["training.steps"]
+    assert "bn.batchnorm" in graph["nets.models"]
+    assert not any(layer_of(name) == "engine" for name in graph["training.train"] | graph["training.steps"])

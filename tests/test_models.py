@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bnjax.models import ACTIVATIONS, ConvNet, count_params, max_pool_2x2
+from bnjax.nets.models import ACTIVATIONS, ConvNet, count_params, max_pool_2x2
 from tolerances import assert_within, normalized_round_off
 
 IMAGES = jax.random.uniform(jax.random.key(0), (16, 28, 28, 1))
@@ -96,7 +96,7 @@ def test_max_pool_2x2_equals_flax_max_pool(height_width):
 
 @pytest.mark.slow
 def test_mlp_is_the_papers_net():
-    from bnjax.models import MLP
+    from bnjax.nets.models import MLP
 
     plain = MLP().init(jax.random.key(0), IMAGES[:1], train=False)
     assert set(plain) == {"params"}
@@ -116,7 +116,7 @@ def test_mlp_is_the_papers_net():
 def test_a_bias_right_before_bn_gets_exactly_zero_gradient(model):
     """BN subtracts the batch mean, so a constant added before it cancels: the
     gradient of the loss w.r.t. that bias is exactly zero (up to float round-off)."""
-    from bnjax.batchnorm import BatchNorm
+    from bnjax.bn.batchnorm import BatchNorm
 
     class DenseBiasBN(nn.Module):
         @nn.compact

@@ -11,7 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bnjax.train import TrainConfig, train
+from bnjax.engine.launch import train_many
+from bnjax.training.config import TrainConfig
+from bnjax.training.train import train
 from conftest import make_dataset
 
 TESTS = Path(__file__).resolve().parent
@@ -76,8 +78,9 @@ def test_a_sweep_spreads_over_both_processes_and_every_process_gets_every_run(tm
         assert sorted(output["heard"]) == [0, 1, 2, 3] and set(output["heard"][:2]) == {process, process + 2}
         assert output["final_steps"] == [8] * 4
     for seed in range(4):
-        alone, _ = train(TrainConfig(model="mlp", batch_norm=True, activation="relu", batch_size=32, max_steps=8,
-                                     eval_every=4, eval_batch_size=64, seed=seed, num_devices=1), data)
+        [(alone, _)] = train_many([TrainConfig(model="mlp", batch_norm=True, activation="relu", batch_size=32,
+                                               max_steps=8, eval_every=4, eval_batch_size=64, seed=seed,
+                                               num_devices=1)], data)
         for output in outputs:
             history = output["histories"][seed]
             for curve in ("steps", "train_loss", "val_loss", "train_accuracy", "val_accuracy"):

@@ -4,9 +4,9 @@ import jax
 import numpy as np
 from flax import nnx
 
-from bnjax.batchnorm import BatchNorm
-from bnjax.models import ConvNet
-from bnjax.nnx_model import NNXConvNet, linen_to_nnx, mode_view, nnx_batch_stats, train_mode_forward
+from bnjax.bn.batchnorm import BatchNorm
+from bnjax.nets.models import ConvNet
+from bnjax.nets.nnx_model import NNXConvNet, linen_to_nnx, mode_view, nnx_batch_stats, train_mode_forward
 from tolerances import assert_within, network_round_off
 
 IMAGES = jax.random.uniform(jax.random.key(0), (8, 28, 28, 1))

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import bnjax.nnx
-from bnjax.batchnorm import Renorm
-from bnjax.nnx_model import NNXConvNet
+import bnjax
+from bnjax.bn.batchnorm import Renorm
+from bnjax.nets.nnx_model import NNXConvNet
 from tolerances import assert_within, bn_round_off, feature_scale
 
 X = 2.0 * jax.random.normal(jax.random.key(0), (8, 5, 5, 6)) + 1.0

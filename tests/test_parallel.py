@@ -14,8 +14,8 @@ import jax
 import numpy as np
 import pytest
 
-from bnjax.steps import DATA_AXIS, make_model
-from bnjax.train import TrainConfig
+from bnjax.training.config import TrainConfig
+from bnjax.training.steps import DATA_AXIS, make_model
 from tolerances import assert_within, network_round_off
 
 TESTS = Path(__file__).resolve().parent

@@ -6,7 +6,7 @@ they always had."""
 import dataclasses
 import json
 
-from bnjax.train import TrainConfig
+from bnjax.training.config import TrainConfig
 from experiments import article, plot_article
 
 

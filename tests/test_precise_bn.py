@@ -1,4 +1,4 @@
-"""Precise BN (bnjax/precise_bn.py): equal to PyTorch's `update_bn` on numbers
+"""Precise BN (bnjax/training/precise_bn.py): equal to PyTorch's `update_bn` on numbers
 exported once from it (tests/fixtures/make_precise_bn_fixtures.py), both
 variance conventions, and one-line errors."""
 
@@ -9,12 +9,13 @@ import numpy as np
 import optax
 import pytest
 
-from bnjax import convert
-from bnjax.batchnorm import BatchNorm
-from bnjax.models import ConvNet
-from bnjax.precise_bn import recompute_batch_stats
-from bnjax.steps import TrainState
-from bnjax.train import TrainConfig, create_train_state, to_float_images
+from bnjax.bn.batchnorm import BatchNorm
+from bnjax.nets import convert
+from bnjax.nets.models import ConvNet
+from bnjax.training.config import TrainConfig
+from bnjax.training.precise_bn import recompute_batch_stats
+from bnjax.training.steps import TrainState
+from bnjax.training.steps import create_train_state, to_float_images
 from tolerances import assert_within, network_round_off
 
 FIXTURE = np.load(Path(__file__).parent / "fixtures" / "precise_bn.npz")

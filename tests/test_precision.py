@@ -8,9 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bnjax.provenance import effective_precision
-from bnjax.steps import matmul_precision
-from bnjax.train import TrainConfig, create_train_state, to_float_images, train, train_step, train_step_body
+from bnjax.support.provenance import effective_precision
+from bnjax.training.config import TrainConfig
+from bnjax.training.steps import matmul_precision
+from bnjax.training.steps import create_train_state, to_float_images, train_step, train_step_body
+from bnjax.training.train import train
 
 BF16 = TrainConfig(batch_norm=True, compute_dtype="bfloat16")
 

@@ -13,27 +13,28 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 # (reference as written on the pages: file::function or file::Class.method,
 #  text that definition must contain)
 EXPECTED = {
-    "bnjax/batchnorm.py::BatchNorm.__call__": "variable.value = new_running[name]",
-    "bnjax/recurrent.py::StepStatistics.update": "variable.value = variable.value.at[:recorded].set(moved)",
-    "bnjax/batchnorm.py::batch_statistics": "jax.lax.pmean(means, axis_name, axis_index_groups=axis_index_groups)",
-    "bnjax/batchnorm.py::batch_norm_train": "momentum",
-    "bnjax/batchnorm.py::running_average_weights": "(1.0 - momentum) / (1.0 - momentum**t)",
-    "bnjax/batchnorm.py::batch_renorm_train": "jax.lax.stop_gradient(jnp.clip(std / stats[\"renorm_std\"], 1.0 / r_max, r_max))",
-    "bnjax/batchnorm.py::ghost_batch_statistics": "x.reshape(batch // ghost_batch_size, ghost_batch_size, *x.shape[1:])",
-    "bnjax/precise_bn.py::recompute_batch_stats": "precise_statistics(",
-    "bnjax/steps.py::train_step_body": 'mutable=["batch_stats"]',
-    "bnjax/steps.py::_eval_totals": "train=False",
-    "bnjax/loop.py::train_runs": "for next_eval in _evaluation_steps(",
-    "bnjax/loop.py::_chunk": "jax.lax.fori_loop(0, num_steps",
-    "bnjax/loop.py::_step": "jax.shard_map",
+    "bnjax/bn/batchnorm.py::BatchNorm.__call__": "variable.value = new_running[name]",
+    "bnjax/nets/recurrent.py::StepStatistics.update": "variable.value = variable.value.at[:recorded].set(moved)",
+    "bnjax/bn/batchnorm.py::batch_statistics": "jax.lax.pmean(means, axis_name, axis_index_groups=axis_index_groups)",
+    "bnjax/bn/batchnorm.py::batch_norm_train": "momentum",
+    "bnjax/bn/batchnorm.py::running_average_weights": "(1.0 - momentum) / (1.0 - momentum**t)",
+    "bnjax/bn/batchnorm.py::batch_renorm_train": "jax.lax.stop_gradient(jnp.clip(std / stats[\"renorm_std\"], 1.0 / r_max, r_max))",
+    "bnjax/bn/batchnorm.py::ghost_batch_statistics": "x.reshape(batch // ghost_batch_size, ghost_batch_size, *x.shape[1:])",
+    "bnjax/training/precise_bn.py::recompute_batch_stats": "precise_statistics(",
+    "bnjax/training/steps.py::train_step_body": 'mutable=["batch_stats"]',
+    "bnjax/training/steps.py::_eval_totals": "train=False",
+    "bnjax/engine/loop.py::train_runs": "for next_eval in _evaluation_steps(",
+    "bnjax/training/train.py::train": "state, metrics = train_step(state,",
+    "bnjax/engine/loop.py::_chunk": "jax.lax.fori_loop(0, num_steps",
+    "bnjax/engine/loop.py::_step": "jax.shard_map",
     "experiments/recurrent_bn.py::shared_over_steps": 'variance="pooled"',
-    "bnjax/engine.py::train_many": "finished.issuperset(group)",
-    "bnjax/checkpoint.py::restore_checkpoint": 'hashlib.sha256(wrapper["payload"])',
+    "bnjax/engine/launch.py::train_many": "finished.issuperset(group)",
+    "bnjax/training/checkpoint.py::restore_checkpoint": 'hashlib.sha256(wrapper["payload"])',
     "experiments/results.py::load_results": "_problem_with_run(run)",
-    "bnjax/loop.py::has_diverged": "train_loss > DIVERGED_LOSS",
-    "bnjax/provenance.py::effective_precision": "_FLOAT32_ARITHMETIC.get(platform_name, {})",
+    "bnjax/training/history.py::has_diverged": "train_loss > DIVERGED_LOSS",
+    "bnjax/support/provenance.py::effective_precision": "_FLOAT32_ARITHMETIC.get(platform_name, {})",
 }
-REFERENCE = re.compile(r"`((?:bnjax|experiments|benchmarks)/\w+\.py)::([\w.]+)`")
+REFERENCE = re.compile(r"`((?:bnjax(?:/\w+)?|experiments|benchmarks)/\w+\.py)::([\w.]+)`")
 LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
 
 
@@ -91,8 +92,8 @@ def test_relative_links_and_images_exist(page):
 
 
 def test_definition_lookup_can_fail():
-    assert definition_source("bnjax/train.py", "no_such_function") is None
-    assert definition_source("bnjax/batchnorm.py", "BatchNorm.no_such_method") is None
+    assert definition_source("bnjax/training/train.py", "no_such_function") is None
+    assert definition_source("bnjax/bn/batchnorm.py", "BatchNorm.no_such_method") is None
 
 
 def test_ci_runs_the_readme_install_and_test_commands():

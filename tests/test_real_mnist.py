@@ -74,7 +74,7 @@ def test_bad_cli_values_get_one_line_errors(capsys):
 def test_saved_configs_missing_a_newer_field_still_match():
     import dataclasses
 
-    from bnjax.train import TrainConfig
+    from bnjax.training.config import TrainConfig
     from experiments.results import run_key
 
     config = dataclasses.asdict(TrainConfig(seed=2))

@@ -1,4 +1,4 @@
-"""The BN-LSTM (bnjax/recurrent.py): per-step statistics, eval mode, T_max,
+"""The BN-LSTM (bnjax/nets/recurrent.py): per-step statistics, eval mode, T_max,
 the paper's equations unrolled by hand, gradients, a real run, bad input."""
 
 import dataclasses
@@ -10,10 +10,12 @@ import numpy as np
 import optax
 import pytest
 
-from bnjax.batchnorm import BatchNorm, Renorm
-from bnjax.recurrent import LSTM, PAPER_SETTINGS, image_sequences, pixel_permutation
-from bnjax.steps import model_of
-from bnjax.train import TrainConfig, create_train_state, train, train_step
+from bnjax.bn.batchnorm import BatchNorm, Renorm
+from bnjax.nets.recurrent import LSTM, PAPER_SETTINGS, image_sequences, pixel_permutation
+from bnjax.training.config import TrainConfig
+from bnjax.training.steps import model_of
+from bnjax.training.steps import create_train_state, train_step
+from bnjax.training.train import train
 
 HIDDEN = 8
 MOMENTUM = 0.9

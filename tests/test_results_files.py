@@ -10,8 +10,8 @@ import re
 import numpy as np
 import pytest
 
-from bnjax.atomic import write_json
-from bnjax.train import TrainConfig
+from bnjax.support.atomic import write_json
+from bnjax.training.config import TrainConfig
 from experiments import plot_article, sweep
 from experiments import results as results_module
 from experiments.results import load_results

@@ -7,7 +7,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from bnjax.train import TrainConfig, train
+from bnjax.training.config import TrainConfig
+from bnjax.training.train import train
 from conftest import make_dataset
 from experiments import rethinking_batch as study
 from experiments.results import last_full_interval, last_full_interval_index

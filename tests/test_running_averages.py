@@ -1,4 +1,4 @@
-"""BN's running-statistics rules (bnjax/batchnorm.py::running_average_weights)
+"""BN's running-statistics rules (bnjax/bn/batchnorm.py::running_average_weights)
 and its one- or two-pass batch variance: from their equations, and equal to Haiku's debiased moving average and to
 PyTorch's cumulative average on numbers exported once from those libraries
 (tests/fixtures/make_running_average_fixtures.py)."""
@@ -11,9 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bnjax.batchnorm import BatchNorm, batch_statistics
-from bnjax.engine import Strategy, train_many
-from bnjax.train import TrainConfig, train
+from bnjax.bn.batchnorm import BatchNorm, batch_statistics
+from bnjax.engine.launch import train_many
+from bnjax.engine.strategy import Strategy
+from bnjax.training.config import TrainConfig
+from bnjax.training.train import train
 
 FIXTURE = np.load(Path(__file__).parent / "fixtures" / "running_averages.npz")
 # Both references compute in float32 like bnjax, but in their own order

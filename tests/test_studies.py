@@ -8,9 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bnjax import evaluation
-from bnjax.precise_bn import precise_statistics
-from bnjax.train import TrainConfig, create_train_state, make_model, to_float_images, train
+from bnjax.training import evaluation
+from bnjax.training.config import TrainConfig
+from bnjax.training.precise_bn import precise_statistics
+from bnjax.training.steps import create_train_state, make_model, to_float_images
+from bnjax.training.train import train
 from conftest import make_dataset
 from experiments import ablations, eval_modes
 
@@ -53,7 +55,7 @@ def test_batch_statistics_accuracy_normalizes_each_group_by_itself(trained):
         evaluation.batch_statistics_accuracy(state, images, labels, 65)
 
 
-def test_precise_statistics_are_the_mean_of_batch_statistics(trained):  # bnjax/precise_bn.py, on the article's CNN
+def test_precise_statistics_are_the_mean_of_batch_statistics(trained):  # bnjax/training/precise_bn.py, on the article's CNN
     config, data, state = trained
     batches = to_float_images(jnp.asarray(data.x_train[:96])).reshape(3, 32, 28, 28, 1)
     precise = precise_statistics(make_model(config), state.params, state.batch_stats, batches)

@@ -7,8 +7,8 @@ import types
 
 import pytest
 
-from bnjax.engine import Strategy
-from bnjax.train import TrainConfig
+from bnjax.engine.strategy import Strategy
+from bnjax.training.config import TrainConfig
 from experiments import paper_mnist, sweep
 
 CONFIGS = [TrainConfig(batch_norm=True, activation="sigmoid", max_steps=4, eval_every=2, eval_batch_size=32,
@@ -99,7 +99,7 @@ def test_a_resumed_sweep_trains_its_remaining_runs_as_the_uninterrupted_sweep_di
     # processes: groups [0, 1] and [2]. The sweep is "interrupted" after run 0
     # was saved (runs 1 and 2 lost). Resumed, the group [0, 1] trains whole
     # again (run 1 is saved), [2] alone, both in workers, as before.
-    from bnjax import engine
+    from bnjax.engine import launch as engine
 
     configs = [TrainConfig(batch_norm=True, shuffle=True, max_steps=6, eval_every=3, eval_batch_size=32, seed=seed)
                for seed in range(3)]

@@ -8,8 +8,12 @@ import numpy as np
 import optax
 import pytest
 
-from bnjax.loop import DIVERGED_LOSS, has_diverged
-from bnjax.train import TrainConfig, create_train_state, eval_step, resolve_steps, train, train_step
+from bnjax.engine.launch import train_many
+from bnjax.training.config import TrainConfig
+from bnjax.training.history import DIVERGED_LOSS, has_diverged
+from bnjax.training.schedule import resolve_steps
+from bnjax.training.steps import create_train_state, eval_step, train_step
+from bnjax.training.train import train
 
 BAD_VALUES = [
     ("learning_rate", 0.0, "learning_rate must be a positive finite number, got 0.0"),
@@ -146,15 +150,15 @@ def test_epochs_wrap_around_the_training_set(tiny_data):
 def test_batch_orders_held_follow_the_steps_trained_not_the_epochs_declared(tiny_data, monkeypatch):
     # 256 examples / 64 = 4 steps per epoch; 6 steps cross one epoch boundary
     # inside the second interval. Declaring 10**11 epochs must cost nothing.
-    from bnjax import loop
+    from bnjax.engine import loop
 
     held, build = [], loop._batch_orders
     monkeypatch.setattr(loop, "_batch_orders", lambda *args: held.append(build(*args)) or held[-1])
     config = TrainConfig(batch_size=64, epochs=10**11, max_steps=6, eval_every=4)
-    history, state = train(config, tiny_data)
+    [(history, state)] = train_many([config], tiny_data)
     assert [orders.shape for orders in held] == [(1, 2, 256), (1, 2, 256)]  # epochs 0-1, then 1-2
     assert int(state.step) == 6
-    declared_two, _ = train(dataclasses.replace(config, epochs=2), tiny_data)
+    [(declared_two, _)] = train_many([dataclasses.replace(config, epochs=2)], tiny_data)
     assert history.train_loss == declared_two.train_loss and history.val_loss == declared_two.val_loss
 
 
@@ -200,7 +204,7 @@ def test_more_devices_than_visible_is_an_error(tiny_data):
 
     visible = jax.device_count()
     with pytest.raises(ValueError, match=f"num_devices {visible + 63} asked for, but only {visible} devices are visible"):
-        train(TrainConfig(num_devices=visible + 63, max_steps=1), tiny_data)
+        train_many([TrainConfig(num_devices=visible + 63, max_steps=1)], tiny_data)
 
 
 @pytest.mark.slow

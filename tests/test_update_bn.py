@@ -10,11 +10,11 @@ import pytest
 from flax import nnx
 
 import bnjax
-import bnjax.nnx
-from bnjax.models import ConvNet
-from bnjax.nnx_model import NNXConvNet, linen_to_nnx
-from bnjax.precise_bn import recompute_batch_stats
-from bnjax.steps import TrainState, to_float_images
+import bnjax
+from bnjax.nets.models import ConvNet
+from bnjax.nets.nnx_model import NNXConvNet, linen_to_nnx
+from bnjax.training.precise_bn import recompute_batch_stats
+from bnjax.training.steps import TrainState, to_float_images
 from conftest import make_dataset
 from experiments.bn_checkup import ResNet
 from tolerances import assert_within, sum_round_off

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from bnjax.workers import WorkerPool
+from bnjax.engine.workers import WorkerPool
 
 
 def where_am_i(shared, progress, task):
@@ -65,7 +65,7 @@ def test_a_crashed_worker_is_reported_not_waited_for(importable_here):
 # once the task is running, and waits.
 PARENT = """
 import sys
-from bnjax.workers import WorkerPool
+from bnjax.engine.workers import WorkerPool
 import test_workers
 pool = WorkerPool(cores=[0], shared=None)
 def started(task, message):
@@ -99,7 +99,7 @@ def test_a_script_without_a_main_guard_can_use_workers(tmp_path, importable_here
     # A worker never re-imports the caller's __main__ (a spawned
     # multiprocessing worker would, and run this script's body again).
     script = tmp_path / "no_guard.py"
-    script.write_text("from bnjax.workers import WorkerPool\n"
+    script.write_text("from bnjax.engine.workers import WorkerPool\n"
                       "from test_workers import where_am_i\n"
                       "print('body ran', flush=True)\n"
                       "with WorkerPool(cores=[0, 0], shared={'offset': 10}) as pool:\n"

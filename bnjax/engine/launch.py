@@ -1,8 +1,9 @@
 """Training many runs: `train_many` groups runs into programs of the training
-loop (bnjax/loop.py), spreads them over devices and hosts or hands them to
-worker processes, as the devices and a `Strategy` (bnjax/strategy.py) say.
+loop (engine/loop.py), spreads them over devices and hosts or hands them to
+worker processes, as the devices and a `Strategy` (engine/strategy.py) say.
 
-    from bnjax.engine import Strategy, default_strategy, train_many
+    from bnjax.engine.strategy import Strategy, default_strategy
+    from bnjax.engine.launch import train_many
     results = train_many(configs, data)       # [(History, TrainState)] in config order
 """
 
@@ -22,13 +23,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from bnjax.config import TrainConfig
-from bnjax.loop import EvalCallback, History, program_key, train_runs
-from bnjax.schedule import check_dataset, resolve_steps
-from bnjax.steps import TrainState, create_train_state, make_mesh
-from bnjax.strategy import Strategy, default_strategy
-from bnjax.workers import WorkerPool
-from bnjax.xla_flags import apply_cpu_flags
+from bnjax.engine.loop import program_key, train_runs
+from bnjax.engine.strategy import Strategy, default_strategy
+from bnjax.engine.workers import WorkerPool
+from bnjax.support.xla_flags import apply_cpu_flags
+from bnjax.training.config import TrainConfig
+from bnjax.training.history import EvalCallback, History
+from bnjax.training.schedule import check_dataset, resolve_steps
+from bnjax.training.steps import TrainState, create_train_state, make_mesh
 
 __all__ = ["Strategy", "default_strategy", "program_key", "train_many", "checkpoint_file"]
 
@@ -44,12 +46,23 @@ def checkpoint_file(checkpoint_dir: str | os.PathLike, config: TrainConfig) -> P
     return Path(checkpoint_dir) / f"run-{digest}.msgpack"
 
 
-def _train_group(data, configs: list[TrainConfig], strategy: Strategy | None, on_eval, make_probe,
-                 checkpoint_dir, devices=None) -> list[tuple]:
-    """One group of runs of one program through the training loop (`train_runs`)."""
-    probes = [make_probe(config, data) for config in configs] if make_probe is not None else None
-    paths = [checkpoint_file(checkpoint_dir, config) for config in configs] if checkpoint_dir is not None else None
-    return train_runs(configs, data, strategy, on_eval, probes=probes, checkpoint_paths=paths, devices=devices)
+@dataclasses.dataclass(frozen=True)
+class GroupTraining:
+    """How every group of runs trains, wherever it trains: the `strategy`
+    (None: the default for the group's devices), each run's probe factory,
+    and the folder its checkpoint is kept in."""
+
+    strategy: Strategy | None = None
+    make_probe: ProbeFactory | None = None
+    checkpoint_dir: str | os.PathLike | None = None
+
+
+def _train_group(data, configs: list[TrainConfig], how: GroupTraining, on_eval, devices=None) -> list[tuple]:
+    """One group of runs of one program through the engine's loop (`train_runs`)."""
+    probes = [how.make_probe(config, data) for config in configs] if how.make_probe is not None else None
+    paths = [checkpoint_file(how.checkpoint_dir, config) for config in configs] \
+        if how.checkpoint_dir is not None else None
+    return train_runs(configs, data, how.strategy, on_eval, probes=probes, checkpoint_paths=paths, devices=devices)
 
 
 # Runs spread over devices: with D > 1 devices and at least D runs that would
@@ -69,8 +82,8 @@ def _spread_over_devices(configs: list[TrainConfig], devices) -> list[TrainConfi
             for config, spread in zip(configs, spreadable)]
 
 
-def _run_groups_over_devices(groups: list[list[int]], configs, placed: list[TrainConfig], data, strategy, report,
-                             finish, make_probe, checkpoint_dir, devices) -> list[list[int]]:
+def _run_groups_over_devices(groups: list[list[int]], configs, placed: list[TrainConfig], data, how: GroupTraining,
+                             report, finish, devices) -> list[list[int]]:
     """Each group of one-device runs whole on one of this process's `devices`,
     a thread per device taking the next group; the callbacks are called one at
     a time, with the caller's configs. Over several processes (jax.distributed)
@@ -95,8 +108,8 @@ def _run_groups_over_devices(groups: list[list[int]], configs, placed: list[Trai
                     return
                 group = pending.pop()
             try:
-                outcomes = _train_group(data, [placed[i] for i in group], strategy, report and locked_report,
-                                        make_probe, checkpoint_dir, devices=[device])
+                outcomes = _train_group(data, [placed[i] for i in group], how, report and locked_report,
+                                        devices=[device])
                 with lock:
                     for index, (history, state) in zip(group, outcomes):
                         finish(index, history, state)
@@ -135,16 +148,16 @@ def _gathered(outcomes: dict) -> dict:
     return merged
 
 
-# Worker processes (Strategy.parallel_runs, bnjax/workers.py) train whole
+# Worker processes (Strategy.parallel_runs, engine/workers.py) train whole
 # groups and send back plain arrays: a TrainState holds functions (apply_fn,
 # the optimizer), so this process rebuilds it.
 
-def _train_group_in_worker(data, progress, indices: list[int], configs: list[TrainConfig], strategy: Strategy,
-                           make_probe, checkpoint_dir) -> list[tuple]:
+def _train_group_in_worker(data, progress, indices: list[int], configs: list[TrainConfig],
+                           how: GroupTraining) -> list[tuple]:
     def on_eval(config, step, total, record):
         progress((next(i for i, c in zip(indices, configs) if c is config), step, total, record))
 
-    outcomes = _train_group(data, configs, strategy, on_eval, make_probe, checkpoint_dir)
+    outcomes = _train_group(data, configs, how, on_eval)
     return [(history, _state_arrays(state)) for history, state in outcomes]
 
 
@@ -162,17 +175,17 @@ def _rebuilt_state(config: TrainConfig, arrays) -> TrainState:
                          batch_stats=jax.tree_util.tree_map(jnp.asarray, batch_stats), opt_state=opt_state)
 
 
-def _run_groups_in_workers(groups: list[list[int]], configs, data, strategy: Strategy, on_eval, finish,
-                           make_probe, checkpoint_dir) -> None:
+def _run_groups_in_workers(groups: list[list[int]], configs, data, how: GroupTraining, on_eval, finish) -> None:
+    """The groups in up to `how.strategy.parallel_runs` worker processes, one core each."""
     available = sorted(os.sched_getaffinity(0))
-    cores = [available[worker % len(available)] for worker in range(min(strategy.parallel_runs, len(groups)))]
-    one_process = dataclasses.replace(strategy, parallel_runs=1)
+    cores = [available[worker % len(available)] for worker in range(min(how.strategy.parallel_runs, len(groups)))]
+    in_one_process = dataclasses.replace(how, strategy=dataclasses.replace(how.strategy, parallel_runs=1))
     # Longest first (more steps, then BN, the slower net), so that no worker is
     # left with a long run at the end while the others idle.
     longest_first = lambda group: (-resolve_steps(configs[group[0]], len(data.x_train))[1],  # noqa: E731
                                    not configs[group[0]].batch_norm)
     groups = sorted(groups, key=longest_first)
-    tasks = [(group, [configs[i] for i in group], one_process, make_probe, checkpoint_dir) for group in groups]
+    tasks = [(group, [configs[i] for i in group], in_one_process) for group in groups]
 
     def on_progress(task_index, message):
         index, step, total, record = message
@@ -211,16 +224,16 @@ def _finished(configs: list[TrainConfig], done) -> set[int]:
     return {index for index, is_finished in enumerate(finished) if is_finished}
 
 
-def _layout(configs: list[TrainConfig], grouping: Strategy, platform: str):
+def _layout(configs: list[TrainConfig], strategy: Strategy, platform: str):
     """How the runs train: groups of config indices (a program each), the
     configs as placed over the devices (None: as given), whether the groups
     go to worker processes, and this process's devices."""
     placed = _spread_over_devices(configs, jax.devices())  # every process's devices
-    per_program = grouping.models_per_program if placed is None else \
-        min(grouping.models_per_program, -(-len(configs) // jax.device_count()))  # a group for every device
+    per_program = strategy.models_per_program if placed is None else \
+        min(strategy.models_per_program, -(-len(configs) // jax.device_count()))  # a group for every device
     groups, multi_device = _group_runs(placed or configs, per_program)
     # Worker processes only for one-device CPU runs, and only when two or more can overlap.
-    in_workers = placed is None and grouping.parallel_runs > 1 and len(groups) > 1 and platform == "cpu" \
+    in_workers = placed is None and strategy.parallel_runs > 1 and len(groups) > 1 and platform == "cpu" \
         and not multi_device
     return groups, placed, in_workers, jax.local_devices()
 
@@ -238,34 +251,31 @@ def train_many(
     """Train every config; return [(history, final_state)] in config order.
 
     Runs that share a `program_key` (all fields but seed and learning rate)
-    train together as one program of the training loop, up to
-    `strategy.models_per_program` runs (vmapped); with 1, or over several
-    devices, each run is a program of its own. With D > 1 devices and at
-    least D runs that would split their batch over all of them, the runs
-    spread over the devices instead, each whole on one (above). With
-    `strategy.parallel_runs` > 1 (CPU), up to that many programs train at
+    train together as one vmapped program of the engine's loop, up to
+    `strategy.models_per_program`; a run over several devices is a program
+    of its own; with D > 1 devices and at least D runs that would split their
+    batch over all of them, each run trains whole on one device instead.
+    With `strategy.parallel_runs` > 1 (CPU), up to that many programs train at
     once in worker processes, one core each. `on_eval(config, step,
-    total_steps, record)` after each evaluation of a run, `on_done(config,
-    history, state)` when it finishes: in this process, one at a time, with
-    the caller's own config objects. `make_probe(config, data)` builds each
-    run's probe where the run trains; with `checkpoint_dir`, each run is
-    checkpointed in `checkpoint_file(...)` and resumes from it. A program's
-    runs report the program's wall time.
-
-    `done(config)`: whether that run is finished already (a resumed sweep).
-    Groups and workers are decided from all `configs`, done or not, so every
-    run trains as in one uninterrupted call: a group all done is skipped
-    (None in the list returned), a group partly done is trained whole, and
-    `on_eval` / `on_done` hear of unfinished runs only.
+    total_steps, record)` and `on_done(config, history, state)` are called in
+    this process, one at a time, with the caller's config objects.
+    `make_probe(config, data)` builds each run's probe where it trains; with
+    `checkpoint_dir`, runs are checkpointed (`checkpoint_file`) and resume.
+    `done(config)`: whether that run is finished already (a resumed sweep);
+    groups are decided from all configs, so every run trains as in one
+    uninterrupted call (a group all done is skipped: None in the list).
     """
-    apply_cpu_flags()  # before this function asks JAX for its devices (bnjax/xla_flags.py)
+    apply_cpu_flags()  # before this function asks JAX for its devices (support/xla_flags.py)
     check_dataset(data)
     if not configs:
         return []
     first_platform = jax.devices()[0].platform
-    grouping = strategy or default_strategy(first_platform)
+    # How runs are grouped and whether workers are used follows the strategy
+    # given or the default for this platform; a program given no strategy
+    # takes the default for its own devices (`train_runs`).
+    resolved = strategy or default_strategy(first_platform)
     results: dict[int, tuple] = {}
-    groups, placed, in_workers, devices = _layout(configs, grouping, first_platform)
+    groups, placed, in_workers, devices = _layout(configs, resolved, first_platform)
     finished = _finished(configs, done)
     groups = [group for group in groups if not finished.issuperset(group)]
     finished_ids = {id(configs[index]) for index in finished}
@@ -277,14 +287,14 @@ def train_many(
         if on_done is not None and index not in finished:
             on_done(configs[index], history, state)
 
+    how = GroupTraining(strategy, make_probe, checkpoint_dir)
     if placed is not None:
-        groups = _run_groups_over_devices(groups, configs, placed, data, strategy, report, finish, make_probe,
-                                          checkpoint_dir, devices)
+        groups = _run_groups_over_devices(groups, configs, placed, data, how, report, finish, devices)
     if in_workers:
-        _run_groups_in_workers(groups, configs, data, grouping, report, finish, make_probe, checkpoint_dir)
+        _run_groups_in_workers(groups, configs, data, dataclasses.replace(how, strategy=resolved), report, finish)
     else:
         for group in groups:
-            outcomes = _train_group(data, [configs[i] for i in group], strategy, report, make_probe, checkpoint_dir)
+            outcomes = _train_group(data, [configs[i] for i in group], how, report)
             for index, (history, state) in zip(group, outcomes):
                 finish(index, history, state)
     return [results.get(index) for index in range(len(configs))]

@@ -23,11 +23,11 @@ every step t = 1 .. T_max, as rows of `batch_stats`:
 
 Train mode normalizes step t by the batch's statistics *at step t* and moves
 row t, and only row t, toward them, by the rule `bn.running_average` of
-bnjax/batchnorm.py (an update `count` per BN where the rule needs it).
+bn/batchnorm.py (an update `count` per BN where the rule needs it).
 Eval mode normalizes step t by row t, and every step beyond T_max by row
 T_max (the paper's rule for sequences longer than any seen in training).
 Each example is then alone: nothing is mutated. Precise BN
-(bnjax/precise_bn.py) re-estimates every row for the current weights.
+(training/precise_bn.py) re-estimates every row for the current weights.
 
 The sequences (`SEQUENCES`): "pixels", one pixel per step, left to right,
 top to bottom (784 steps, the paper's task); "permuted_pixels", the same
@@ -42,8 +42,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bnjax.batchnorm import KERAS_BN, KERAS_MOMENTUM, BatchNorm, batch_statistics, normalize, running_average_weights
-from bnjax.models import get_activation
+from bnjax.bn.batchnorm import KERAS_BN, KERAS_MOMENTUM, BatchNorm, batch_statistics, normalize, running_average_weights
+from bnjax.nets.models import get_activation
+from bnjax.support.checks import check_choice
 
 SEQUENCES = {"rows": (28, 28), "pixels": (784, 1), "permuted_pixels": (784, 1)}  # (steps, values per step)
 BN_LAYERS = ("bn_hidden", "bn_input", "bn_cell")
@@ -66,8 +67,7 @@ def sequence_length(sequence: str) -> int:
 
 
 def check_sequence(sequence: str) -> None:
-    if sequence not in SEQUENCES:
-        raise ValueError(f"unknown sequence {sequence!r}; allowed: {', '.join(SEQUENCES)}")
+    check_choice("sequence", sequence, SEQUENCES)
 
 
 def pixel_permutation(seed: int) -> np.ndarray:

@@ -22,9 +22,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bnjax.batchnorm import KERAS_EPSILON, KERAS_MOMENTUM
-from bnjax.models import get_activation, max_pool_2x2
-from bnjax.nnx import BatchNorm
+from bnjax.bn.batchnorm import KERAS_EPSILON, KERAS_MOMENTUM
+from bnjax.bn.nnx import BatchNorm
+from bnjax.nets.models import get_activation, max_pool_2x2
 
 
 class NNXConvNet(nnx.Module):

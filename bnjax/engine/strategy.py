@@ -7,7 +7,7 @@ to the per-step History within stated round-off):
   * steps_per_dispatch: 1 = one jitted step per Python dispatch; K > 1 = up to
     K steps (never past an evaluation) in one `lax.scan`.
   * unroll: unroll that scan. On XLA:CPU a rolled loop keeps the backward
-    convolutions in a generic, ~10x slower form; unrolling avoids it at the
+    convolutions in a generic, much slower form; unrolling avoids it at the
     price of compile time.
   * models_per_program: `train_many` trains up to this many runs that share
     an architecture (they may differ in seed and learning rate) as one
@@ -20,7 +20,7 @@ to the per-step History within stated round-off):
     CPU a batch-32 step cannot keep every core busy, so two runs on one core
     each get more done than two runs one after the other on both.
   * stacked_conv: how a program of several stacked runs computes its
-    convolutions (bnjax/conv.py): "lax" (XLA's convolution, which `vmap`
+    convolutions (nets/conv.py): "lax" (XLA's convolution, which `vmap`
     over runs turns into one grouped convolution) or "matmul" (patches and
     one batched matrix product over the runs axis). A program of one run
     always uses "lax".
@@ -48,8 +48,9 @@ import os
 
 import jax
 
-from bnjax.checks import check_bool, check_integer
-from bnjax.conv import CONV_IMPLEMENTATIONS
+from bnjax.nets.conv import CONV_IMPLEMENTATIONS
+from bnjax.support.checks import check_bool, check_choice, check_integer
+from bnjax.training.evaluation import default_eval_chunk
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,8 +69,7 @@ class Strategy:
         check_integer("eval_chunk", self.eval_chunk, optional=True)
         for name in ("unroll", "await_each_dispatch"):
             check_bool(name, getattr(self, name))
-        if self.stacked_conv not in CONV_IMPLEMENTATIONS:
-            raise ValueError(f"stacked_conv must be one of {', '.join(CONV_IMPLEMENTATIONS)}, got {self.stacked_conv!r}")
+        check_choice("stacked_conv", self.stacked_conv, CONV_IMPLEMENTATIONS)
 
 
 def default_strategy(platform: str | None = None, num_devices: int = 1) -> Strategy:
@@ -77,9 +77,10 @@ def default_strategy(platform: str | None = None, num_devices: int = 1) -> Strat
     JAX's default backend) and a run over `num_devices` devices."""
     platform = platform or jax.default_backend()
     if platform == "cpu" and num_devices > 1:  # simulated devices share the cores: one step at a time, awaited
-        return Strategy(steps_per_dispatch=1, models_per_program=1, eval_chunk=200, await_each_dispatch=True)
+        return Strategy(steps_per_dispatch=1, models_per_program=1, eval_chunk=default_eval_chunk(platform),
+                        await_each_dispatch=True)
     if platform == "cpu":
-        return Strategy(steps_per_dispatch=1, unroll=False, models_per_program=1, eval_chunk=200,
-                        parallel_runs=len(os.sched_getaffinity(0)))
-    return Strategy(steps_per_dispatch=100, unroll=False, models_per_program=64, eval_chunk=None,
-                    stacked_conv="matmul")
+        return Strategy(steps_per_dispatch=1, unroll=False, models_per_program=1,
+                        eval_chunk=default_eval_chunk(platform), parallel_runs=len(os.sched_getaffinity(0)))
+    return Strategy(steps_per_dispatch=100, unroll=False, models_per_program=64,
+                    eval_chunk=default_eval_chunk(platform), stacked_conv="matmul")

@@ -4,7 +4,7 @@ three kinds of statistics (`TrainConfig.eval_statistics`):
   running   eval mode: BN's running averages (what the article, Keras, Flax
             and PyTorch report; `val_accuracy` of every History);
   precise   eval mode with statistics re-estimated for the current weights
-            (bnjax/precise_bn.py) from `precise_bn_batches` training batches;
+            (training/precise_bn.py) from `precise_bn_batches` training batches;
   batch     train mode on each test batch of `eval_batch_size`: every batch
             normalized by its own statistics (Haiku's `test_local_stats=True`,
             Equinox's `mode="batch"`), or each ghost batch of it by its own
@@ -13,7 +13,7 @@ three kinds of statistics (`TrainConfig.eval_statistics`):
 
 One door for all three: `evaluate_runs(state, images, labels,
 statistics=...)` for stacked runs, `evaluate` for one run's state.
-"running" is always measured; the loop (bnjax/loop.py) records "precise" or
+"running" is always measured; the loop (engine/loop.py) records "precise" or
 "batch" beside it when the config asks (`precise_val_accuracy`, ...).
 `batch_statistics_accuracy` measures accuracy against the test batch size.
 """
@@ -27,11 +27,22 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from bnjax.checks import check_choice
-from bnjax.config import EVAL_STATISTICS
-from bnjax.precise_bn import precise_statistics
-from bnjax.runs import for_each_run, stack_runs
-from bnjax.steps import DATA_AXIS, TrainState, eval_step, logits_totals, model_of, to_float_images
+from bnjax.support.checks import check_choice
+from bnjax.training.config import EVAL_STATISTICS
+from bnjax.training.precise_bn import precise_statistics
+from bnjax.training.runs import for_each_run, stack_runs
+from bnjax.training.steps import DATA_AXIS, TrainState, eval_step, logits_totals, model_of, to_float_images
+
+# On XLA:CPU test batches evaluated in pieces of this many images stay in
+# cache and run faster than 1000 at once (docs/performance.md has the figures); GPUs
+# and TPUs take the whole batch.
+CPU_EVAL_CHUNK = 200
+
+
+def default_eval_chunk(platform: str) -> int | None:
+    """The pieces (`eval_step`'s `chunk`) a test batch is evaluated in on `platform`."""
+    return CPU_EVAL_CHUNK if platform == "cpu" else None
+
 
 # ---------------------------------------------------------------- running averages
 
@@ -100,7 +111,7 @@ def _running_means(state: TrainState, images_uint8, labels, batch_size: int, mes
 
 @jax.jit
 def _precise_batch_stats_of_runs(state: TrainState, batches):
-    """Every run's precise BN statistics (bnjax/precise_bn.py, equal-weight
+    """Every run's precise BN statistics (training/precise_bn.py, equal-weight
     average of per-batch means and variances) from `batches` (K, B, ...) of
     float images, as a stacked `batch_stats` (an update `count` is kept)."""
     def precise(run):

@@ -27,7 +27,7 @@ from pathlib import Path
 import jax
 from flax import serialization
 
-from bnjax.atomic import atomic_write
+from bnjax.support.atomic import atomic_write
 
 
 FORMAT = "bnjax-checkpoint-2"  # with a checksum
@@ -35,7 +35,7 @@ FORMAT = "bnjax-checkpoint-2"  # with a checksum
 
 def save_checkpoint(path: str | os.PathLike, state, history, config) -> None:
     """Write the run's state atomically. A run over several processes'
-    devices is saved by process 0 alone (bnjax/loop.py decides)."""
+    devices is saved by process 0 alone (engine/loop.py decides)."""
     payload = {
         "config": dataclasses.asdict(config),
         "state": serialization.to_state_dict(jax.device_get(state)),

@@ -1,5 +1,8 @@
-"""The training loop: R >= 1 runs of one program, on a mesh of one or more
+"""The engine's loop: R >= 1 runs of one program, on a mesh of one or more
 devices, with evaluation, probes, checkpoints and divergence for every run.
+It computes what the plain loop (training/train.py) computes, run by
+run, and is what makes many runs fast: the runs stacked, several steps per
+dispatch, the data on the devices.
 
     results = train_runs(configs, data)   # [(History, TrainState)] in config order
 
@@ -8,98 +11,47 @@ loop over evaluation intervals: train the interval (`_train_interval`: one or
 more dispatches of the jitted chunk `_chunk`, whose step count is traced, so
 every interval runs one compiled program), evaluate (`_evaluate`: one
 dispatch per kind of BN statistics), record, checkpoint, report. Each step is
-`train_step_body` (bnjax/steps.py), applied to the one run directly when
+`train_step_body` (training/steps.py), applied to the one run directly when
 R == 1 and `vmap`ped over the runs otherwise, inside `shard_map` over the
-mesh when it has several devices. `train` (bnjax/train.py) is the R == 1 case
-and `train_many` (bnjax/engine.py) groups runs into calls of this loop.
+mesh when it has several devices. `train_many` (engine/launch.py)
+groups runs into calls of this loop.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import os
 import time
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from bnjax.checkpoint import restore_checkpoint, save_checkpoint
-from bnjax.config import TrainConfig
-from bnjax.evaluation import evaluate_runs
-from bnjax.precise_bn import sample_batches
-from bnjax.runs import for_each_run, run_of, stack_runs
-from bnjax.schedule import check_dataset, epoch_order, resolve_steps
-from bnjax.provenance import effective_precision
-from bnjax.steps import (DATA_AXIS, TrainState, create_train_state, make_mesh, matmul_precision, to_float_images,
-                         train_step_body)
-from bnjax.strategy import Strategy, default_strategy
-from bnjax.xla_flags import apply_cpu_flags, version_tuple
+from bnjax.engine.strategy import Strategy, default_strategy
+from bnjax.support.provenance import effective_precision
+from bnjax.support.xla_flags import apply_cpu_flags, version_tuple
+from bnjax.training.checkpoint import restore_checkpoint, save_checkpoint
+from bnjax.training.config import TrainConfig
+from bnjax.training.evaluation import evaluate_runs
+from bnjax.training.history import EvalCallback, History, has_diverged
+from bnjax.training.precise_bn import precise_batches_for
+from bnjax.training.runs import for_each_run, run_of, stack_runs
+from bnjax.training.schedule import check_dataset, epoch_order, resolve_steps
+from bnjax.training.steps import (DATA_AXIS, TrainState, create_train_state, make_mesh, matmul_precision,
+                                  to_float_images, train_step_body)
 
 # Fields that may differ between the runs of one program: everything else
 # (architecture, batch, schedule, devices) must be equal.
 PER_RUN_FIELDS = ("seed", "learning_rate")
 
-# A stack of ghost-BN runs on a mesh (vmap inside shard_map, with the running
-# statistics averaged over devices) trained seed 0 as alone at jax 0.10.2, and
-# differently from the second step on at jax 0.7.1 (synchronized BN matched
-# bit for bit at both): below this version such a stack is refused.
+# A stack of ghost-BN runs on a mesh (vmap inside shard_map, the running
+# statistics averaged over devices) trains each run as alone from jax 0.10 on;
+# below it, each run's training departs from its own after the first step
+# (tests/test_parallel.py), so such a stack is refused there.
 STACKED_GHOST_BN_FROM = (0, 10)
-
-
-# A run has diverged when the mean training loss of an evaluation interval is
-# not finite or above this: 100 x ln(10), a hundred times the cross-entropy of
-# guessing among the 10 classes (a mean probability below e**-230 on the true
-# class). No run in outputs/ that went on learning came near it (the highest
-# finite interval mean there is 22.7); lr 1000 reaches 7e20 and stays there.
-DIVERGED_LOSS = 100 * math.log(10)
-
-
-def has_diverged(train_loss: float) -> bool:
-    """The divergence rule: a training loss that is NaN, infinite or above `DIVERGED_LOSS`."""
-    return not math.isfinite(train_loss) or train_loss > DIVERGED_LOSS
-
-
-# on_eval(config, step, total_steps, record) after each evaluation of a run.
-EvalCallback = Callable[[TrainConfig, int, int, dict], None]
-
-
-@dataclasses.dataclass
-class History:
-    """Curves of one run; index i of every list belongs to `steps[i]`."""
-
-    steps: list[int] = dataclasses.field(default_factory=list)
-    val_accuracy: list[float] = dataclasses.field(default_factory=list)  # whole test set, running averages
-    val_loss: list[float] = dataclasses.field(default_factory=list)
-    # The same weights with other BN statistics, when the config's
-    # eval_statistics asks (bnjax/evaluation.py); empty otherwise.
-    precise_val_accuracy: list[float] = dataclasses.field(default_factory=list)
-    precise_val_loss: list[float] = dataclasses.field(default_factory=list)
-    batch_val_accuracy: list[float] = dataclasses.field(default_factory=list)
-    batch_val_loss: list[float] = dataclasses.field(default_factory=list)
-    train_accuracy: list[float] = dataclasses.field(default_factory=list)  # mean since previous evaluation
-    train_loss: list[float] = dataclasses.field(default_factory=list)
-    wall_time_s: list[float] = dataclasses.field(default_factory=list)  # since the first step, compile included
-    total_wall_time_s: float = 0.0  # of the whole program, shared by the runs trained together
-    eval_time_s: float = 0.0  # evaluations with the running averages
-    eval_statistics_time_s: float = 0.0  # evaluations with precise or batch statistics (precise BN included)
-    diverged: bool = False
-    probes: list[dict] = dataclasses.field(default_factory=list)  # `probe(state)` at each evaluation, if given
-    # How the convolutions and matrix products were computed on the backend
-    # that trained the run (bnjax/provenance.py::effective_precision).
-    precision: str = ""
-
-    def append(self, record: dict) -> None:
-        """Add one evaluation: `record` maps curve names (the list fields above) to their values at it."""
-        for curve, value in record.items():
-            getattr(self, curve).append(value)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 def program_key(config: TrainConfig) -> tuple:
@@ -115,44 +67,62 @@ def _runs_step(state, images, labels, axis_name, ghost_bn):
     return for_each_run(lambda run: step(*run), (state, images, labels))
 
 
-def _step(carry, step, train_images, train_labels, epoch_orders, orders_first_epoch, steps_per_epoch, batch_size,
-          mesh, ghost_bn):
+class StepData(NamedTuple):
+    """What every step of a chunk reads, on the devices: the training set
+    (uint8 images and labels) and each run's batch orders of the epochs
+    `orders_first_epoch` .. + W - 1 ((R, W, N) int32)."""
+
+    train_images: jax.Array
+    train_labels: jax.Array
+    epoch_orders: jax.Array
+    orders_first_epoch: int
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+    """What is fixed for the whole program (static under jit): the schedule,
+    the mesh, ghost BN, and how a chunk loops over its steps (`_chunk`)."""
+
+    steps_per_epoch: int
+    batch_size: int
+    mesh: jax.sharding.Mesh
+    ghost_bn: bool
+    loop: str = "step"
+
+
+def _step(carry, step, data: StepData, plan: StepPlan):
     """Global step `step` of every run: gather each run's batch from the
-    device-resident training set (`epoch_orders`: (R, W, N), the orders of
-    epochs `orders_first_epoch` .. + W - 1), take one step (data-parallel over
-    `mesh`), add its metrics to the running sums."""
+    device-resident training set, take one step (data-parallel over the
+    mesh), add its metrics to the running sums."""
     state, metric_sums = carry
-    epoch, step_in_epoch = step // steps_per_epoch - orders_first_epoch, step % steps_per_epoch
-    indices = jax.vmap(lambda orders: jax.lax.dynamic_slice(orders[epoch], (step_in_epoch * batch_size,),
-                                                            (batch_size,)))(epoch_orders)
-    images, labels = to_float_images(train_images[indices]), train_labels[indices]
-    if mesh.size == 1:
+    epoch, step_in_epoch = step // plan.steps_per_epoch - data.orders_first_epoch, step % plan.steps_per_epoch
+    indices = jax.vmap(lambda orders: jax.lax.dynamic_slice(orders[epoch], (step_in_epoch * plan.batch_size,),
+                                                            (plan.batch_size,)))(data.epoch_orders)
+    images, labels = to_float_images(data.train_images[indices]), data.train_labels[indices]
+    if plan.mesh.size == 1:
         state, metrics = _runs_step(state, images, labels, None, False)
     else:  # state replicated, every run's batch split over the devices
         state, metrics = jax.shard_map(
-            functools.partial(_runs_step, axis_name=DATA_AXIS, ghost_bn=ghost_bn), mesh=mesh,
+            functools.partial(_runs_step, axis_name=DATA_AXIS, ghost_bn=plan.ghost_bn), mesh=plan.mesh,
             in_specs=(P(), P(None, DATA_AXIS), P(None, DATA_AXIS)), out_specs=(P(), P()),
         )(state, images, labels)
     return state, jax.tree_util.tree_map(jnp.add, metric_sums, metrics)
 
 
-def _chunk(state, metric_sums, train_images, train_labels, epoch_orders, orders_first_epoch, first_step, num_steps,
-           steps_per_epoch, batch_size, mesh, ghost_bn, loop):
+def _chunk(state, metric_sums, data: StepData, first_step, num_steps, plan: StepPlan):
     """`num_steps` consecutive steps of every run from global step
-    `first_step`, in one dispatch. `loop` says how (both step numbers are
-    traced, so every interval runs one compiled program, an epoch boundary
-    inside it included):
+    `first_step`, in one dispatch. `plan.loop` says how (both step numbers
+    are traced, so every interval runs one compiled program, an epoch
+    boundary inside it included):
       "step"      one step (`num_steps` must be 1): no loop at all;
       "while"     a `lax.fori_loop` over a traced number of steps;
       "unrolled"  a `lax.scan` of exactly `num_steps` steps, unrolled
                   (`num_steps` is then static: one program per length).
     """
-    step = functools.partial(_step, train_images=train_images, train_labels=train_labels, epoch_orders=epoch_orders,
-                             orders_first_epoch=orders_first_epoch, steps_per_epoch=steps_per_epoch,
-                             batch_size=batch_size, mesh=mesh, ghost_bn=ghost_bn)
-    if loop == "step":
+    step = functools.partial(_step, data=data, plan=plan)
+    if plan.loop == "step":
         return step((state, metric_sums), first_step)
-    if loop == "unrolled":
+    if plan.loop == "unrolled":
         carry, _ = jax.lax.scan(lambda carry, offset: (step(carry, first_step + offset), None),
                                 (state, metric_sums), jnp.arange(num_steps), unroll=True)
         return carry
@@ -160,20 +130,19 @@ def _chunk(state, metric_sums, train_images, train_labels, epoch_orders, orders_
                              (state, metric_sums))
 
 
-_CHUNK_STATIC = ("steps_per_epoch", "batch_size", "mesh", "ghost_bn", "loop")
-_train_chunk = jax.jit(_chunk, static_argnames=_CHUNK_STATIC, donate_argnames=("state", "metric_sums"))
-_train_chunk_unrolled = jax.jit(_chunk, static_argnames=_CHUNK_STATIC + ("num_steps",),
-                                donate_argnames=("state", "metric_sums"))
+_train_chunk = jax.jit(_chunk, static_argnames="plan", donate_argnames=("state", "metric_sums"))
+_train_chunk_unrolled = jax.jit(_chunk, static_argnames=("plan", "num_steps"), donate_argnames=("state", "metric_sums"))
 
 
-def _run_chunk(strategy: Strategy, state, metric_sums, first_step: int, num_steps: int, **fixed):
+def _run_chunk(strategy: Strategy, state, metric_sums, first_step: int, num_steps: int, data: StepData,
+               plan: StepPlan):
     """`num_steps` steps of every run from `first_step`, launched as `strategy` says."""
     if strategy.steps_per_dispatch == 1:
-        return _train_chunk(state, metric_sums, first_step=first_step, num_steps=1, loop="step", **fixed)
+        return _train_chunk(state, metric_sums, data, first_step, 1, dataclasses.replace(plan, loop="step"))
     if strategy.unroll:
-        return _train_chunk_unrolled(state, metric_sums, first_step=first_step, num_steps=num_steps,
-                                     loop="unrolled", **fixed)
-    return _train_chunk(state, metric_sums, first_step=first_step, num_steps=num_steps, loop="while", **fixed)
+        return _train_chunk_unrolled(state, metric_sums, data, first_step, num_steps,
+                                     dataclasses.replace(plan, loop="unrolled"))
+    return _train_chunk(state, metric_sums, data, first_step, num_steps, dataclasses.replace(plan, loop="while"))
 
 
 # ---------------------------------------------------------------- the loop
@@ -216,18 +185,11 @@ def _device_inputs(configs: list[TrainConfig], data, replicated) -> dict:
     uint8 (47 MB for MNIST; batches are gathered and converted to float
     there, then split over the devices) and, for precise BN, its training
     batches. The batch orders come per interval (`_batch_orders`)."""
-    config, num_examples = configs[0], len(data.x_train)
+    config = configs[0]
     train_images, train_labels, test_images, test_labels = jax.device_put(tuple(data), replicated)
-    # Precise BN re-estimates from the same training batches at every evaluation
-    # of every run (seed 0), so the curve moves with the weights only.
-    precise_batches = None
-    if config.eval_statistics == "precise":
-        if config.precise_bn_batches * config.batch_size > num_examples:
-            raise ValueError(f"precise_bn_batches {config.precise_bn_batches} x batch_size {config.batch_size} = "
-                             f"{config.precise_bn_batches * config.batch_size} training images; the training set "
-                             f"has {num_examples}")
-        precise_batches = jax.device_put(
-            sample_batches(data.x_train, config.batch_size, config.precise_bn_batches, seed=0), replicated)
+    precise_batches = precise_batches_for(config, data.x_train)
+    if precise_batches is not None:
+        precise_batches = jax.device_put(precise_batches, replicated)
     return {"train_images": train_images, "train_labels": train_labels, "test_images": test_images,
             "test_labels": test_labels, "precise_batches": precise_batches}
 
@@ -256,12 +218,13 @@ def _evaluation_steps(first_step: int, total_steps: int, eval_every: int):
         yield step
 
 
-def _train_interval(strategy: Strategy, state, metric_sums, first_step: int, last_step: int, **chunk_inputs):
+def _train_interval(strategy: Strategy, state, metric_sums, first_step: int, last_step: int, data: StepData,
+                    plan: StepPlan):
     """Steps `first_step` .. `last_step` - 1 of every run, `strategy.steps_per_dispatch` per dispatch."""
     step = first_step
     while step < last_step:
         length = min(strategy.steps_per_dispatch, last_step - step)
-        state, metric_sums = _run_chunk(strategy, state, metric_sums, step, length, **chunk_inputs)
+        state, metric_sums = _run_chunk(strategy, state, metric_sums, step, length, data, plan)
         if strategy.await_each_dispatch:
             jax.block_until_ready(state)
         step += length
@@ -274,9 +237,7 @@ def _interval_trainer(configs: list[TrainConfig], strategy: Strategy, mesh, inpu
     steps `first_step` .. `last_step` - 1 of every run, and the mean training
     loss and accuracy of each run over them (float64 arrays of R)."""
     config, replicated = configs[0], NamedSharding(mesh, P())
-    chunk_inputs = dict(train_images=inputs["train_images"], train_labels=inputs["train_labels"],
-                        steps_per_epoch=steps_per_epoch, batch_size=config.batch_size, mesh=mesh,
-                        ghost_bn=config.ghost_bn)
+    plan = StepPlan(steps_per_epoch, config.batch_size, mesh, config.ghost_bn)
     # Built again only when an interval starts in a new epoch.
     batch_orders = functools.lru_cache(maxsize=1)(functools.partial(
         _batch_orders, configs, _orders_window(steps_per_epoch, total_steps, config.eval_every),
@@ -286,9 +247,8 @@ def _interval_trainer(configs: list[TrainConfig], strategy: Strategy, mesh, inpu
         # Zero sums placed as the chunk's outputs are, so that every chunk call finds the same program.
         zero_sums = jax.device_put({"loss": jnp.zeros(len(configs)), "accuracy": jnp.zeros(len(configs))}, replicated)
         first_epoch = first_step // steps_per_epoch
-        state, metric_sums = _train_interval(strategy, state, zero_sums, first_step, last_step,
-                                             epoch_orders=batch_orders(first_epoch), orders_first_epoch=first_epoch,
-                                             **chunk_inputs)
+        data = StepData(inputs["train_images"], inputs["train_labels"], batch_orders(first_epoch), first_epoch)
+        state, metric_sums = _train_interval(strategy, state, zero_sums, first_step, last_step, data, plan)
         # Reading the sums waits for the queued steps, so it comes before the evaluation's clock starts.
         steps = last_step - first_step
         return state, {key: np.asarray(sums, np.float64) / steps for key, sums in metric_sums.items()}
@@ -361,7 +321,7 @@ def train_runs(
     devices=None,
 ) -> list[tuple[History, TrainState]]:
     """Train `configs` (runs of one program: equal `program_key`) together on
-    `data` (a `bnjax.data.Dataset`); return [(history, final_state)] in order.
+    `data` (a `bnjax.data.datasets.Dataset`); return [(history, final_state)] in order.
 
     Each run is evaluated on the test set every `eval_every` steps and at the
     end; `on_eval(config, step, total_steps, record)` follows each evaluation.

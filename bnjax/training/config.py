@@ -10,23 +10,23 @@ from __future__ import annotations
 
 import dataclasses
 
-from bnjax.batchnorm import BatchNorm, Renorm, check_renorm_settings, check_variant
-from bnjax.checks import check_bool, check_choice, check_integer, check_positive_real, is_integer, is_real
-from bnjax.models import ACTIVATIONS, BN_POSITIONS, KERNEL_INITS
-from bnjax.recurrent import SEQUENCES, sequence_length
+from bnjax.bn.batchnorm import BatchNorm, Renorm, check_renorm_settings, check_variant
+from bnjax.nets.models import ACTIVATIONS, BN_POSITIONS, KERNEL_INITS
+from bnjax.nets.recurrent import SEQUENCES, sequence_length
+from bnjax.support.checks import check_bool, check_choice, check_integer, check_positive_real, is_integer, is_real
 
 OPTIMIZERS = ("adam", "sgd", "rmsprop")
 # The article's CNN; the BN paper's 3 x 100 MLP; an LSTM or BN-LSTM reading
-# the image as a sequence (bnjax/recurrent.py; PAPER_SETTINGS there).
+# the image as a sequence (nets/recurrent.py; PAPER_SETTINGS there).
 MODELS = ("convnet", "mlp", "lstm")
-# Fields model "lstm" takes at their defaults only (bnjax/recurrent.py: its own
+# Fields model "lstm" takes at their defaults only (nets/recurrent.py: its own
 # initializers, per-step statistics without Renorm or frozen BN, one device's
 # statistics, float32 arithmetic), and the fields of model "lstm" alone.
 NOT_FOR_LSTM = ("kernel_init", "bn_renorm", "bn_frozen", "ghost_bn", "bn_ghost_batch_size", "compute_dtype")
 LSTM_ONLY = ("sequence", "lstm_hidden_size", "lstm_t_max", "lstm_bn_scale_init", "permutation_seed")
-EVAL_STATISTICS = ("running", "precise", "batch")  # bnjax/evaluation.py
+EVAL_STATISTICS = ("running", "precise", "batch")  # training/evaluation.py
 COMPUTE_DTYPES = ("float32", "bfloat16")
-MATMUL_PRECISIONS = ("default", "high", "highest")  # JAX's, for float32 products (bnjax/provenance.py says what each is)
+MATMUL_PRECISIONS = ("default", "high", "highest")  # JAX's, for float32 products (support/provenance.py says what each is)
 MAX_SEED = 2**32 - 1  # jax.random.key(seed) keeps the low 32 bits
 
 
@@ -57,12 +57,12 @@ class TrainConfig:
     bn_epsilon: float = 1e-3
     # How BN's running statistics average the batch statistics: "ema" (Keras,
     # Flax, PyTorch), "debiased_ema" (Haiku), "cumulative" (PyTorch momentum=None);
-    # bnjax/batchnorm.py::running_average_weights has the equations.
+    # `running_average_weights` has the equations.
     bn_running_average: str = "ema"
     # BN's batch variance in two passes, E[(x - E[x])^2], instead of one,
-    # E[x^2] - E[x]^2 (bnjax/batchnorm.py::batch_statistics says when it matters).
+    # E[x^2] - E[x]^2 (`batch_statistics` says when it matters).
     bn_two_pass_variance: bool = False
-    # Batch Renormalization (Ioffe 2017; bnjax/batchnorm.py::batch_renorm_train):
+    # Batch Renormalization (Ioffe 2017; `batch_renorm_train`):
     # r clipped to [1/r_max, r_max], d to [-d_max, d_max], both opened up
     # linearly over the first warm-up steps; its averages use their own momentum.
     bn_renorm: bool = False
@@ -76,7 +76,7 @@ class TrainConfig:
     # Ghost batches inside a device: in training every BN normalizes each group
     # of this many consecutive examples of a device's batch by the group's own
     # statistics (the normalization batch size; None: the whole batch).
-    # bnjax/batchnorm.py::ghost_batch_statistics.
+    # `ghost_batch_statistics.`
     bn_ghost_batch_size: int | None = None
     eval_every: int = 100  # steps between evaluations on the whole test set
     eval_batch_size: int = 1000
@@ -84,7 +84,7 @@ class TrainConfig:
     # "batch" also evaluates the same weights with precise BN statistics
     # (re-estimated from precise_bn_batches training batches of batch_size)
     # or with each test batch's own statistics, recorded beside it in the
-    # History (precise_val_accuracy, batch_val_accuracy: bnjax/evaluation.py).
+    # History (precise_val_accuracy, batch_val_accuracy: training/evaluation.py).
     eval_statistics: str = "running"
     precise_bn_batches: int = 200
     max_steps: int | None = None  # cap on total steps (smoke runs)
@@ -106,7 +106,7 @@ class TrainConfig:
     # one bfloat16 pass on TPUs and TF32 on recent NVIDIA GPUs ("highest": float32).
     compute_dtype: str = "float32"
     matmul_precision: str = "default"
-    # Model "lstm" (bnjax/recurrent.py): how the image is read (SEQUENCES), the
+    # Model "lstm" (nets/recurrent.py): how the image is read (SEQUENCES), the
     # hidden units, the rows of per-step BN statistics (None: one per step),
     # the initial BN scale (the paper's 0.1) and the pixel order's seed.
     sequence: str = "rows"
@@ -177,7 +177,7 @@ class TrainConfig:
 
     def batch_norm_layer(self, axis_name: str | None = None) -> BatchNorm:
         """The bn_ fields as the one BatchNorm value every net takes (`bn=`).
-        `axis_name`: the mesh axis BN averages its statistics over (bnjax/steps.py)."""
+        `axis_name`: the mesh axis BN averages its statistics over (training/steps.py)."""
         renorm = (Renorm(self.bn_renorm_r_max, self.bn_renorm_d_max, self.bn_renorm_momentum,
                          self.bn_renorm_warmup_steps) if self.bn_renorm else None)
         return BatchNorm(momentum=self.bn_momentum, epsilon=self.bn_epsilon, axis_name=axis_name,

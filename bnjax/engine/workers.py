@@ -38,9 +38,9 @@ import sys
 import threading
 from typing import Any, Callable, Iterator
 
-from bnjax import xla_flags
+from bnjax.support import xla_flags
 
-_WORKER_MAIN = "from bnjax.workers import worker_main; worker_main({parent})"
+_WORKER_MAIN = "from bnjax.engine.workers import worker_main; worker_main({parent})"
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 

@@ -1,7 +1,7 @@
 """The leading runs axis: R >= 1 runs of one program as one stacked state.
 
 Every leaf of a stacked `TrainState` has a leading axis of R runs; the loop
-(bnjax/loop.py) and the evaluation (bnjax/evaluation.py) apply one run's
+(engine/loop.py) and the evaluation (training/evaluation.py) apply one run's
 function to all R with `for_each_run`.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from bnjax.steps import TrainState
+from bnjax.training.steps import TrainState
 
 
 @jax.jit

@@ -32,10 +32,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bnjax.checks import check_integer
-from bnjax.steps import model_of, to_float_images
+from bnjax.bn.update_bn import check_variance
+from bnjax.support.checks import check_integer
+from bnjax.training.steps import model_of, to_float_images
 
-VARIANCES = ("batch_average", "pooled")
 
 
 def statistics_of_each_batch(model, variables, batches):
@@ -59,7 +59,7 @@ def statistics_of_each_batch(model, variables, batches):
 
 def average_statistics(per_batch, variance: str = "batch_average"):
     """The equal-weight average of per-batch statistics (module doc)."""
-    _check_variance(variance)
+    check_variance(variance)
 
     def layer_average(stats):
         mean = stats["mean"].mean(axis=0)
@@ -78,10 +78,6 @@ def precise_statistics(model, params, batch_stats, batches, variance: str = "bat
     per_batch = statistics_of_each_batch(model, {"params": params, "batch_stats": batch_stats}, batches)
     return average_statistics(per_batch, variance)
 
-
-def _check_variance(variance: str) -> None:
-    if variance not in VARIANCES:
-        raise ValueError(f"unknown variance {variance!r}; allowed: {', '.join(VARIANCES)}")
 
 
 def sample_batches(images, batch_size: int, num_batches: int, seed: int | None = 0):
@@ -109,7 +105,21 @@ def recompute_batch_stats(state, images, batch_size: int = 32, num_batches: int 
     state itself is not changed. A rule that keeps an update `count` keeps it."""
     if not state.batch_stats:
         raise ValueError("precise BN needs a model with BN; this state has no batch_stats")
-    _check_variance(variance)  # before the batches are copied
+    check_variance(variance)  # before the batches are copied
     batches = sample_batches(images, batch_size, num_batches, seed)
     precise = precise_statistics(model_of(state), state.params, state.batch_stats, batches, variance)
     return {layer: {**state.batch_stats[layer], **stats} for layer, stats in precise.items()}
+
+
+def precise_batches_for(config, train_images):
+    """The training batches precise BN re-estimates from at every evaluation
+    of a run with `eval_statistics="precise"` (None otherwise): the config's
+    `precise_bn_batches` batches of `batch_size`, drawn with seed 0 for every
+    run, so that the curve moves with the weights only."""
+    if config.eval_statistics != "precise":
+        return None
+    needed = config.precise_bn_batches * config.batch_size
+    if needed > len(train_images):
+        raise ValueError(f"precise_bn_batches {config.precise_bn_batches} x batch_size {config.batch_size} = "
+                         f"{needed} training images; the training set has {len(train_images)}")
+    return sample_batches(train_images, config.batch_size, config.precise_bn_batches, seed=0)

@@ -8,7 +8,7 @@ Where BN state moves:
     statistics are read, never written.
 
 Everything else (several runs at once, several steps per dispatch, a mesh)
-is built around `train_step_body` by bnjax/loop.py.
+is built around `train_step_body` by engine/loop.py.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from bnjax.config import TrainConfig
-from bnjax.models import MLP, ConvNet
-from bnjax.recurrent import LSTM
+from bnjax.nets.models import MLP, ConvNet
+from bnjax.nets.recurrent import LSTM
+from bnjax.training.config import TrainConfig
 
 class TrainState(train_state.TrainState):
     """Flax's TrainState (step, params, opt_state, apply_fn, tx) plus BN's
@@ -39,7 +39,7 @@ DATA_AXIS = "data"  # the mesh axis the batch is split along
 def make_model(config: TrainConfig, num_devices: int = 1, conv_implementation: str = "lax") -> ConvNet | MLP | LSTM:
     """The config's net. Over several devices with synchronized BN, every BN
     averages its statistics over DATA_AXIS: the statistics of the global batch.
-    `conv_implementation` (bnjax/conv.py) applies to the CNN's convolutions."""
+    `conv_implementation` (nets/conv.py) applies to the CNN's convolutions."""
     bn = config.batch_norm_layer(axis_name=DATA_AXIS if num_devices > 1 and not config.ghost_bn else None)
     if config.model == "lstm":
         return _shared_model(LSTM, batch_norm=config.batch_norm, bn=bn, sequence=config.sequence,
@@ -99,11 +99,10 @@ def make_mesh(config: TrainConfig, devices=None) -> jax.sharding.Mesh:
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
     """The config's optimizer, with its learning rate kept in the optimizer
     state (`optax.inject_hyperparams`) rather than in the function: runs that
-    differ only in learning rate then share one program (bnjax/loop.py).
+    differ only in learning rate then share one program (engine/loop.py).
     Adam's betas and epsilon stay constants of the function (`static_args`):
-    injected too, they would change XLA's float32 round-off (a single run then
-    differed from the earlier per-run optimizer after one step by 3e-8; with
-    only the learning rate injected it is bit-identical)."""
+    injected as traced values too, they would change XLA's float32 round-off
+    of every step."""
     if config.optimizer == "adam":
         optimizer = optax.inject_hyperparams(optax.adam, static_args=("b1", "b2", "eps"))(
             learning_rate=config.learning_rate, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps)
@@ -216,7 +215,7 @@ def eval_step(state: TrainState, images, labels, chunk: int | None = None):
     With `chunk` (dividing the batch size), the batch goes through the net as a
     `lax.map` over pieces of `chunk` images, in one dispatch. Eval mode treats
     every example alone, so only the loss sum's float round-off can differ; on
-    XLA:CPU pieces of ~200 images stay in cache and run ~1.7x faster than 1000
+    XLA:CPU pieces of ~200 images stay in cache and run faster than 1000
     at once (docs/performance.md).
     """
     batch = labels.shape[0]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bnjax.config import TrainConfig
+from bnjax.training.config import TrainConfig
 
 
 def check_dataset(data) -> None:

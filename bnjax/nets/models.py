@@ -20,8 +20,9 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from bnjax.batchnorm import KERAS_BN, BatchNorm
-from bnjax.conv import CONV_IMPLEMENTATIONS, conv_as_matmul
+from bnjax.bn.batchnorm import KERAS_BN, BatchNorm
+from bnjax.nets.conv import CONV_IMPLEMENTATIONS, conv_as_matmul
+from bnjax.support.checks import check_choice
 
 ACTIVATIONS: dict[str, Callable] = {
     "relu": nn.relu,
@@ -43,14 +44,12 @@ KERNEL_INITS: dict[str, Callable] = {
 
 
 def get_activation(name: str) -> Callable:
-    if name not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {name!r}; allowed: {', '.join(sorted(ACTIVATIONS))}")
+    check_choice("activation", name, ACTIVATIONS)
     return ACTIVATIONS[name]
 
 
 def get_kernel_init(name: str) -> Callable:
-    if name not in KERNEL_INITS:
-        raise ValueError(f"unknown kernel_init {name!r}; allowed: {', '.join(sorted(KERNEL_INITS))}")
+    check_choice("kernel_init", name, KERNEL_INITS)
     return KERNEL_INITS[name]
 
 
@@ -80,7 +79,7 @@ class ConvNet(nn.Module):
     kernel_init: str = "glorot_uniform"
     # BN's settings as one value: every BN of the net is a copy of this layer
     # (`bn.copy()`, named BatchNorm_0, BatchNorm_1, ... as any BatchNorm).
-    # E.g. `bn=BatchNorm(momentum=0.9, epsilon=1e-5)`; bnjax/batchnorm.py checks it when it is made.
+    # E.g. `bn=BatchNorm(momentum=0.9, epsilon=1e-5)`; bn/batchnorm.py checks it when it is made.
     # The default is the article's: Keras's momentum 0.99 and epsilon 1e-3.
     bn: BatchNorm = KERAS_BN
     # Ablations of the article's keypoints (experiments/ablations.py); the
@@ -91,7 +90,7 @@ class ConvNet(nn.Module):
     # that of the inputs and parameters, as flax's; parameters stay float32
     # and BN computes its statistics in float32 or wider either way).
     dtype: Any = None
-    # How the convolutions are computed (bnjax/conv.py): "lax" (XLA's
+    # How the convolutions are computed (nets/conv.py): "lax" (XLA's
     # convolution) or "matmul" (patches and one matrix product, which stays a
     # batched matrix product when runs are stacked). Same parameters either way.
     conv_implementation: str = "lax"
@@ -100,11 +99,8 @@ class ConvNet(nn.Module):
     def __call__(self, x, *, train: bool):
         activation = get_activation(self.activation)
         kernel_init = get_kernel_init(self.kernel_init)
-        if self.bn_position not in BN_POSITIONS:
-            raise ValueError(f"unknown bn_position {self.bn_position!r}; allowed: {', '.join(BN_POSITIONS)}")
-        if self.conv_implementation not in CONV_IMPLEMENTATIONS:
-            raise ValueError(f"unknown conv_implementation {self.conv_implementation!r}; "
-                             f"allowed: {', '.join(CONV_IMPLEMENTATIONS)}")
+        check_choice("bn_position", self.bn_position, BN_POSITIONS)
+        check_choice("conv_implementation", self.conv_implementation, CONV_IMPLEMENTATIONS)
         conv_function = conv_as_matmul if self.conv_implementation == "matmul" else jax.lax.conv_general_dilated
 
         def linear_unit(layer: nn.Module, x, hidden: bool):

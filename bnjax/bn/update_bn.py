@@ -16,7 +16,7 @@ and variance are then the equal-weight averages over the batches:
     var  = (1/K) sum_k var_k                                   variance="batch_average"
     var  = (1/K) sum_k var_k + (1/K) sum_k (mean_k - mean)^2    variance="pooled"
 
-(bnjax/precise_bn.py says why each; a bnjax layer with PyTorch's
+(training/precise_bn.py says why each; a bnjax layer with PyTorch's
 `unbiased_running_var` takes N / (N - 1) x each batch's variance, as
 PyTorch's update_bn does.) Each layer sees the layers below it normalized by
 the batch's own statistics, as in training.
@@ -28,15 +28,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bnjax.batchnorm import BatchNorm, batch_statistics, canonical_axes
+from bnjax.bn.batchnorm import BatchNorm, batch_statistics, canonical_axes
+from bnjax.support.checks import check_choice
 
 VARIANCES = ("batch_average", "pooled")
 BN_LAYERS = (nn.BatchNorm, BatchNorm)
 
 
 def check_variance(variance: str) -> None:
-    if variance not in VARIANCES:
-        raise ValueError(f"unknown variance {variance!r}; allowed: {', '.join(VARIANCES)}")
+    check_choice("variance", variance, VARIANCES)
 
 
 def layer_statistics(module, x, mask=None):

@@ -2,7 +2,7 @@
 (its constructor, its call, its `BatchStat` and `Param` variables, its
 `train()` / `eval()` / `nnx.view` switching; it subclasses it) with bnjax's
 variants as extra keyword-only arguments, computed by the same functions as
-the linen `bnjax.BatchNorm` (`bnjax.batchnorm.forward`).
+the linen `bnjax.BatchNorm` (`bnjax.bn.batchnorm.forward`).
 
 NNX keeps state inside the module: in train mode a call writes the new
 running averages into the layer's `mean` and `var` (and, for the variants
@@ -18,9 +18,9 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.linen.dtypes import canonicalize_dtype
 
-from bnjax.batchnorm import Renorm, check_call, check_settings, forward
-from bnjax.checkup import Checkup, _score, check_tolerance, layer_gaps, verdict
-from bnjax.update_bn import average, check_variance, gather
+from bnjax.bn.batchnorm import Renorm, check_call, check_settings, forward
+from bnjax.bn.checkup import Checkup, _score, check_tolerance, layer_gaps, verdict
+from bnjax.bn.update_bn import average, check_variance, gather
 
 VARIANTS = dict(running_average="ema", unbiased_running_var=False, renorm=None, frozen=False, ghost_batch_size=None)
 

@@ -2,8 +2,8 @@
 
 Two pure functions hold all of the math:
 
-    batch_norm_train(x, scale, bias, running_mean, running_var, ...)
-        -> (y, new_running_mean, new_running_var)
+    batch_norm_train(x, scale, bias, running, average, epsilon, ...)
+        -> (y, new_running)              running: {"mean", "var"}; average: RunningAverage
     batch_norm_eval(x, scale, bias, running_mean, running_var, ...) -> y
 
 and a Flax linen module, `BatchNorm`, stores their state: `scale` and `bias`
@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 from flax.linen.dtypes import canonicalize_dtype
 
-from bnjax.checks import check_bool, check_choice, check_integer, is_integer, is_real
+from bnjax.support.checks import check_bool, check_choice, check_integer, is_integer, is_real
 
 # flax.linen.BatchNorm's defaults, which BatchNorm and the pure functions share.
 DEFAULT_MOMENTUM = 0.99
@@ -175,30 +175,40 @@ def running_average_weights(running_average: str, momentum: float, count):
     """
     check_running_average(running_average)
     if running_average == "ema":
-        return momentum, 1.0 - momentum  # the expression used before the other rules existed: same numbers
+        return momentum, 1.0 - momentum  # keep = momentum itself, not 1 - take: the exact weights of Keras and Flax
     t = jnp.asarray(count, jnp.float32)
     take = (1.0 - momentum) / (1.0 - momentum**t) if running_average == "debiased_ema" else 1.0 / t
     return 1.0 - take, take
 
 
-def batch_norm_train(x, scale, bias, running_mean, running_var, momentum: float = DEFAULT_MOMENTUM,
-                     epsilon: float = DEFAULT_EPSILON, axis_name: str | None = None,
-                     unbiased_running_var: bool = False, running_average: str = "ema", count=1,
-                     ghost_batch_size: int | None = None, **statistics):
+@dataclasses.dataclass(frozen=True)
+class RunningAverage:
+    """How train mode updates BN's running statistics: the `rule` of
+    `running_average_weights` with `momentum`, and whether the running
+    variance tracks the batch's biased variance (Keras, Flax) or, with
+    `unbiased_var`, the N / (N - 1)-corrected one (PyTorch)."""
+
+    momentum: float = DEFAULT_MOMENTUM
+    rule: str = "ema"
+    unbiased_var: bool = False
+
+
+def batch_norm_train(x, scale, bias, running: dict, average: RunningAverage = RunningAverage(),
+                     epsilon: float = DEFAULT_EPSILON, ghost_batch_size: int | None = None, **statistics):
     """Train mode: normalize with this batch's statistics, update the running ones.
 
-    Returns (y, new_running_mean, new_running_var), where
+    `running`: the layer's running "mean" and "var" and, where kept, "count"
+    (updates so far). Returns (y, new_running) with new_running's "mean",
+    "var" and "count", where
         new_running = keep * running + take * batch_statistic
-    with (keep, take) from `running_average_weights` for this, the `count`-th,
-    update: for the default "ema", keep = momentum, take = 1 - momentum.
-    The batch is always normalized with its biased variance; the running
-    variance tracks the biased one too (Keras, Flax), or with
-    `unbiased_running_var` the N / (N - 1)-corrected one (PyTorch).
+    with (keep, take) from `running_average_weights` for this update under
+    `average` (for the default "ema": keep = momentum, take = 1 - momentum).
+    The batch is always normalized with its biased variance.
     Gradients flow through the batch mean and variance (that is what makes BN
     more than a fixed rescaling); the running averages are not differentiated.
 
-    `statistics`: how `batch_statistics` computes them (reduction_axes,
-    use_fast_variance, mask, axis_index_groups, dtype,
+    `statistics`: how `batch_statistics` computes them (axis_name,
+    reduction_axes, use_fast_variance, mask, axis_index_groups, dtype,
     force_float32_reductions); the running statistics have the shape of the
     axes not reduced, and scale and bias broadcast against x.
 
@@ -206,11 +216,13 @@ def batch_norm_train(x, scale, bias, running_mean, running_var, momentum: float 
     axis 0) is normalized with its own statistics (`ghost_batch_statistics`),
     and the running averages take the mean over the groups (and over devices,
     with `axis_name`) of the group means and group variances: what ghost BN
-    over devices records (bnjax/steps.py averages each device's update).
+    over devices records (training/steps.py averages each device's update).
     """
-    keep, take = running_average_weights(running_average, momentum, count)
+    count = running.get("count", 0) + 1
+    keep, take = running_average_weights(average.rule, average.momentum, count)
     axes = canonical_axes(x.ndim, statistics.get("reduction_axes") or range(x.ndim - 1))
     statistics = {**statistics, "reduction_axes": axes}
+    axis_name = statistics.pop("axis_name", None)
     if ghost_batch_size is None:
         mean, var = batch_statistics(x, axis_name, **statistics)
         y = normalize(x, broadcast_features(mean, axes, x.ndim), broadcast_features(var, axes, x.ndim), scale, bias,
@@ -226,16 +238,17 @@ def batch_norm_train(x, scale, bias, running_mean, running_var, momentum: float 
             mean, var = jax.lax.pmean((mean, var), axis_name,
                                       axis_index_groups=statistics.get("axis_index_groups"))
     var_for_running = var
-    if unbiased_running_var:
+    if average.unbiased_var:
         values = math.prod(x.shape[axis] for axis in axes)  # values per feature in this (local) batch
         if ghost_batch_size is not None:
             values = values * ghost_batch_size // x.shape[0]  # ... in one ghost batch
         if axis_name is not None and ghost_batch_size is None:
             values = values * jax.lax.psum(1, axis_name, axis_index_groups=statistics.get("axis_index_groups"))
         var_for_running = var * (values / max(values - 1, 1))
-    new_running_mean = keep * running_mean + take * jax.lax.stop_gradient(mean)
-    new_running_var = keep * running_var + take * jax.lax.stop_gradient(var_for_running)
-    return y, new_running_mean, new_running_var
+    new_running = {"mean": keep * running["mean"] + take * jax.lax.stop_gradient(mean),
+                   "var": keep * running["var"] + take * jax.lax.stop_gradient(var_for_running),
+                   "count": count}
+    return y, new_running
 
 
 def batch_norm_eval(x, scale, bias, running_mean, running_var, epsilon: float = DEFAULT_EPSILON):
@@ -329,12 +342,13 @@ def clip_limits(renorm: Renorm, count):
 
 
 def batch_renorm_train(x, scale, bias, stats: dict, renorm: Renorm, momentum: float, epsilon: float,
-                       axis_name: str | None = None, **statistics):
+                       **statistics):
     """Train mode of Batch Renorm. `stats`: this layer's `batch_stats` (mean,
     var, std, renorm_mean, renorm_std, count); `statistics`: how
-    `batch_statistics` computes the batch's. Returns (y, new_stats)."""
+    `batch_statistics` computes the batch's (axis_name included). Returns (y, new_stats)."""
     axes = canonical_axes(x.ndim, statistics.get("reduction_axes") or range(x.ndim - 1))
-    mean, var = batch_statistics(x, axis_name, **{**statistics, "reduction_axes": axes})
+    statistics = {**statistics, "reduction_axes": axes}
+    mean, var = batch_statistics(x, statistics.pop("axis_name", None), **statistics)
     std = jnp.sqrt(var + epsilon)
     count = stats["count"] + 1
     r_max, d_max = clip_limits(renorm, count)
@@ -486,18 +500,13 @@ def forward(bn, x, scale, bias, running: dict, use_running_average: bool, mask, 
         return batch_norm_eval(x, scale, bias, broadcast_features(mean, reduction_axes, x.ndim),
                                broadcast_features(var, reduction_axes, x.ndim), bn.epsilon), None
 
-    statistics = dict(reduction_axes=reduction_axes, use_fast_variance=bn.use_fast_variance, mask=mask,
-                      axis_index_groups=bn.axis_index_groups, dtype=bn.dtype,
+    statistics = dict(axis_name=axis_name, reduction_axes=reduction_axes, use_fast_variance=bn.use_fast_variance,
+                      mask=mask, axis_index_groups=bn.axis_index_groups, dtype=bn.dtype,
                       force_float32_reductions=force_float32_reductions)
     if bn.renorm is not None:
-        return batch_renorm_train(x, scale, bias, running, bn.renorm, bn.momentum, bn.epsilon, axis_name,
-                                  **statistics)
-    count = 1 if "count" not in running else running["count"] + 1
-    y, new_mean, new_var = batch_norm_train(
-        x, scale, bias, running["mean"], running["var"], bn.momentum, bn.epsilon, axis_name=axis_name,
-        unbiased_running_var=bn.unbiased_running_var, running_average=bn.running_average, count=count,
-        ghost_batch_size=bn.ghost_batch_size, **statistics)
-    return y, {"mean": new_mean, "var": new_var, "count": count}
+        return batch_renorm_train(x, scale, bias, running, bn.renorm, bn.momentum, bn.epsilon, **statistics)
+    average = RunningAverage(bn.momentum, bn.running_average, bn.unbiased_running_var)
+    return batch_norm_train(x, scale, bias, running, average, bn.epsilon, bn.ghost_batch_size, **statistics)
 
 
 def check_settings(bn: BatchNorm) -> None:
