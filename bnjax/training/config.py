@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 from bnjax.bn.batchnorm import BatchNorm, Renorm, check_renorm_settings, check_variant
+from bnjax.bn.noisy import NoisyBatchNorm
 from bnjax.nets.models import ACTIVATIONS, BN_POSITIONS, KERNEL_INITS
 from bnjax.nets.recurrent import SEQUENCES, sequence_length
 from bnjax.support.checks import check_bool, check_choice, check_integer, check_positive_real, is_integer, is_real
@@ -22,7 +23,8 @@ MODELS = ("convnet", "mlp", "lstm")
 # Fields model "lstm" takes at their defaults only (nets/recurrent.py: its own
 # initializers, per-step statistics without Renorm or frozen BN, one device's
 # statistics, float32 arithmetic), and the fields of model "lstm" alone.
-NOT_FOR_LSTM = ("kernel_init", "bn_renorm", "bn_frozen", "ghost_bn", "bn_ghost_batch_size", "compute_dtype")
+NOT_FOR_LSTM = ("kernel_init", "bn_renorm", "bn_frozen", "ghost_bn", "bn_ghost_batch_size", "bn_noise",
+                "compute_dtype")
 LSTM_ONLY = ("sequence", "lstm_hidden_size", "lstm_t_max", "lstm_bn_scale_init", "permutation_seed")
 EVAL_STATISTICS = ("running", "precise", "batch")  # training/evaluation.py
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -78,6 +80,10 @@ class TrainConfig:
     # statistics (the normalization batch size; None: the whole batch).
     # `ghost_batch_statistics.`
     bn_ghost_batch_size: int | None = None
+    # Noisy BN (Santurkar et al. 2018; `NoisyBatchNorm`): in training every
+    # BN output is shifted and rescaled per feature by noise drawn afresh at
+    # each step, so that layer inputs' distributions move.
+    bn_noise: bool = False
     eval_every: int = 100  # steps between evaluations on the whole test set
     eval_batch_size: int = 1000
     # Each evaluation uses BN's running averages (val_accuracy); "precise" or
@@ -124,6 +130,9 @@ class TrainConfig:
         check_choice("eval_statistics", self.eval_statistics, EVAL_STATISTICS)
         check_choice("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
         check_choice("matmul_precision", self.matmul_precision, MATMUL_PRECISIONS)
+        if self.bn_noise is True and not self.batch_norm:
+            raise ValueError("bn_noise adds noise after BN, and this model has no BN (batch_norm=False); "
+                             "set batch_norm=True")
         if self.eval_statistics != "running" and not self.batch_norm:
             raise ValueError(f"eval_statistics {self.eval_statistics!r} needs BN statistics, and this model has no "
                              "BN (batch_norm=False); use 'running' or batch_norm=True")
@@ -147,7 +156,7 @@ class TrainConfig:
         elif any(getattr(self, name) != defaults[name] for name in LSTM_ONLY):
             raise ValueError(f"sequence and the lstm_ fields apply to model 'lstm' only, not {self.model!r}")
         for name in ("batch_norm", "shuffle", "ghost_bn", "bn_use_bias", "bn_two_pass_variance", "bn_renorm",
-                     "bn_frozen"):
+                     "bn_frozen", "bn_noise"):
             check_bool(name, getattr(self, name))
         for name in ("batch_size", "epochs", "eval_every", "eval_batch_size", "precise_bn_batches", "lstm_hidden_size"):
             check_integer(name, getattr(self, name))
@@ -180,7 +189,8 @@ class TrainConfig:
         `axis_name`: the mesh axis BN averages its statistics over (training/steps.py)."""
         renorm = (Renorm(self.bn_renorm_r_max, self.bn_renorm_d_max, self.bn_renorm_momentum,
                          self.bn_renorm_warmup_steps) if self.bn_renorm else None)
-        return BatchNorm(momentum=self.bn_momentum, epsilon=self.bn_epsilon, axis_name=axis_name,
-                         running_average=self.bn_running_average, use_fast_variance=not self.bn_two_pass_variance,
-                         renorm=renorm, frozen=self.bn_frozen, ghost_batch_size=self.bn_ghost_batch_size)
+        settings = dict(momentum=self.bn_momentum, epsilon=self.bn_epsilon, axis_name=axis_name,
+                        running_average=self.bn_running_average, use_fast_variance=not self.bn_two_pass_variance,
+                        renorm=renorm, frozen=self.bn_frozen, ghost_batch_size=self.bn_ghost_batch_size)
+        return NoisyBatchNorm(**settings) if self.bn_noise else BatchNorm(**settings)
 
