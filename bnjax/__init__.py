@@ -6,6 +6,7 @@
     batch_stats = bnjax.update_bn(model, variables, batches)  # precise BN for any linen model
     report = bnjax.checkup(model, variables, train_batches, eval_batches, metric)  # which BN statistics to trust
 
+    bnjax.use_persistent_cache()  # compiled programs kept on disk, as python -m bnjax does
     data = bnjax.load_mnist()
     history, state = bnjax.train(bnjax.TrainConfig(batch_norm=True), data)        # the plain loop
     results = bnjax.train_many([bnjax.TrainConfig(seed=s) for s in range(3)], data)  # the engine
@@ -28,9 +29,11 @@ from bnjax.bn.update_bn import update_bn
 from bnjax.data.datasets import load_dataset, load_mnist
 from bnjax.engine.launch import train_many
 from bnjax.engine.strategy import Strategy
+from bnjax.support.compilation_cache import use_persistent_cache
 from bnjax.training.config import TrainConfig
 from bnjax.training.history import History
 from bnjax.training.train import train
 
 __all__ = ["BatchNorm", "KERAS_BN", "Renorm", "nnx", "update_bn", "checkup", "Checkup", "accuracy",
-           "TrainConfig", "History", "train", "train_many", "Strategy", "load_mnist", "load_dataset"]
+           "TrainConfig", "History", "train", "train_many", "Strategy", "load_mnist", "load_dataset",
+           "use_persistent_cache"]

@@ -4,6 +4,7 @@
     python -m bnjax --set batch_norm=true --set learning_rate=0.01 --set max_steps=200
     python -m bnjax --set batch_norm=true --set activation=sigmoid --save runs/one.json
     python -m bnjax --fields                                  # every field, its default and type
+    python -m bnjax --set max_steps=3000 --checkpoint runs/one.msgpack   # Ctrl-C, run again: it resumes
 
 Values are read by the field's type: true/false for booleans, integers,
 numbers, names, and `none` for the optional integers. Progress goes to stdout
@@ -18,15 +19,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import typing
 
+from bnjax.support.checks import OneLineArgumentParser
 from bnjax.data.datasets import DATASETS, SOURCES, DataError, load_dataset
-from bnjax.engine.launch import train_many
+from bnjax.engine.loop import train_runs
 from bnjax.support.atomic import unwritable_reason, write_json
 from bnjax.support.compilation_cache import use_persistent_cache
 from bnjax.support.provenance import environment
 from bnjax.support.xla_flags import apply_cpu_flags
-from bnjax.training.config import TrainConfig
+from bnjax.training.config import CHOICES, TrainConfig
 from bnjax.training.history import DIVERGED_LOSS
 
 FIELDS = {field.name: field for field in dataclasses.fields(TrainConfig)}
@@ -68,7 +71,9 @@ def config_from_settings(settings: list[str]) -> TrainConfig:
         if not equals:
             raise ValueError(f"--set needs FIELD=VALUE, got {setting!r}")
         if name not in FIELDS:
-            raise ValueError(f"unknown TrainConfig field {name!r}; fields: {', '.join(FIELDS)}")
+            close = difflib.get_close_matches(name, FIELDS, n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise ValueError(f"unknown TrainConfig field {name!r}; {hint}python -m bnjax --fields lists them")
         values[name] = parse_value(name, text.strip())
     return TrainConfig(**values)  # its own checks name any value out of range
 
@@ -92,18 +97,34 @@ def running_average_lag_note(config: TrainConfig, step: int, record: dict) -> st
             "--set eval_statistics=precise also shows the same weights with precise BN statistics")
 
 
+def allowed_values(name: str) -> str:
+    """What `--set name=...` takes, in words."""
+    if name in CHOICES:
+        return "one of " + ", ".join(CHOICES[name])
+    kind = FIELD_TYPES[name]
+    base = next((arg for arg in typing.get_args(kind) if arg is not type(None)), kind)
+    words = {bool: "true or false", int: "an integer", float: "a number", str: "a name"}.get(base, str(base))
+    return words + (" or none" if type(None) in typing.get_args(kind) else "")
+
+
 def describe_fields() -> str:
+    """Every TrainConfig field as a table: its name, default and what it takes."""
     defaults = TrainConfig()
-    return "\n".join(f"  {name:16s} {getattr(defaults, name)!r:18} "
-                     f"{getattr(FIELD_TYPES[name], '__name__', FIELD_TYPES[name])}" for name in FIELDS)
+    rows = [("field", "default", "takes")] + [(name, repr(getattr(defaults, name)), allowed_values(name))
+                                              for name in FIELDS]
+    widths = [max(len(row[column]) for row in rows) for column in range(2)]
+    return "\n".join(f"  {name:{widths[0]}}  {default:{widths[1]}}  {takes}" for name, default, takes in rows)
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m bnjax", description=__doc__.split("\n\n")[0],
+    parser = OneLineArgumentParser(prog="python -m bnjax", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="set one TrainConfig field (repeatable)")
     parser.add_argument("--save", default=None, metavar="PATH", help="write config, environment and History as JSON")
+    parser.add_argument("--checkpoint", default=None, metavar="PATH",
+                        help="save the whole run there at every evaluation; a run started with an existing "
+                             "checkpoint of the same config resumes from it, to the numbers it would have reached")
     parser.add_argument("--fields", action="store_true", help="list the TrainConfig fields and their defaults")
     parser.add_argument("--dataset", choices=sorted(DATASETS), default="mnist")
     parser.add_argument("--source", choices=SOURCES, default="auto", help="data source (docs/data.md)")
@@ -140,9 +161,10 @@ def main(argv=None) -> None:
         config = config_from_settings(args.set)
     except ValueError as error:
         parser.exit(2, f"error: {error}\n")
-    reason = unwritable_reason(args.save) if args.save else None
-    if reason:  # before training, so that no result is lost at the end
-        parser.exit(2, f"error: --save {args.save} {reason}\n")
+    for flag, path in (("--save", args.save), ("--checkpoint", args.checkpoint)):
+        reason = unwritable_reason(path) if path else None
+        if reason:  # before training, so that no result is lost at the end
+            parser.exit(2, f"error: {flag} {path} {reason}\n")
     changed = {name: getattr(config, name) for name in FIELDS if getattr(config, name) != FIELDS[name].default}
     print(f"training one run: {changed or 'the defaults (the article plain net)'}", flush=True)
     try:
@@ -152,9 +174,12 @@ def main(argv=None) -> None:
 
     use_persistent_cache()
     try:
-        [(history, _)] = train_many([config], data, on_eval=_progress_printer(config))
+        # Through the engine, as the studies train (one run, this process);
+        # with --checkpoint, its loop saves and resumes the run at that path.
+        [(history, _)] = train_runs([config], data, on_eval=_progress_printer(config),
+                                    checkpoint_paths=[args.checkpoint])
     except KeyboardInterrupt:
-        parser.exit(130, "interrupted; nothing saved\n")
+        parser.exit(130, f"interrupted; {'resume with the same command' if args.checkpoint else 'nothing saved'}\n")
     except ValueError as error:  # e.g. a batch that does not divide over the devices
         parser.exit(2, f"error: {error}\n")
     outcome = f"diverged (training loss {history.train_loss[-1]:.4g})" if history.diverged else "done"

@@ -30,12 +30,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bnjax.support.checks import OneLineArgumentParser  # noqa: E402
 from bnjax.data.datasets import load_mnist  # noqa: E402
 from bnjax.support.atomic import atomic_write  # noqa: E402
 from bnjax.training.config import TrainConfig
 from bnjax.training.steps import cross_entropy_loss, to_float_images  # noqa: E402
 from experiments.results import last_full_interval, run_resumable, save_figure  # noqa: E402
-from experiments.sweep import add_sweep_flags, positive_int, run_sweep, sweep_strategy  # noqa: E402
+from experiments.sweep import add_sweep_flags, output_folder, positive_int, run_sweep, sweep_strategy  # noqa: E402
 
 ACTIVATIONS = ("sigmoid", "tanh", "relu", "elu")
 LEARNING_RATES = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)  # a half-decade log grid
@@ -287,14 +288,15 @@ def run_study(name: str, args, load_data) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="the article's keypoints, tested")
+    parser = OneLineArgumentParser(description="the article's keypoints, tested")
     parser.add_argument("study", choices=[*STUDIES, "all"])
     parser.add_argument("--examples", type=positive_int, default=MNIST_TRAIN_SIZE,
                         help="training examples per run of the batch_size study (default one epoch)")
-    add_sweep_flags(parser, seeds=3, epochs=None, out="outputs/ablations")
+    add_sweep_flags(parser, seeds=3, epochs=None, study="ablations")
     args = parser.parse_args(argv)
     if args.examples < max(BATCH_SIZES) or args.examples > MNIST_TRAIN_SIZE:
         parser.error(f"--examples {args.examples} must be in [{max(BATCH_SIZES)}, {MNIST_TRAIN_SIZE}]")
+    output_folder(args, "ablations")
     load_data = functools.cache(load_mnist)  # one load for all studies of `all`
     for name in (STUDIES if args.study == "all" else [args.study]):
         run_study(name, args, load_data)

@@ -3,7 +3,7 @@
     python -m experiments.article                  # article grid, 3 seeds, 3 epochs
     python -m experiments.article --grid notebook  # lr {0.001, 0.01, 0.05} x {relu, sigmoid}
     python -m experiments.article --seeds 1 --max-steps 200 --out /tmp/smoke  # smoke run
-    python -m experiments.article --grid notebook --dataset fashion_mnist  # -> outputs/article_fashion_mnist
+    python -m experiments.article --grid notebook --dataset fashion_mnist  # -> runs/article_fashion_mnist
     python -m experiments.article --no-precise-bn  # without the precise-BN curves (about half the time)
 
 Writes `<out>/results.json` after every run (atomically), then the figures and
@@ -21,12 +21,14 @@ import dataclasses
 import sys
 from pathlib import Path
 
+from bnjax.support.checks import OneLineArgumentParser
 from bnjax.data.datasets import DATASETS, SOURCES, load_dataset
 from bnjax.support.provenance import describe_environment, environment, same_setup
 from bnjax.training.config import TrainConfig
 from experiments import plot_article
 from experiments.results import load_results, run_key, run_resumable, unfinished
-from experiments.sweep import add_sweep_flags, run_sweep, sweep_strategy
+from experiments.sweep import (COMMITTED, RUNS, add_sweep_flags, copy_committed_runs, output_folder, run_sweep,
+                               sweep_strategy)
 
 # (learning_rate, activation) pairs.
 GRIDS = {
@@ -52,9 +54,9 @@ def sweep_configs(grid: str, seeds: int, epochs: int, max_steps: int | None,
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--grid", choices=sorted(GRIDS), default="article")
-    add_sweep_flags(parser, seeds=3, epochs=3, out=None)
+    add_sweep_flags(parser, seeds=3, epochs=3, study="article")
     parser.add_argument("--precise-bn", action=argparse.BooleanOptionalAction, default=True,
                         help="also test every BN run's weights with precise BN statistics at each evaluation "
                              "(default: on)")
@@ -62,28 +64,38 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--source", choices=SOURCES, default="auto", help="data source (see bnjax/data/datasets.py)")
     parser.add_argument("--data-dir", default=None, help="IDX directory or TFDS data_dir")
     parser.add_argument("--cache-dir", default=None, help="data cache directory (default $BNJAX_CACHE_DIR or ~/.cache/bnjax)")
-    args = parser.parse_args(argv)
-    if args.out is None:
-        args.out = Path("outputs/article" if args.dataset == "mnist" else f"outputs/article_{args.dataset}")
-    return args
+    return parser.parse_args(argv)
+
+
+def study_name(args: argparse.Namespace) -> str:
+    """The folders' name: "article", or "article_fashion_mnist" for that data set."""
+    return "article" if args.dataset == "mnist" else f"article_{args.dataset}"
 
 
 def explain_nothing_trained(args: argparse.Namespace, results: dict, results_path: Path,
                             configs: list[TrainConfig]) -> None:
     """Every run is saved already (e.g. a fresh clone's committed results): say
     where they came from and how to train afresh, show the table, touch nothing."""
-    saved, here = results.get("environment", {}), environment()
+    # Runs copied from the committed results carry where they were made.
+    saved = next((run["copied_from"]["environment"] for run in results["runs"] if "copied_from" in run),
+                 results.get("environment", {}))
+    here = environment()
     print(f"Nothing was trained. The saved runs were made on: {describe_environment(saved)}.")
     if not same_setup(saved, here):
         print(f"This machine differs: {describe_environment(here)}.")
     summary = args.out / "summary.md"
+    if not summary.exists():  # a fresh runs/ folder: the committed summary of these runs
+        summary = COMMITTED / study_name(args) / "summary.md"
     if summary.exists():
         print(f"\n{summary.read_text().strip()}\n")
     wanted = {run_key(dataclasses.asdict(config)) for config in configs}
     run_minutes = sum(run.get("total_wall_time_s", 0.0) for run in results["runs"]
                       if run_key(run["config"]) in wanted) / 60
-    fresh = " ".join(["python -m experiments.article", *argv_without_out(args), "--out", "runs/article"])
-    print(f"The figures and summary in {args.out}/ are left as they were "
+    options = argv_without_out(args)
+    # A folder of this invocation's own, so that a smoke run's suggestion never points into the full sweep's.
+    folder = f"{RUNS / study_name(args)}-" + ("-".join(word.lstrip("-") for word in options) or "afresh")
+    fresh = " ".join(["python -m experiments.article", *options, "--out", folder])
+    print(f"The figures and summary in {summary.parent}/ are left as they were "
           f"(python -m experiments.plot_article {results_path} redraws them).")
     print(f"To train these {len(configs)} runs afresh here: {fresh}  "
           f"(the saved runs' training times add up to {run_minutes:.0f} minutes "
@@ -102,9 +114,11 @@ def argv_without_out(args: argparse.Namespace) -> list[str]:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    output_folder(args, study_name(args))
     configs = sweep_configs(args.grid, args.seeds, args.epochs, args.max_steps, args.precise_bn)
     results_path = args.out / "results.json"
     results = load_results(results_path)
+    copy_committed_runs(results, results_path, configs)  # under runs/: the committed runs of these configs
     saved_dataset = results.setdefault("dataset", args.dataset)
     if saved_dataset != args.dataset:
         sys.exit(f"error: {results_path} holds {saved_dataset} runs, not {args.dataset}; pass another --out")

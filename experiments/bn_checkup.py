@@ -26,6 +26,7 @@ import numpy as np
 import optax
 
 import bnjax
+from bnjax.support.checks import OneLineArgumentParser
 from bnjax.data.datasets import load_mnist
 from bnjax.support.atomic import atomic_write
 from bnjax.support.provenance import describe_environment, environment
@@ -119,7 +120,7 @@ def batches_of(data, seed: int = 0):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=600, help="training steps of each model (default 600)")
     parser.add_argument("--out", type=Path, default=None, help="folder to write report.md into (default: print only)")
     args = parser.parse_args(argv)

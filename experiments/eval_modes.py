@@ -36,6 +36,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bnjax.support.checks import OneLineArgumentParser  # noqa: E402
 from bnjax.data.datasets import load_mnist  # noqa: E402
 from bnjax.support.atomic import atomic_write  # noqa: E402
 from bnjax.training.config import TrainConfig
@@ -44,7 +45,7 @@ from bnjax.training.evaluation import evaluate
 from bnjax.training.precise_bn import precise_statistics, sample_batches  # noqa: E402
 from bnjax.training.steps import make_model  # noqa: E402
 from experiments.results import load_results, run_resumable, save_figure  # noqa: E402
-from experiments.sweep import add_sweep_flags, run_sweep, sweep_strategy  # noqa: E402
+from experiments.sweep import add_sweep_flags, output_folder, run_sweep, sweep_strategy  # noqa: E402
 
 MOMENTA = (0.9, 0.99, 0.999)
 TEST_BATCH_SIZES = (1, 2, 8, 100, 10000)
@@ -216,9 +217,10 @@ def measure_final_state(config: TrainConfig, history, state, data) -> dict:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="train mode vs. test mode of BN")
-    add_sweep_flags(parser, seeds=2, epochs=1, out="outputs/eval_modes")
+    parser = OneLineArgumentParser(description="train mode vs. test mode of BN")
+    add_sweep_flags(parser, seeds=2, epochs=1, study="eval_modes")
     args = parser.parse_args(argv)
+    output_folder(args, "eval_modes")
     results_path = args.out / "results.json"
     configs = [dataclasses.replace(config, max_steps=args.max_steps) for config in study_configs(args.seeds, args.epochs)]
     run_sweep(configs, results_path, load_mnist, strategy=sweep_strategy(args), make_probe=EvalModeProbe,

@@ -28,11 +28,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bnjax.support.checks import OneLineArgumentParser  # noqa: E402
 from bnjax.data.datasets import load_mnist  # noqa: E402
 from bnjax.support.atomic import atomic_write  # noqa: E402
 from bnjax.training.config import TrainConfig  # noqa: E402
 from experiments.results import load_results, run_resumable, save_figure  # noqa: E402
-from experiments.sweep import add_sweep_flags, run_sweep, sweep_strategy  # noqa: E402
+from experiments.sweep import add_sweep_flags, output_folder, run_sweep, sweep_strategy  # noqa: E402
 
 # (label, num_devices, ghost_bn)
 VARIANTS = [
@@ -78,9 +79,10 @@ def plot(results_path: Path) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="synchronized vs. ghost BN over devices")
-    add_sweep_flags(parser, seeds=2, epochs=1, out="outputs/ghost_bn")
+    parser = OneLineArgumentParser(description="synchronized vs. ghost BN over devices")
+    add_sweep_flags(parser, seeds=2, epochs=1, study="ghost_bn")
     args = parser.parse_args(argv)
+    output_folder(args, "ghost_bn")
     if jax.device_count() < 8:
         parser.error(f"needs 8 devices, found {jax.device_count()} ({jax.default_backend()})")
 

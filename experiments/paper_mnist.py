@@ -29,11 +29,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bnjax.support.checks import OneLineArgumentParser  # noqa: E402
 from bnjax.data.datasets import load_mnist  # noqa: E402
 from bnjax.training.config import TrainConfig
 from bnjax.training.steps import to_float_images  # noqa: E402
 from experiments.results import load_results, run_resumable, save_figure  # noqa: E402
-from experiments.sweep import add_sweep_flags, positive_int, run_sweep, sweep_strategy  # noqa: E402
+from experiments.sweep import add_sweep_flags, output_folder, positive_int, run_sweep, sweep_strategy  # noqa: E402
 
 PERCENTILES = (15, 50, 85)
 UNIT = 0  # which sigmoid of the last hidden layer to follow
@@ -90,11 +91,12 @@ def plot(results_path: Path) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="the BN paper's MNIST figure")
+    parser = OneLineArgumentParser(description="the BN paper's MNIST figure")
     parser.add_argument("--steps", type=positive_int, default=50000)
     parser.add_argument("--eval-every", type=positive_int, default=500)
-    add_sweep_flags(parser, seeds=1, epochs=None, out="outputs/paper_mnist")
+    add_sweep_flags(parser, seeds=1, epochs=None, study="paper_mnist")
     args = parser.parse_args(argv)
+    output_folder(args, "paper_mnist")
     steps = min(args.steps, args.max_steps or args.steps)
     results_path = args.out / "results.json"
     configs = [paper_config(batch_norm, steps, seed, args.eval_every)

@@ -40,6 +40,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bnjax.support.checks import OneLineArgumentParser  # noqa: E402
 from bnjax.data.datasets import load_mnist  # noqa: E402
 from bnjax.nets.recurrent import PAPER_SETTINGS, SEQUENCES, sequence_length  # noqa: E402
 from bnjax.support.atomic import atomic_write, write_json  # noqa: E402
@@ -49,7 +50,7 @@ from bnjax.training.precise_bn import average_statistics, recompute_batch_stats 
 from bnjax.training.steps import cross_entropy_loss, model_of  # noqa: E402
 from bnjax.training.steps import create_train_state, to_float_images
 from experiments.results import run_key, run_resumable, save_figure  # noqa: E402
-from experiments.sweep import add_sweep_flags, positive_int, run_sweep, sweep_strategy  # noqa: E402
+from experiments.sweep import add_sweep_flags, output_folder, positive_int, run_sweep, sweep_strategy  # noqa: E402
 
 # The paper's numbers (its table 2: test accuracy, %, early-stopped models,
 # population statistics): 784-pixel sequences in order and permuted.
@@ -202,14 +203,15 @@ def summary_lines(runs: list[dict], flow: dict) -> list[str]:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="LSTM vs. BN-LSTM on sequential MNIST (Cooijmans et al. 2017)")
+    parser = OneLineArgumentParser(description="LSTM vs. BN-LSTM on sequential MNIST (Cooijmans et al. 2017)")
     parser.add_argument("--task", choices=list(SEQUENCES), default="rows",
                         help="rows: 28 steps of 28 pixels; pixels / permuted_pixels: 784 steps of 1 (the paper's)")
-    add_sweep_flags(parser, seeds=3, epochs=2, out="outputs/recurrent_bn")
+    add_sweep_flags(parser, seeds=3, epochs=2, study="recurrent_bn")
     parser.add_argument("--eval-every", type=positive_int, default=100, help="steps between evaluations (default 100)")
     parser.add_argument("--precise-batches", type=positive_int, default=50,
                         help="training batches of 100 for the population statistics (default 50)")
     args = parser.parse_args(argv)
+    output_folder(args, "recurrent_bn")
 
     results_path = args.out / "results.json"
     configs = sweep_configs(args.task, args.seeds, args.epochs, args.max_steps, args.eval_every, args.precise_batches)

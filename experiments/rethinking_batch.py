@@ -32,6 +32,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy import ndimage  # noqa: E402  (a dependency of jax)
 
+from bnjax.support.checks import OneLineArgumentParser  # noqa: E402
 from bnjax.bn.batchnorm import RUNNING_AVERAGES  # noqa: E402
 from bnjax.data.datasets import load_mnist  # noqa: E402
 from bnjax.support.atomic import atomic_write  # noqa: E402
@@ -41,7 +42,7 @@ from bnjax.training.evaluation import evaluate  # noqa: E402
 from bnjax.training.precise_bn import recompute_batch_stats  # noqa: E402
 from experiments.results import (  # noqa: E402
     last_full_interval, last_full_interval_index, load_results, run_resumable, save_figure)
-from experiments.sweep import add_sweep_flags, run_sweep, sweep_strategy  # noqa: E402
+from experiments.sweep import add_sweep_flags, output_folder, run_sweep, sweep_strategy  # noqa: E402
 
 @dataclasses.dataclass(frozen=True)
 class Size:
@@ -477,13 +478,14 @@ def run_part(part: str, args: argparse.Namespace) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("part", choices=[*PARTS, "all"])
     parser.add_argument("--size", choices=sorted(SIZES), default="cpu",
                         help="cpu: sized to 2 CPU cores (the committed results); full: the sizes they were cut from")
-    add_sweep_flags(parser, seeds=3, epochs=None, out="outputs/rethinking_batch")
+    add_sweep_flags(parser, seeds=3, epochs=None, study="rethinking_batch")
     args = parser.parse_args(argv)
+    output_folder(args, "rethinking_batch")
     for part in PARTS if args.part == "all" else [args.part]:
         run_part(part, args)
 

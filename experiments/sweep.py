@@ -1,9 +1,10 @@
 """The sweep driver every study trains through: resumable, with progress.
 
     parser = argparse.ArgumentParser(...)
-    add_sweep_flags(parser, seeds=3, epochs=1, out="outputs/my_study")
+    add_sweep_flags(parser, seeds=3, epochs=1, study="my_study")
     args = parser.parse_args(argv)
-    results = run_sweep(configs, args.out / "results.json", load_mnist, strategy=sweep_strategy(args))
+    out = output_folder(args, "my_study")   # runs/my_study/ unless --out names another
+    results = run_sweep(configs, out / "results.json", load_mnist, strategy=sweep_strategy(args))
 
 `run_sweep` trains every config whose run is not saved yet in the results
 file (so an interrupted sweep resumes where it stopped) through
@@ -12,6 +13,11 @@ engine chooses them — prints one progress line per evaluation with the
 sweep's ETA, and saves each finished run atomically as soon as it is done.
 `run_resumable(main)` (experiments/results.py) ends a study with one line on
 an interrupt, a data error or a bad value.
+
+Where results go: `--out` if given; otherwise `runs/<study>/` (git-ignored).
+There, a run whose config is already among the committed results (the same
+path under `outputs/`) is copied from them instead of trained again, and
+nothing committed is written. `--out outputs/<study>` regenerates those.
 """
 
 from __future__ import annotations
@@ -27,13 +33,12 @@ from typing import Callable
 import jax
 
 from bnjax.engine.launch import train_many
-from bnjax.engine.strategy import default_strategy
-from bnjax.engine.strategy import Strategy
+from bnjax.engine.strategy import Strategy, default_strategy
 from bnjax.support.atomic import unwritable_reason
 from bnjax.support.compilation_cache import use_persistent_cache
 from bnjax.training.config import TrainConfig
 from bnjax.training.schedule import resolve_steps
-from experiments.results import add_run, load_results, unfinished
+from experiments.results import add_run, load_results, run_key, save_results, unfinished
 
 
 def positive_int(text: str) -> int:
@@ -46,22 +51,66 @@ def positive_int(text: str) -> int:
     return value
 
 
-def add_sweep_flags(parser: argparse.ArgumentParser, seeds: int, epochs: int | None, out: str | None) -> None:
+COMMITTED = Path("outputs")  # the committed results, one folder per study
+RUNS = Path("runs")  # a study's own results by default (git-ignored)
+
+
+def add_sweep_flags(parser: argparse.ArgumentParser, seeds: int, epochs: int | None, study: str) -> None:
     """The flags every study shares: --seeds --epochs --max-steps --out --parallel-runs.
-    `epochs=None`: the study fixes its own schedule and has no --epochs."""
+    `epochs=None`: the study fixes its own schedule and has no --epochs.
+    `study`: its name, which names its folders (`output_folder`)."""
     parser.add_argument("--seeds", type=positive_int, default=seeds,
                         help=f"seeds 0..N-1 per configuration (default {seeds})")
     if epochs is not None:
         parser.add_argument("--epochs", type=positive_int, default=epochs, help=f"epochs per run (default {epochs})")
     parser.add_argument("--max-steps", type=positive_int, default=None, help="cap on steps per run (smoke runs)")
-    parser.add_argument("--out", type=Path, default=None if out is None else Path(out),
-                        help=f"output directory (default {out})")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"where results, figures and summary go (default {RUNS / study}/, starting from the "
+                             f"committed runs of {COMMITTED / study}/, which stay as they are; "
+                             f"--out {COMMITTED / study} regenerates those)")
     parser.add_argument("--parallel-runs", type=positive_int, default=None,
                         help="runs trained side by side, one CPU core each (default: the engine's choice, "
                              "all cores on CPU); 1 = one run at a time in this process")
     parser.add_argument("--distributed", action="store_true",
                         help="join the processes of a multi-host run first (jax.distributed.initialize(), which "
                              "finds a Cloud TPU pod slice or a SLURM job itself); process 0 writes the results")
+
+
+def output_folder(args: argparse.Namespace, study: str) -> Path:
+    """Where this invocation writes (module doc), set as `args.out` and said:
+    --out if given, else runs/<study>/."""
+    if args.out is None:
+        args.out = RUNS / study
+        print(f"{study}: results go to {args.out}/ (runs already in {COMMITTED / study}/ are copied from there, "
+              f"not trained again; {COMMITTED / study}/ is not written: --out {COMMITTED / study} rewrites it)",
+              flush=True)
+    return args.out
+
+
+def committed_twin(results_path: Path) -> Path | None:
+    """The committed results file a runs/ results file starts from: the same path under outputs/."""
+    try:
+        return COMMITTED / Path(results_path).relative_to(RUNS)
+    except ValueError:
+        return None
+
+
+def copy_committed_runs(results: dict, results_path: Path, configs: list[TrainConfig]) -> int:
+    """Add to `results` (saved at `results_path`, under runs/) the runs of
+    `configs` that its committed twin holds and it does not; return how many.
+    Each copied run carries where it came from: the twin's path and provenance."""
+    twin = committed_twin(results_path)
+    if twin is None or not twin.exists():
+        return 0
+    committed = load_results(twin)
+    wanted = {run_key(dataclasses.asdict(config)) for config in configs}
+    have = {run_key(run["config"]) for run in results["runs"]}
+    origin = {"file": str(twin), "environment": committed.get("environment", {})}
+    copied = [{**run, "copied_from": origin} for run in committed["runs"] if run_key(run["config"]) in wanted - have]
+    if copied:
+        results["runs"].extend(copied)
+        save_results(results_path, results)
+    return len(copied)
 
 
 def sweep_strategy(args: argparse.Namespace, num_devices: int = 1) -> Strategy | None:
@@ -97,6 +146,14 @@ def importable(function):
     return getattr(importlib.import_module(main_spec.name), function.__qualname__)
 
 
+def progress_numbers(record: dict) -> str:
+    """An evaluation's numbers under their History names, each kind of BN
+    statistics named: val_accuracy is always the running averages'."""
+    others = "".join(f" {key} {record[key]:.4f}" for key in ("precise_val_accuracy", "batch_val_accuracy")
+                     if key in record)
+    return f"val_accuracy {record['val_accuracy']:.4f} (running averages){others} train_loss {record['train_loss']:.4f}"
+
+
 def run_sweep(
     configs: list[TrainConfig],
     results_path: Path,
@@ -116,9 +173,12 @@ def run_sweep(
     caller has read them already."""
     reason = unwritable_reason(results_path)
     if reason:  # before any training: its results could not be saved
-        print(f"error: {results_path} {reason}", file=sys.stderr)
+        print(f"error: cannot save results to {results_path}: {reason} (choose another --out)", file=sys.stderr)
         raise SystemExit(2)
     results = load_results(results_path) if results is None else results
+    copied = copy_committed_runs(results, results_path, configs)
+    if copied:
+        print(f"{name}: {copied} runs copied from {committed_twin(results_path)}", flush=True)
     todo = unfinished(results, configs)
     print(f"{name}: {len(configs)} runs; {len(configs) - len(todo)} already in {results_path}; "
           f"{len(todo)} to train", flush=True)
@@ -136,8 +196,8 @@ def run_sweep(
         steps_seen[id(config)] = step
         done = sum(steps_seen.values())
         eta_minutes = (total_steps - done) * (time.perf_counter() - start) / done / 60
-        print(f"{name} {labels[id(config)]} step {step}/{run_steps} val_acc {record['val_accuracy']:.4f} "
-              f"train_loss {record['train_loss']:.4f} | ETA {eta_minutes:.1f} min", flush=True)
+        print(f"{name} {labels[id(config)]} step {step}/{run_steps} {progress_numbers(record)} "
+              f"| ETA {eta_minutes:.1f} min", flush=True)
 
     def save_run(config, history, state):
         if history.diverged:

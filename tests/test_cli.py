@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -32,7 +33,9 @@ def test_a_short_run_prints_progress_and_saves_its_history(tmp_path, monkeypatch
 
 
 @pytest.mark.parametrize("setting, message", [
-    ("batchnorm=true", "error: unknown TrainConfig field 'batchnorm'; fields: batch_norm, activation,"),
+    ("batchnorm=true", "error: unknown TrainConfig field 'batchnorm'; did you mean batch_norm? "
+                       "python -m bnjax --fields lists them"),
+    ("no_such_thing=1", "error: unknown TrainConfig field 'no_such_thing'; python -m bnjax --fields lists them"),
     ("batch_norm=maybe", "error: batch_norm must be true or false, got 'maybe'"),
     ("max_steps=ten", "error: max_steps must be an integer or none, got 'ten'"),
     ("learning_rate=-1", "error: learning_rate must be a positive finite number, got -1.0"),
@@ -53,23 +56,32 @@ def test_bad_input_ends_with_one_line_naming_it(setting, message):
 def test_fields_lists_every_field_with_its_default(capsys):
     cli.main(["--fields"])
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == len(cli.FIELDS)
+    assert len(lines) == len(cli.FIELDS) + 1 and lines[0].split() == ["field", "default", "takes"]
     assert any(line.split()[:2] == ["bn_momentum", "0.99"] for line in lines)
+    assert any(line.split()[:3] == ["activation", "'relu'", "one"] and line.endswith("one of elu, gelu, relu, sigmoid, tanh")
+               for line in lines)
+    assert any(line.split()[0] == "max_steps" and line.endswith("an integer or none") for line in lines)
+    assert len({line.index(line.split()[1]) for line in lines[1:]}) == 1  # one column of defaults, however long the name
 
 
 @pytest.mark.parametrize("where, message", [
     ("folder", "is a folder; give a file path"),
     ("under-a-file", "is a file, not a folder"),
+    ("unmakeable", "cannot create the folder /proc/bnjax-nope"),
 ])
 def test_an_unwritable_save_path_is_refused_before_any_training(tmp_path, monkeypatch, capsys, where, message):
     monkeypatch.setattr(cli, "load_dataset", lambda *args: pytest.fail("work started"))
     (tmp_path / "a-file").write_text("")
-    path = tmp_path if where == "folder" else tmp_path / "a-file" / "run.json"
+    path = {"folder": tmp_path, "under-a-file": tmp_path / "a-file" / "run.json",
+            "unmakeable": Path("/proc/bnjax-nope/run.json")}[where]
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["--set", "max_steps=2", "--save", str(path)])
     assert exit_info.value.code == 2
     error = capsys.readouterr().err
     assert error.startswith(f"error: --save {path} ") and message in error and len(error.strip().splitlines()) == 1
+    with pytest.raises(SystemExit):  # --checkpoint too
+        cli.main(["--set", "max_steps=2", "--checkpoint", str(path)])
+    assert capsys.readouterr().err.startswith(f"error: --checkpoint {path} ")
 
 
 def test_a_diverged_run_exits_3_and_still_saves_its_history(tmp_path, monkeypatch, capsys):
@@ -91,7 +103,7 @@ def test_ctrl_c_ends_a_run_in_one_line_with_the_shells_code(monkeypatch, capsys)
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "train_many", interrupted)
+    monkeypatch.setattr(cli, "train_runs", interrupted)
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["--set", "max_steps=2"])
     assert exit_info.value.code == 130
@@ -102,13 +114,13 @@ RECORD = {"val_accuracy": 0.1135, "train_accuracy": 0.8459, "train_loss": 0.82, 
 
 
 def test_a_bn_runs_lagging_test_accuracy_is_explained_once(monkeypatch, capsys):
-    def two_evaluations(configs, data, on_eval):
+    def two_evaluations(configs, data, on_eval, checkpoint_paths):
         for step in (100, 200):
             on_eval(configs[0], step, 200, RECORD)
         return [(History(steps=[100, 200], val_accuracy=[0.1135] * 2, train_loss=[0.8] * 2), None)]
 
     monkeypatch.setattr(cli, "load_dataset", lambda *args: make_dataset())
-    monkeypatch.setattr(cli, "train_many", two_evaluations)
+    monkeypatch.setattr(cli, "train_runs", two_evaluations)
     cli.main(["--set", "batch_norm=true", "--set", "max_steps=200"])
     output = capsys.readouterr().out
     assert output.count("note: test accuracy 0.1135 against 0.8459 in training: in eval mode BN uses its "
@@ -129,3 +141,34 @@ def test_which_runs_get_the_note(changes, explained):
     if note and config.bn_running_average != "ema":
         assert "initial values" not in note  # the 0.99**t weight is the EMA's
     assert cli.running_average_lag_note(config, 100, {**RECORD, "val_accuracy": 0.7}) is None  # a small gap
+
+
+@pytest.mark.slow
+def test_a_run_with_checkpoint_resumes_after_ctrl_c_to_the_uninterrupted_numbers(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "load_dataset", lambda *args: make_dataset())
+    settings = ["--set", "model=mlp", "--set", "batch_norm=true", "--set", "max_steps=8", "--set", "eval_every=2",
+                "--set", "eval_batch_size=32"]
+    uninterrupted, resumed = tmp_path / "whole.json", tmp_path / "resumed.json"
+    cli.main([*settings, "--save", str(uninterrupted)])
+    real_printer = cli._progress_printer
+
+    def stop_at_step_4(config):
+        show = real_printer(config)
+
+        def stop(config, step, total, record):
+            show(config, step, total, record)
+            if step == 4:
+                raise KeyboardInterrupt
+        return stop
+
+    monkeypatch.setattr(cli, "_progress_printer", stop_at_step_4)
+    checkpoint = tmp_path / "run.msgpack"
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*settings, "--checkpoint", str(checkpoint)])
+    assert exit_info.value.code == 130 and capsys.readouterr().err == "interrupted; resume with the same command\n"
+    monkeypatch.setattr(cli, "_progress_printer", real_printer)
+    cli.main([*settings, "--checkpoint", str(checkpoint), "--save", str(resumed)])
+    assert "step 6/8" in capsys.readouterr().out
+    whole, after = json.loads(uninterrupted.read_text()), json.loads(resumed.read_text())
+    for curve in ("steps", "val_loss", "val_accuracy", "train_loss", "train_accuracy"):
+        assert after[curve] == whole[curve], curve

@@ -44,7 +44,8 @@ def test_article_sweep_smoke_writes_results_and_resumes(tmp_path, mnist, monkeyp
     assert "6 already in" in output and "0 to train" in output
     assert "Nothing was trained" in output and "This machine differs" not in output  # made right here
     assert "| 0.01 | sigmoid |" in output  # the summary table, shown
-    assert "python -m experiments.article --seeds 1 --max-steps 20 --no-precise-bn --out runs/article" in output
+    assert ("python -m experiments.article --seeds 1 --max-steps 20 --no-precise-bn "
+            "--out runs/article-seeds-1-max-steps-20-no-precise-bn") in output
     assert {path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in tmp_path.iterdir()} == written
 
 
@@ -61,14 +62,33 @@ def test_committed_results_explain_where_they_came_from_and_stay_untouched(tmp_p
     output = capsys.readouterr().out
     assert "0 to train" in output and "Nothing was trained. The saved runs were made on: some other CPU" in output
     assert "This machine differs" in output
-    assert "python -m experiments.article --out runs/article" in output
+    assert "python -m experiments.article --out runs/article-afresh" in output
     assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == written  # no figure drawn either
+
+
+def test_the_main_job_on_a_fresh_clone_reports_the_committed_runs_and_writes_nothing_there(tmp_path, monkeypatch,
+                                                                                           capsys):
+    committed = Path(__file__).resolve().parents[1] / "outputs" / "article"
+    (tmp_path / "outputs" / "article").mkdir(parents=True)
+    for name in ("results.json", "summary.md"):
+        shutil.copy(committed / name, tmp_path / "outputs" / "article" / name)
+    before = {path.name: path.read_bytes() for path in (tmp_path / "outputs" / "article").iterdir()}
+    monkeypatch.chdir(tmp_path)
+    article.main([])
+    output = capsys.readouterr().out
+    made_on = json.loads(before["results.json"])["environment"]["cpu"]
+    assert "article: results go to runs/article/" in output and "18 already in runs/article/results.json" in output
+    assert f"Nothing was trained. The saved runs were made on: {made_on}" in output
+    assert "| 0.01 | sigmoid |" in output  # the committed summary table, shown
+    assert {path.name: path.read_bytes() for path in (tmp_path / "outputs" / "article").iterdir()} == before
 
 
 def test_bad_cli_values_get_one_line_errors(capsys):
     with pytest.raises(SystemExit):
         article.parse_args(["--seeds", "0"])
-    assert "expected a positive integer, got '0'" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert error.startswith("error: argument --seeds: expected a positive integer, got '0'")
+    assert len(error.strip().splitlines()) == 1 and "usage:" not in error
 
 
 def test_saved_configs_missing_a_newer_field_still_match():

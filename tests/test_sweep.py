@@ -3,12 +3,14 @@
 import argparse
 import dataclasses
 import json
+from pathlib import Path
 import types
 
 import pytest
 
 from bnjax.engine.strategy import Strategy
 from bnjax.training.config import TrainConfig
+from bnjax.training.history import History
 from experiments import paper_mnist, sweep
 
 CONFIGS = [TrainConfig(batch_norm=True, activation="sigmoid", max_steps=4, eval_every=2, eval_batch_size=32,
@@ -57,15 +59,42 @@ def test_a_study_run_as_main_hands_workers_its_functions_by_module_name(monkeypa
 
 def test_common_flags_refuse_bad_values_in_one_line(capsys):
     parser = argparse.ArgumentParser()
-    sweep.add_sweep_flags(parser, seeds=3, epochs=1, out="outputs/x")
+    sweep.add_sweep_flags(parser, seeds=3, epochs=1, study="x")
     args = parser.parse_args([])
-    assert (args.seeds, args.epochs, args.max_steps, str(args.out), args.parallel_runs) == (3, 1, None, "outputs/x",
-                                                                                            None)
+    assert (args.seeds, args.epochs, args.max_steps, args.out, args.parallel_runs) == (3, 1, None, None, None)
     assert sweep.sweep_strategy(args) is None
     assert sweep.sweep_strategy(parser.parse_args(["--parallel-runs", "1"])).parallel_runs == 1
     with pytest.raises(SystemExit):
         parser.parse_args(["--seeds", "0"])
     assert "argument --seeds: expected a positive integer, got '0'" in capsys.readouterr().err
+
+
+def test_a_study_without_out_writes_into_runs_and_copies_only_the_committed_runs_it_asks_for(tmp_path, monkeypatch,
+                                                                                             capsys):
+    monkeypatch.chdir(tmp_path)
+    parser = argparse.ArgumentParser()
+    sweep.add_sweep_flags(parser, seeds=1, epochs=None, study="demo")
+    args = parser.parse_args([])
+    assert sweep.output_folder(args, "demo") == args.out == Path("runs/demo")
+    assert "demo: results go to runs/demo/ (runs already in outputs/demo/ are copied from there" in capsys.readouterr().out
+    assert sweep.output_folder(parser.parse_args(["--out", "outputs/demo"]), "demo") == Path("outputs/demo")
+    committed = {"environment": {"cpu": "the committing machine"},
+                 "runs": [{"config": dataclasses.asdict(config), **History(steps=[4], val_accuracy=[0.5], val_loss=[1.0],
+                                                                  train_accuracy=[0.5], train_loss=[1.0],
+                                                                  wall_time_s=[1.0]).to_dict()}
+                          for config in CONFIGS]}
+    (tmp_path / "outputs" / "demo").mkdir(parents=True)
+    (tmp_path / "outputs" / "demo" / "results.json").write_text(json.dumps(committed))
+    before = (tmp_path / "outputs" / "demo" / "results.json").read_bytes()
+    results = {"runs": []}
+    assert sweep.copy_committed_runs(results, Path("runs/demo/results.json"), CONFIGS[:1]) == 1
+    saved = json.loads((tmp_path / "runs" / "demo" / "results.json").read_text())
+    assert [run["config"] for run in saved["runs"]] == [dataclasses.asdict(CONFIGS[0])]  # only what was asked for
+    assert saved["runs"][0]["copied_from"] == {"file": "outputs/demo/results.json",
+                                               "environment": {"cpu": "the committing machine"}}
+    assert sweep.copy_committed_runs(results, Path("runs/demo/results.json"), CONFIGS[:1]) == 0  # not twice
+    assert sweep.copy_committed_runs({"runs": []}, tmp_path / "elsewhere.json", CONFIGS) == 0  # not under runs/
+    assert (tmp_path / "outputs" / "demo" / "results.json").read_bytes() == before
 
 
 def test_an_out_folder_that_is_a_file_is_refused_before_any_training(tmp_path, capsys):
@@ -78,7 +107,8 @@ def test_an_out_folder_that_is_a_file_is_refused_before_any_training(tmp_path, c
     with pytest.raises(SystemExit) as exit_info:
         sweep.run_sweep(CONFIGS, path, no_data, name="study")
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err == f"error: {path} {tmp_path / 'out'} is a file, not a folder\n"
+    assert capsys.readouterr().err == (f"error: cannot save results to {path}: {tmp_path / 'out'} is a file, "
+                                       "not a folder (choose another --out)\n")
 
 
 def test_an_interrupted_study_ends_in_one_line_with_the_shells_code_for_ctrl_c(capsys):
@@ -126,7 +156,34 @@ def test_distributed_joins_the_processes_before_the_sweep_starts(monkeypatch):
     joined = []
     monkeypatch.setattr(sweep.jax.distributed, "initialize", lambda: joined.append(True))
     parser = argparse.ArgumentParser()
-    sweep.add_sweep_flags(parser, seeds=1, epochs=1, out="outputs/x")
+    sweep.add_sweep_flags(parser, seeds=1, epochs=1, study="x")
     assert sweep.sweep_strategy(parser.parse_args([])) is None and joined == []
     sweep.sweep_strategy(parser.parse_args(["--distributed"]))
     assert joined == [True]
+
+
+@pytest.mark.slow
+def test_a_study_run_without_out_leaves_the_committed_results_as_they_were(tiny_data, tmp_path, monkeypatch,
+                                                                         capsys):
+    # The BN paper's figure at 4 steps: other settings than the committed runs'.
+    committed = Path(__file__).resolve().parents[1] / "outputs" / "paper_mnist"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs" / "paper_mnist").mkdir(parents=True)
+    for source in committed.iterdir():
+        (tmp_path / "outputs" / "paper_mnist" / source.name).write_bytes(source.read_bytes())
+    before = {path.name: path.read_bytes() for path in (tmp_path / "outputs" / "paper_mnist").iterdir()}
+    monkeypatch.setattr(paper_mnist, "load_mnist", lambda: tiny_data)
+    paper_mnist.main(["--steps", "4", "--eval-every", "2", "--seeds", "1", "--parallel-runs", "1"])
+    assert {path.name: path.read_bytes() for path in (tmp_path / "outputs" / "paper_mnist").iterdir()} == before
+    runs = json.loads((tmp_path / "runs" / "paper_mnist" / "results.json").read_text())["runs"]
+    assert [run["steps"] for run in runs] == [[2, 4], [2, 4]]  # only this invocation's runs
+    assert (tmp_path / "runs" / "paper_mnist" / "paper_mnist.png").exists()
+    assert "wrote runs/paper_mnist/paper_mnist.png" in capsys.readouterr().out
+
+
+def test_progress_names_each_kind_of_bn_statistics():
+    record = {"val_accuracy": 0.113, "precise_val_accuracy": 0.9454, "train_loss": 0.3245}
+    assert sweep.progress_numbers(record) == ("val_accuracy 0.1130 (running averages) precise_val_accuracy 0.9454 "
+                                              "train_loss 0.3245")
+    assert sweep.progress_numbers({"val_accuracy": 0.5, "train_loss": 1.0}) == \
+        "val_accuracy 0.5000 (running averages) train_loss 1.0000"

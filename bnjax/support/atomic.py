@@ -40,7 +40,8 @@ def unwritable_reason(path: str | os.PathLike) -> str | None:
     """Why `atomic_write(path)` would fail, or None: checked before work
     whose result would otherwise be lost at the end. `path` must not be a
     folder, and its nearest existing ancestor must be a folder this process
-    can write into (the missing ones are created)."""
+    can write into. The missing folders are made here, so that one that
+    cannot be made (e.g. under /proc) is found now, not after the work."""
     path = Path(path)
     if path.is_dir():
         return "is a folder; give a file path"
@@ -51,6 +52,10 @@ def unwritable_reason(path: str | os.PathLike) -> str | None:
         return f"{ancestor} is a file, not a folder"
     if not os.access(ancestor, os.W_OK | os.X_OK):
         return f"cannot write into {ancestor}"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        return f"cannot create the folder {path.parent} ({error.strerror})"
     return None
 
 

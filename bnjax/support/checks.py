@@ -3,6 +3,7 @@ each raises one ValueError, one line naming the value and what is allowed."""
 
 from __future__ import annotations
 
+import argparse
 import math
 
 
@@ -38,3 +39,11 @@ def check_bool(name: str, value) -> None:
 def check_choice(name: str, value, allowed) -> None:
     if value not in allowed:
         raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(sorted(allowed))}")
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad argument ends in one line (`error: ...`, exit
+    status 2) instead of the usage block followed by the error."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} ({self.prog} --help lists the options)\n")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from bnjax.bn.batchnorm import BatchNorm, Renorm, check_renorm_settings, check_variant
+from bnjax.bn.batchnorm import RUNNING_AVERAGES, BatchNorm, Renorm, check_renorm_settings, check_variant
 from bnjax.bn.noisy import NoisyBatchNorm
 from bnjax.nets.models import ACTIVATIONS, BN_POSITIONS, KERNEL_INITS
 from bnjax.nets.recurrent import SEQUENCES, sequence_length
@@ -29,6 +29,11 @@ LSTM_ONLY = ("sequence", "lstm_hidden_size", "lstm_t_max", "lstm_bn_scale_init",
 EVAL_STATISTICS = ("running", "precise", "batch")  # training/evaluation.py
 COMPUTE_DTYPES = ("float32", "bfloat16")
 MATMUL_PRECISIONS = ("default", "high", "highest")  # JAX's, for float32 products (support/provenance.py says what each is)
+# The fields that take one of a few names, and those names (python -m bnjax --fields shows them).
+CHOICES = {"activation": sorted(ACTIVATIONS), "model": MODELS, "optimizer": OPTIMIZERS,
+           "kernel_init": sorted(KERNEL_INITS), "bn_running_average": RUNNING_AVERAGES, "eval_statistics": EVAL_STATISTICS,
+           "bn_position": BN_POSITIONS, "compute_dtype": COMPUTE_DTYPES, "matmul_precision": MATMUL_PRECISIONS,
+           "sequence": tuple(SEQUENCES)}
 MAX_SEED = 2**32 - 1  # jax.random.key(seed) keeps the low 32 bits
 
 
