@@ -43,12 +43,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bnjax.support.checks import OneLineArgumentParser  # noqa: E402
 from bnjax.data.datasets import load_mnist  # noqa: E402
 from bnjax.training.config import TrainConfig  # noqa: E402
 from bnjax.training.landscape import gradient_line, gradient_shift, layer_inputs, moments_shift  # noqa: E402
 from bnjax.training.steps import cross_entropy_loss, to_float_images, train_step_body  # noqa: E402
 from experiments.results import load_results, run_resumable, save_figure  # noqa: E402
-from experiments.sweep import add_sweep_flags, positive_int, run_sweep, sweep_strategy  # noqa: E402
+from experiments.sweep import add_sweep_flags, output_folder, positive_int, run_sweep, sweep_strategy  # noqa: E402
 
 VARIANTS = {"plain": dict(batch_norm=False), "BN": dict(batch_norm=True), "noisy BN": dict(batch_norm=True, bn_noise=True)}
 SETTINGS = [(0.001, "relu"), (0.01, "relu"), (0.001, "sigmoid"), (0.01, "sigmoid")]  # (learning rate, activation)
@@ -195,7 +196,10 @@ def summary(groups: dict, seeds: int, steps: int) -> str:
                         f"{over_path['ics_l2']:.3g} | {over_path['ics_cosine']:.3f} | {over_path['loss_spread']:.3g} | "
                         f"{over_path['max_gradient_change']:.3g} | {over_path['beta']:.3g} |")
     seeds_text = "1 seed" if seeds == 1 else f"{seeds} seeds"
+    command = "python -m experiments.why_bn_works" + ("" if steps == 1000 else f" --steps {steps}") + (
+        "" if seeds == 3 else f" --seeds {seeds}")
     return (f"# Why BN helps: the article's net, {steps} steps, {seeds_text} per row\n\n"
+            f"Made by `{command}`; the machine and versions are in results.json.\n\n"
             "Final test accuracy (running averages) and training loss: mean ± std over seeds. The probe columns: "
             "the median over the training path (every probe point of every seed) of the module doc's "
             "measurements (experiments/why_bn_works.py).\n\n" + "\n".join(rows) + "\n")
@@ -221,12 +225,13 @@ def report(results_path: Path) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="the article's explanation of BN tested (Santurkar et al. 2018)")
+    parser = OneLineArgumentParser(description="the article's explanation of BN tested (Santurkar et al. 2018)")
     parser.add_argument("--steps", type=positive_int, default=1000, help="training steps per run (default 1000)")
     parser.add_argument("--eval-every", type=positive_int, default=50,
                         help="steps between evaluations and probe points (default 50)")
-    add_sweep_flags(parser, seeds=3, epochs=None, out="outputs/why_bn_works")
+    add_sweep_flags(parser, seeds=3, epochs=None, study="why_bn_works")
     args = parser.parse_args(argv)
+    output_folder(args, "why_bn_works")
     steps = min(args.steps, args.max_steps or args.steps)
     results_path = args.out / "results.json"
     configs = study_configs(steps, args.eval_every, args.seeds)
