@@ -5,6 +5,7 @@
     python -m bnjax --set batch_norm=true --set activation=sigmoid --save runs/one.json
     python -m bnjax --fields                                  # every field, its default and type
     python -m bnjax --set max_steps=3000 --checkpoint runs/one.msgpack   # Ctrl-C, run again: it resumes
+    python -m bnjax --replay outputs/article/results.json --run 3        # a saved run again, as it was launched
 
 Values are read by the field's type: true/false for booleans, integers,
 numbers, names, and `none` for the optional integers. Progress goes to stdout
@@ -20,10 +21,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import json
 import typing
+from pathlib import Path
 
 from bnjax.support.checks import OneLineArgumentParser
 from bnjax.data.datasets import DATASETS, SOURCES, DataError, load_dataset
+from bnjax.engine.launch import launch_like, replay
 from bnjax.engine.loop import train_runs
 from bnjax.support.atomic import unwritable_reason, write_json
 from bnjax.support.compilation_cache import use_persistent_cache
@@ -126,6 +130,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="save the whole run there at every evaluation; a run started with an existing "
                              "checkpoint of the same config resumes from it, to the numbers it would have reached")
     parser.add_argument("--fields", action="store_true", help="list the TrainConfig fields and their defaults")
+    parser.add_argument("--replay", default=None, metavar="FILE",
+                        help="train a saved run (a --save file, or a results.json with --run) again as it was "
+                             "launched and compare its History with the saved one")
+    parser.add_argument("--run", type=int, default=None, metavar="N", help="with --replay: which run of a results file")
     parser.add_argument("--dataset", choices=sorted(DATASETS), default="mnist")
     parser.add_argument("--source", choices=SOURCES, default="auto", help="data source (docs/data.md)")
     parser.add_argument("--data-dir", default=None, help="IDX directory or TFDS data_dir")
@@ -150,12 +158,84 @@ def _progress_printer(config: TrainConfig):
     return show
 
 
+CURVES = ("steps", "val_accuracy", "val_loss", "precise_val_accuracy", "precise_val_loss", "batch_val_accuracy",
+          "batch_val_loss", "train_accuracy", "train_loss")
+
+
+def _saved_run(parser, args) -> tuple[dict, dict]:
+    """(the file's contents, the run) that --replay and --run name; exits in one line if there is none."""
+    try:
+        saved = json.loads(Path(args.replay).read_text())
+    except (OSError, ValueError) as error:
+        parser.exit(2, f"error: --replay {args.replay}: {error}\n")
+    runs = saved.get("runs")
+    if runs is None:
+        return saved, saved
+    if args.run is None or not 0 <= args.run < len(runs):
+        parser.exit(2, f"error: --replay {args.replay} holds {len(runs)} runs: give --run 0 to {len(runs) - 1}"
+                       f"{'' if args.run is None else f', not {args.run}'}\n")
+    return saved, runs[args.run]
+
+
+def saved_twin_note(config: TrainConfig, folders=("outputs", "runs")) -> str | None:
+    """One line when a results file under `folders` holds a run of exactly
+    this config: trained by a sweep, launched otherwise than this process
+    launches it, so its numbers differ by float round-off; how to get them."""
+    wanted = dataclasses.asdict(config)
+    for path in sorted(p for folder in folders for p in [*Path(folder).glob("*/results.json"),
+                                                          *Path(folder).glob("*/*/results.json")]):
+        try:
+            runs = json.loads(path.read_text()).get("runs", [])
+        except (OSError, ValueError):
+            continue
+        for index, run in enumerate(runs):
+            try:
+                same = dataclasses.asdict(TrainConfig(**run["config"])) == wanted
+            except (TypeError, ValueError, KeyError):
+                continue
+            if not same:
+                continue
+            launch = run.get("launch") or {}
+            if launch.get("loop") == "engine":
+                return (f"note: {path} run {index} is this config, trained by a sweep ({launch['cpu_cores']} CPU "
+                        f"core(s), {len(launch['program'])} run(s) in its program): this run's float round-off can "
+                        f"differ; python -m bnjax --replay {path} --run {index} gives its numbers")
+            return (f"note: {path} run {index} is this config, trained by a sweep whose launch was not recorded: "
+                    "this run's numbers can differ from it by float round-off (docs/reliability.md)")
+    return None
+
+
+def replay_main(parser, args) -> None:
+    """--replay: the saved run trained again as it was launched, compared curve by curve."""
+    saved, run = _saved_run(parser, args)
+    launch = run.get("launch") or {}
+    launch_like(launch)  # the CPU cores and XLA flags the run had, before this process's JAX starts
+    name = f"{args.replay}" + ("" if args.run is None else f" run {args.run}")
+    print(f"replaying {name}: {launch.get('loop', 'no launch record')} loop, {launch.get('cpu_cores', '?')} CPU "
+          f"core(s), {len(launch.get('program', [[0]]))} run(s) in its program", flush=True)
+    try:
+        data = load_dataset(saved.get("dataset", args.dataset), args.source, args.data_dir)
+        use_persistent_cache()
+        history = replay(run, data)
+    except (DataError, ValueError) as error:
+        parser.exit(2, f"error: {error}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, "interrupted\n")
+    differing = [curve for curve in CURVES if getattr(history, curve) != run.get(curve, [])]
+    if differing:
+        parser.exit(1, f"replayed {name}: differs from the saved run in {', '.join(differing)}\n")
+    print(f"replayed {name}: every curve equal to the saved run's, bit for bit ({len(history.steps)} evaluations)")
+
+
 def main(argv=None) -> None:
     apply_cpu_flags()  # where the program starts, before any JAX computation
     parser = _parser()
     args = parser.parse_args(argv)
     if args.fields:
         print(describe_fields())
+        return
+    if args.replay:
+        replay_main(parser, args)
         return
     try:
         config = config_from_settings(args.set)
@@ -167,6 +247,9 @@ def main(argv=None) -> None:
             parser.exit(2, f"error: {flag} {path} {reason}\n")
     changed = {name: getattr(config, name) for name in FIELDS if getattr(config, name) != FIELDS[name].default}
     print(f"training one run: {changed or 'the defaults (the article plain net)'}", flush=True)
+    note = saved_twin_note(config)
+    if note:
+        print(note, flush=True)
     try:
         data = load_dataset(args.dataset, args.source, args.data_dir)
     except (DataError, ValueError) as error:

@@ -172,3 +172,22 @@ def test_a_run_with_checkpoint_resumes_after_ctrl_c_to_the_uninterrupted_numbers
     whole, after = json.loads(uninterrupted.read_text()), json.loads(resumed.read_text())
     for curve in ("steps", "val_loss", "val_accuracy", "train_loss", "train_accuracy"):
         assert after[curve] == whole[curve], curve
+
+
+def test_a_config_a_sweep_trained_gets_one_line_on_how_to_get_the_sweeps_numbers(tmp_path, monkeypatch):
+    import dataclasses
+
+    from bnjax.training.config import TrainConfig
+
+    config = TrainConfig(batch_norm=True, max_steps=7)
+    launch = {"loop": "engine", "cpu_cores": 1, "program": [[0, 0.001]]}
+    (tmp_path / "outputs" / "demo").mkdir(parents=True)
+    (tmp_path / "outputs" / "demo" / "results.json").write_text(json.dumps(
+        {"runs": [{"config": dataclasses.asdict(TrainConfig())},
+                  {"config": dataclasses.asdict(config), "launch": launch}]}))
+    monkeypatch.chdir(tmp_path)
+    assert cli.saved_twin_note(config) == (
+        "note: outputs/demo/results.json run 1 is this config, trained by a sweep (1 CPU core(s), 1 run(s) in its "
+        "program): this run's float round-off can differ; python -m bnjax --replay outputs/demo/results.json "
+        "--run 1 gives its numbers")
+    assert cli.saved_twin_note(dataclasses.replace(config, seed=1)) is None

@@ -3,12 +3,16 @@
 import argparse
 import dataclasses
 import json
-from pathlib import Path
+import os
+import subprocess
+import sys
 import types
+from pathlib import Path
 
 import pytest
 
 from bnjax.engine.strategy import Strategy
+from bnjax.support import xla_flags
 from bnjax.training.config import TrainConfig
 from bnjax.training.history import History
 from experiments import paper_mnist, sweep
@@ -187,3 +191,30 @@ def test_progress_names_each_kind_of_bn_statistics():
                                               "train_loss 0.3245")
     assert sweep.progress_numbers({"val_accuracy": 0.5, "train_loss": 1.0}) == \
         "val_accuracy 0.5000 (running averages) train_loss 1.0000"
+
+
+@pytest.mark.slow
+def test_a_sweeps_runs_replayed_give_their_histories_bit_for_bit(tmp_path):
+    # Two programs of two stacked runs, in two worker processes of one core
+    # each: replayed one by one in a fresh process launched as its worker was.
+    configs = [dataclasses.replace(config, model="mlp", seed=seed, learning_rate=lr)
+               for config in CONFIGS[:1] for lr in (0.001, 0.003) for seed in (0, 1)]
+    path = tmp_path / "results.json"
+    strategy = Strategy(steps_per_dispatch=2, models_per_program=2, parallel_runs=2)
+    sweep.run_sweep(configs, path, make_dataset_for_sweep, strategy=strategy, name="replay")
+    runs = json.loads(path.read_text())["runs"]
+    assert {run["launch"]["cpu_cores"] for run in runs} == {1} and {len(run["launch"]["program"]) for run in runs} == {2}
+    script = Path(__file__).resolve().parent / "replay_run.py"
+    for index in (0, 3):
+        result = subprocess.run([sys.executable, str(script), str(path), str(index)], capture_output=True, text=True,
+                                timeout=300, cwd=script.parent, env=xla_flags.for_subprocess(os.environ))
+        assert result.returncode == 0, result.stderr[-2000:]
+        replayed = json.loads(result.stdout.strip().splitlines()[-1])
+        for curve in ("steps", "val_loss", "val_accuracy", "train_loss", "train_accuracy"):
+            assert replayed[curve] == runs[index][curve], (index, curve)
+
+
+def make_dataset_for_sweep():
+    from conftest import make_dataset
+
+    return make_dataset()

@@ -26,7 +26,7 @@ from jax.experimental import multihost_utils
 from bnjax.engine.loop import program_key, train_runs
 from bnjax.engine.strategy import Strategy, default_strategy
 from bnjax.engine.workers import WorkerPool
-from bnjax.support.xla_flags import apply_cpu_flags
+from bnjax.support.xla_flags import apply_cpu_flags, backend_started
 from bnjax.training.config import TrainConfig
 from bnjax.training.history import EvalCallback, History
 from bnjax.training.schedule import check_dataset, resolve_steps
@@ -298,3 +298,38 @@ def train_many(
             for index, (history, state) in zip(group, outcomes):
                 finish(index, history, state)
     return [results.get(index) for index in range(len(configs))]
+
+
+def launch_like(launch: dict) -> None:
+    """Set this process up as a run's launch record says its process was:
+    its CPU cores (the first ones this process may use) and XLA flags. Only
+    before this process's JAX has started (XLA reads both then)."""
+    if backend_started():
+        raise ValueError("a replay must set CPU cores and XLA flags before JAX starts; start a fresh process")
+    available = sorted(os.sched_getaffinity(0))
+    if launch.get("cpu_cores") and launch["cpu_cores"] < len(available):
+        os.sched_setaffinity(0, set(available[:launch["cpu_cores"]]))
+    if "xla_flags" in launch:
+        os.environ["XLA_FLAGS"] = launch["xla_flags"]
+
+
+def replay(run: dict, data) -> History:
+    """Train a saved run (a results file's run, or a `--save` file: its
+    config, History and launch record) again as it was launched: its
+    program's runs stacked with it as they were, with its strategy, on this
+    process's devices; return its History. The CPU cores it had must be set
+    before this process's JAX starts (`launch_like`; `python -m bnjax
+    --replay` does both). On the machine that trained it, the History is
+    the saved one, bit for bit."""
+    launch = run.get("launch") or {}
+    if launch.get("loop") != "engine":
+        raise ValueError("this run has no record of an engine launch (it was trained by the plain loop, or saved "
+                         "before runs recorded their launch), so it cannot be replayed as it was trained")
+    if launch["devices"] > jax.device_count():
+        raise ValueError(f"the run trained over {launch['devices']} devices; this process sees {jax.device_count()}")
+    config = TrainConfig(**run["config"])
+    program = [dataclasses.replace(config, seed=seed, learning_rate=learning_rate)
+               for seed, learning_rate in launch["program"]]
+    strategy = Strategy(**launch["strategy"])
+    history, _ = train_runs(program, data, strategy)[launch["index_in_program"]]
+    return history

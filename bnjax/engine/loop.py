@@ -36,7 +36,7 @@ from bnjax.support.xla_flags import apply_cpu_flags, version_tuple
 from bnjax.training.checkpoint import restore_checkpoint, save_checkpoint
 from bnjax.training.config import TrainConfig
 from bnjax.training.evaluation import evaluate_runs
-from bnjax.training.history import EvalCallback, History, has_diverged
+from bnjax.training.history import EvalCallback, History, has_diverged, launch_record
 from bnjax.training.precise_bn import precise_batches_for
 from bnjax.training.runs import for_each_run, run_of, stack_runs
 from bnjax.training.schedule import check_dataset, epoch_order, resolve_steps
@@ -348,6 +348,11 @@ def train_runs(
     replicated = NamedSharding(mesh, P())
     states, histories = _initial_states(configs, mesh, checkpoint_paths,
                                         strategy.stacked_conv if num_runs > 1 else "lax")
+    for index, history in enumerate(histories):
+        history.launch = launch_record(
+            "engine", mesh.devices.flat[0].platform, mesh.size,
+            strategy={key: value for key, value in dataclasses.asdict(strategy).items() if key != "parallel_runs"},
+            program=[[c.seed, c.learning_rate] for c in configs], index_in_program=index)
     state = jax.device_put(stack_runs(states), replicated)
     inputs = _device_inputs(configs, data, replicated)
     train_interval = _interval_trainer(configs, strategy, mesh, inputs, steps_per_epoch, total_steps)

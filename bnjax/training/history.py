@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Callable
 
 from bnjax.training.config import TrainConfig
@@ -20,6 +21,16 @@ DIVERGED_LOSS = 100 * math.log(10)
 def has_diverged(train_loss: float) -> bool:
     """The divergence rule: a training loss that is NaN, infinite or above `DIVERGED_LOSS`."""
     return not math.isfinite(train_loss) or train_loss > DIVERGED_LOSS
+
+
+def launch_record(loop: str, platform: str, devices: int, **details) -> dict:
+    """What a run's numbers depend on besides its config and seed, as the
+    loop that trains it says: the loop ("plain" or "engine"), the platform
+    and number of devices, the CPU cores this process may use (XLA:CPU sizes
+    its thread pool by them, and a sum split over other threads rounds
+    otherwise), the XLA flags, and the loop's own details."""
+    return {"loop": loop, "platform": platform, "devices": devices, "cpu_cores": len(os.sched_getaffinity(0)),
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), **details}
 
 
 # on_eval(config, step, total_steps, record) after each evaluation of a run.
@@ -50,6 +61,10 @@ class History:
     # How the convolutions and matrix products were computed on the backend
     # that trained the run (`effective_precision`).
     precision: str = ""
+    # How the run was launched, which its float round-off depends on besides
+    # config and seed (`launch_record`): the loop, the strategy and the other
+    # runs of its program, devices, CPU cores, XLA flags.
+    launch: dict = dataclasses.field(default_factory=dict)
 
     def append(self, record: dict) -> None:
         """Add one evaluation: `record` maps curve names (the list fields above) to their values at it."""

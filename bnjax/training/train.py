@@ -31,7 +31,7 @@ from bnjax.support.xla_flags import apply_cpu_flags
 from bnjax.training.checkpoint import restore_checkpoint, save_checkpoint
 from bnjax.training.config import TrainConfig
 from bnjax.training.evaluation import default_eval_chunk, evaluate
-from bnjax.training.history import EvalCallback, History, has_diverged
+from bnjax.training.history import EvalCallback, History, has_diverged, launch_record
 from bnjax.training.precise_bn import precise_batches_for
 from bnjax.training.schedule import check_dataset, epoch_order, resolve_steps
 from bnjax.training.steps import TrainState, create_train_state, matmul_precision, to_float_images, train_step
@@ -107,6 +107,8 @@ def _start(config: TrainConfig, checkpoint_path) -> tuple[TrainState, History]:
         state, saved_history = restore_checkpoint(checkpoint_path, state, config)
         history = History(**saved_history)
     history.precision = effective_precision(jax.default_backend(), config.compute_dtype, config.matmul_precision)
+    history.launch = launch_record("plain", jax.default_backend(), 1,
+                                   eval_chunk=default_eval_chunk(jax.default_backend()))
     return state, history
 
 
