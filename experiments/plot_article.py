@@ -70,8 +70,25 @@ def figure_name(setting: dict) -> str:
     return name + ".png"
 
 
-def plot_group(setting: dict, runs_by_bn: dict[bool, list[dict]], path: Path, dataset: str = "MNIST") -> None:
-    figure, axes = plt.subplots(figsize=(7, 4.5))
+def seeds_phrase(count: int) -> str:
+    return "1 seed" if count == 1 else f"{count} seeds"
+
+
+def title_of(setting: dict, dataset: str) -> str:
+    """The figure's title; a run shorter or longer than the article's recipe (3 epochs) says its size."""
+    size = ""
+    if setting["max_steps"] is not None:
+        size = f", {setting['max_steps']} steps only"
+    elif setting["epochs"] != 3:
+        size = f", {setting['epochs']} epochs"
+    return (f"{dataset} CNN, Adam lr={setting['learning_rate']:g}, {setting['activation']}, "
+            f"batch {setting['batch_size']}{size}")
+
+
+def group_figure(setting: dict, runs_by_bn: dict[bool, list[dict]], dataset: str = "MNIST"):
+    """The figure of one setting: validation and training accuracy of the plain and BN runs, the legend
+    below the axes (never over a curve), markers where a curve has few points."""
+    figure, axes = plt.subplots(figsize=(8, 6.2))
     for batch_norm, color in ((False, "tab:blue"), (True, "tab:red")):
         runs = runs_by_bn[batch_norm]
         if not runs:
@@ -80,29 +97,37 @@ def plot_group(setting: dict, runs_by_bn: dict[bool, list[dict]], path: Path, da
         steps, val = stacked(runs, "val_accuracy")
         _, train_acc = stacked(runs, "train_accuracy")
         epochs = steps / steps_per_epoch(runs[0]["config"])
+        marker = {"marker": "o", "markersize": 4} if len(steps) < 12 else {}
         with np.errstate(all="ignore"):
             val_mean = np.nanmean(val, axis=0)
         diverged = sum(run["diverged"] for run in runs)
         suffix = f", {diverged} diverged" if diverged else ""
-        axes.plot(epochs, val_mean, color=color, label=f"{label} validation (mean of {len(runs)} seeds{suffix})")
+        mean = "" if len(runs) == 1 else "mean of "
+        axes.plot(epochs, val_mean, color=color, label=f"{label} validation ({mean}{seeds_phrase(len(runs))}{suffix})",
+                  **marker)
         if len(runs) > 1:
             axes.fill_between(epochs, np.nanmin(val, axis=0), np.nanmax(val, axis=0), color=color, alpha=0.2,
                               linewidth=0, label=f"{label} validation min-max over seeds")
         axes.plot(epochs, np.nanmean(train_acc, axis=0), color=color, linestyle="--", linewidth=1,
-                  label=f"{label} training (mean since previous point)")
+                  label=f"{label} training (mean since previous point)", **marker)
         if batch_norm and has_precise(runs):
             _, precise = stacked(runs, "precise_val_accuracy")
             with np.errstate(all="ignore"):
                 axes.plot(epochs, np.nanmean(precise, axis=0), color="black", linestyle=":", linewidth=1.5,
-                          label="BN validation, same weights, precise BN statistics")
-    axes.set_xlabel("epoch")
-    axes.set_ylabel("accuracy")
+                          label="BN validation, same weights, precise BN statistics", **marker)
+    axes.set_xlabel("epoch", fontsize=12)
+    axes.set_ylabel("accuracy", fontsize=12)
+    axes.tick_params(labelsize=11)
     axes.set_ylim(0, 1.0)
     axes.grid(alpha=0.3)
-    axes.set_title(f"{dataset} CNN, Adam lr={setting['learning_rate']:g}, {setting['activation']}, batch {setting['batch_size']}")
-    axes.legend(loc="lower right", fontsize=8)
+    axes.set_title(title_of(setting, dataset), fontsize=12)
+    axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, fontsize=10, frameon=False)
     figure.tight_layout()
-    save_figure(figure, path, dpi=110)
+    return figure
+
+
+def plot_group(setting: dict, runs_by_bn: dict[bool, list[dict]], path: Path, dataset: str = "MNIST") -> None:
+    save_figure(group_figure(setting, runs_by_bn, dataset), path, dpi=110)
 
 
 def has_precise(runs: list[dict]) -> bool:

@@ -146,6 +146,22 @@ def importable(function):
     return getattr(importlib.import_module(main_spec.name), function.__qualname__)
 
 
+class Eta:
+    """The sweep's time left, learned from the steps done: the rate since the
+    first report (which comes after compiling, so compile time does not
+    inflate it), over the steps left."""
+
+    def __init__(self, total_steps: int):
+        self.total_steps, self.first = total_steps, None
+
+    def update(self, steps_done: int, now: float) -> str:
+        if self.first is None or steps_done <= self.first[0]:
+            self.first = self.first or (steps_done, now)
+            return "ETA: measuring"
+        rate = (steps_done - self.first[0]) / (now - self.first[1])
+        return f"ETA {(self.total_steps - steps_done) / rate / 60:.1f} min"
+
+
 def progress_numbers(record: dict) -> str:
     """An evaluation's numbers under their History names, each kind of BN
     statistics named: val_accuracy is always the running averages'."""
@@ -191,13 +207,13 @@ def run_sweep(
     total_steps = sum(resolve_steps(config, len(data.x_train))[1] for config in todo)
     steps_seen: dict[int, int] = {}
     start = time.perf_counter()
+    eta = Eta(total_steps)
+    print(f"{name}: compiling and training; the first line comes after each run's first evaluation", flush=True)
 
     def show_progress(config, step, run_steps, record):
         steps_seen[id(config)] = step
-        done = sum(steps_seen.values())
-        eta_minutes = (total_steps - done) * (time.perf_counter() - start) / done / 60
         print(f"{name} {labels[id(config)]} step {step}/{run_steps} {progress_numbers(record)} "
-              f"| ETA {eta_minutes:.1f} min", flush=True)
+              f"| {eta.update(sum(steps_seen.values()), time.perf_counter())}", flush=True)
 
     def save_run(config, history, state):
         if history.diverged:

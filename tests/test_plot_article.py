@@ -50,3 +50,21 @@ def test_results_without_precise_bn_keep_the_older_table(tmp_path):
     summary = (tmp_path / "summary.md").read_text()
     assert "precise" not in summary
     assert summary.splitlines()[2].endswith("| plain swing | BN swing |")
+
+
+def test_a_figure_keeps_its_legend_off_the_curves_and_says_its_size_and_seeds():
+    config = TrainConfig(batch_norm=True, activation="sigmoid", learning_rate=0.01, max_steps=200,
+                         eval_statistics="precise")
+    runs = {False: [fake_run(dataclasses.replace(config, batch_norm=False, eval_statistics="running"), 0.1, None)],
+            True: [fake_run(config, 0.9, [0.9, 0.95, 0.97])]}
+    setting = dict(plot_article.group_runs(runs[False] + runs[True]).popitem()[0])
+    figure = plot_article.group_figure(setting, runs)
+    axes = figure.axes[0]
+    labels = [text.get_text() for text in axes.get_legend().get_texts()]
+    assert "BN validation (1 seed)" in labels and not any("1 seeds" in label for label in labels)
+    assert axes.get_title().endswith("200 steps only")
+    renderer = figure.canvas.get_renderer()
+    legend_box, axes_box = axes.get_legend().get_window_extent(renderer), axes.get_window_extent(renderer)
+    assert legend_box.y1 <= axes_box.y0  # below the plotting area: over no curve
+    assert all(line.get_marker() == "o" for line in axes.get_lines())  # 3 points: each marked
+    assert plot_article.title_of({**setting, "max_steps": None}, "MNIST").endswith("batch 32")  # the recipe: no size

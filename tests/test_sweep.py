@@ -218,3 +218,10 @@ def make_dataset_for_sweep():
     from conftest import make_dataset
 
     return make_dataset()
+
+
+def test_the_eta_learns_from_the_steps_done_after_compiling():
+    eta = sweep.Eta(total_steps=1000)
+    assert eta.update(100, now=60.0) == "ETA: measuring"  # the first report: a minute of compiling behind it
+    assert eta.update(300, now=80.0) == "ETA 1.2 min"  # 200 steps in 20 s: 700 left at 10 steps/s
+    assert eta.update(500, now=100.0) == "ETA 0.8 min"
