@@ -22,18 +22,31 @@ XLA:CPU flags its speed figures were measured with where they start, if no
 JAX computation has run yet (support/xla_flags.py).
 """
 
-from bnjax.bn import nnx
-from bnjax.bn.batchnorm import KERAS_BN, BatchNorm, Renorm
-from bnjax.bn.checkup import Checkup, accuracy, checkup
-from bnjax.bn.update_bn import update_bn
-from bnjax.data.datasets import load_dataset, load_mnist
-from bnjax.engine.launch import train_many
-from bnjax.engine.strategy import Strategy
-from bnjax.support.compilation_cache import use_persistent_cache
-from bnjax.training.config import TrainConfig
-from bnjax.training.history import History
-from bnjax.training.train import train
+import importlib
 
-__all__ = ["BatchNorm", "KERAS_BN", "Renorm", "nnx", "update_bn", "checkup", "Checkup", "accuracy",
-           "TrainConfig", "History", "train", "train_many", "Strategy", "load_mnist", "load_dataset",
-           "use_persistent_cache"]
+# The front door's names and the modules they live in, imported when first
+# used: `import bnjax` stays quick, and `python -m bnjax` starts listening for
+# Ctrl-C before the slow imports.
+_EXPORTS = {
+    "BatchNorm": "bnjax.bn.batchnorm", "KERAS_BN": "bnjax.bn.batchnorm", "Renorm": "bnjax.bn.batchnorm",
+    "nnx": "bnjax.bn.nnx", "update_bn": "bnjax.bn.update_bn",
+    "checkup": "bnjax.bn.checkup", "Checkup": "bnjax.bn.checkup", "accuracy": "bnjax.bn.checkup",
+    "TrainConfig": "bnjax.training.config", "History": "bnjax.training.history", "train": "bnjax.training.train",
+    "train_many": "bnjax.engine.launch", "Strategy": "bnjax.engine.strategy",
+    "load_mnist": "bnjax.data.datasets", "load_dataset": "bnjax.data.datasets",
+    "use_persistent_cache": "bnjax.support.compilation_cache",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'bnjax' has no attribute {name!r}")
+    module = importlib.import_module(_EXPORTS[name])
+    value = module if name == "nnx" else getattr(module, name)
+    globals()[name] = value  # found directly from now on
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -18,12 +18,41 @@ input, 3 when the run diverged (its History is still saved), 130 on Ctrl-C.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import difflib
-import json
-import typing
-from pathlib import Path
+import signal
+import sys
+
+
+class CtrlC:
+    """Ctrl-C obeyed at any moment. Python swallows a KeyboardInterrupt raised
+    inside a garbage-collection callback (JAX runs one), and one raised while
+    this module is still importing would end in a traceback; so a Ctrl-C is
+    remembered, raised only once `main` runs, and checked again at every
+    evaluation (`check`)."""
+
+    pressed = False
+    armed = False
+
+    @classmethod
+    def handle(cls, signum, frame):
+        cls.pressed = True
+        if cls.armed:
+            raise KeyboardInterrupt
+
+    @classmethod
+    def check(cls):
+        if cls.pressed:
+            raise KeyboardInterrupt
+
+
+if __name__ == "__main__":  # the program, not an import of it: before the slow imports below
+    signal.signal(signal.SIGINT, CtrlC.handle)
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import difflib  # noqa: E402
+import json  # noqa: E402
+import typing  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 from bnjax.support.checks import OneLineArgumentParser
 from bnjax.data.datasets import DATASETS, SOURCES, DataError, load_dataset
@@ -147,6 +176,7 @@ def _progress_printer(config: TrainConfig):
     notes = []
 
     def show(config, step, total_steps, record):
+        CtrlC.check()  # a Ctrl-C that a garbage-collection callback swallowed
         also = f" {other} {record[other]:.4f}" if other in record else ""
         print(f"step {step}/{total_steps} val_accuracy {record['val_accuracy']:.4f}{also} "
               f"train_loss {record['train_loss']:.4f}", flush=True)
@@ -231,6 +261,18 @@ def main(argv=None) -> None:
     apply_cpu_flags()  # where the program starts, before any JAX computation
     parser = _parser()
     args = parser.parse_args(argv)
+    CtrlC.armed = True
+    try:
+        CtrlC.check()  # pressed while the program was still importing
+        run(parser, args)
+    except KeyboardInterrupt:
+        parser.exit(130, f"interrupted; {'resume with the same command' if args.checkpoint else 'nothing saved'}\n")
+    finally:
+        CtrlC.armed = False
+
+
+def run(parser, args) -> None:
+    """The program, once its arguments are parsed (`main` turns Ctrl-C into one line)."""
     if args.fields:
         print(describe_fields())
         return
@@ -256,13 +298,12 @@ def main(argv=None) -> None:
         parser.exit(1, f"error: {error}\n")
 
     use_persistent_cache()
+    CtrlC.check()
     try:
         # Through the engine, as the studies train (one run, this process);
         # with --checkpoint, its loop saves and resumes the run at that path.
         [(history, _)] = train_runs([config], data, on_eval=_progress_printer(config),
                                     checkpoint_paths=[args.checkpoint])
-    except KeyboardInterrupt:
-        parser.exit(130, f"interrupted; {'resume with the same command' if args.checkpoint else 'nothing saved'}\n")
     except ValueError as error:  # e.g. a batch that does not divide over the devices
         parser.exit(2, f"error: {error}\n")
     outcome = f"diverged (training loss {history.train_loss[-1]:.4g})" if history.diverged else "done"

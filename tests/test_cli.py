@@ -191,3 +191,19 @@ def test_a_config_a_sweep_trained_gets_one_line_on_how_to_get_the_sweeps_numbers
         "program): this run's float round-off can differ; python -m bnjax --replay outputs/demo/results.json "
         "--run 1 gives its numbers")
     assert cli.saved_twin_note(dataclasses.replace(config, seed=1)) is None
+
+
+@pytest.mark.parametrize("delay", [0.3, 1.0, 2.5])
+def test_ctrl_c_at_any_moment_ends_the_program_in_one_line(mnist, delay):
+    # While Python imports, while JAX starts, while it trains: the same one line, the shell's code.
+    import signal
+    import time
+
+    process = subprocess.Popen([sys.executable, "-m", "bnjax", "--set", "max_steps=5000", "--set", "eval_every=50"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert [line for line in err.splitlines() if not line.startswith("bnjax.data")] == ["interrupted; nothing saved"]
+    assert "done:" not in out
