@@ -83,12 +83,13 @@ def explain_nothing_trained(args: argparse.Namespace, results: dict, results_pat
     print(f"Nothing was trained. The saved runs were made on: {describe_environment(saved)}.")
     if not same_setup(saved, here):
         print(f"This machine differs: {describe_environment(here)}.")
-    summary = args.out / "summary.md"
-    if not summary.exists():  # a fresh runs/ folder: the committed summary of these runs
-        summary = COMMITTED / study_name(args) / "summary.md"
-    if summary.exists():
-        print(f"\n{summary.read_text().strip()}\n")
     wanted = {run_key(dataclasses.asdict(config)) for config in configs}
+    # The table of exactly these runs (a results file may hold other grids' runs too).
+    these = [run for run in results["runs"] if run_key(run["config"]) in wanted]
+    print(f"\n{plot_article.summary_markdown(plot_article.group_runs(these), args.dataset).strip()}\n")
+    summary = args.out / "summary.md"
+    if not summary.exists():  # a fresh runs/ folder: the committed figures of these runs
+        summary = COMMITTED / study_name(args) / "summary.md"
     run_minutes = sum(run.get("total_wall_time_s", 0.0) for run in results["runs"]
                       if run_key(run["config"]) in wanted) / 60
     options = argv_without_out(args)
