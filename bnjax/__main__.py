@@ -299,6 +299,7 @@ def run(parser, args) -> None:
 
     use_persistent_cache()
     CtrlC.check()
+    print(f"compiling, then training; a line every {config.eval_every} steps", flush=True)
     try:
         # Through the engine, as the studies train (one run, this process);
         # with --checkpoint, its loop saves and resumes the run at that path.

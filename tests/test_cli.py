@@ -21,6 +21,7 @@ def test_a_short_run_prints_progress_and_saves_its_history(tmp_path, monkeypatch
               "--set", "eval_statistics=precise", "--set", "precise_bn_batches=2", "--save", str(saved)])
     output = capsys.readouterr().out
     assert "'batch_norm': True" in output and "'learning_rate': 0.01" in output
+    assert "compiling, then training; a line every 3 steps" in output
     assert "step 3/6 val_accuracy" in output and "step 6/6 val_accuracy" in output
     assert "done: final test accuracy" in output
     assert "step 6/6 val_accuracy" in output and " precise_val_accuracy " in output

@@ -225,3 +225,11 @@ def test_the_eta_learns_from_the_steps_done_after_compiling():
     assert eta.update(100, now=60.0) == "ETA: measuring"  # the first report: a minute of compiling behind it
     assert eta.update(300, now=80.0) == "ETA 1.2 min"  # 200 steps in 20 s: 700 left at 10 steps/s
     assert eta.update(500, now=100.0) == "ETA 0.8 min"
+
+
+def test_a_studys_bad_argument_ends_in_one_line_naming_the_program():
+    result = subprocess.run([sys.executable, "-m", "experiments.article", "--seeds", "0"], capture_output=True,
+                            text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 2
+    assert result.stderr == ("error: argument --seeds: expected a positive integer, got '0' "
+                             "(python -m experiments.article --help lists the options)\n")

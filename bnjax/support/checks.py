@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 
 
 def is_integer(value) -> bool:
@@ -43,7 +44,14 @@ def check_choice(name: str, value, allowed) -> None:
 
 class OneLineArgumentParser(argparse.ArgumentParser):
     """argparse, but a bad argument ends in one line (`error: ...`, exit
-    status 2) instead of the usage block followed by the error."""
+    status 2) instead of the usage block followed by the error; a program
+    run as `python -m module` is named so."""
+
+    def __init__(self, *args, **kwargs):
+        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+        if "prog" not in kwargs and spec is not None:
+            kwargs["prog"] = f"python -m {spec.name.removesuffix('.__main__')}"
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"error: {message} ({self.prog} --help lists the options)\n")
