@@ -35,6 +35,7 @@ from bnjax.data.datasets import load_mnist  # noqa: E402
 from bnjax.support.atomic import atomic_write  # noqa: E402
 from bnjax.training.config import TrainConfig
 from bnjax.training.steps import cross_entropy_loss, to_float_images  # noqa: E402
+from experiments.plot_article import seeds_phrase  # noqa: E402
 from experiments.results import last_full_interval, run_resumable, save_figure  # noqa: E402
 from experiments.sweep import add_sweep_flags, output_folder, positive_int, run_sweep, sweep_strategy  # noqa: E402
 
@@ -217,9 +218,9 @@ def summarize_lr_grid(runs: list[dict], out: Path) -> str:
         panel.set_title(title)
         figure.colorbar(image, ax=panel)
     seeds = len({run["config"]["seed"] for run in runs})
-    figure.suptitle(f"Final test accuracy after one epoch (mean of {seeds} seeds)")
+    figure.suptitle(f"Final test accuracy after one epoch (mean of {seeds_phrase(seeds)})")
     save_tight_figure(figure, out / "lr_grid.png")
-    lines = [f"Final test accuracy after one epoch, plain / BN, mean over {seeds} seeds "
+    lines = [f"Final test accuracy after one epoch, plain / BN, mean over {seeds_phrase(seeds)} "
              f"(std in results.json; {partial - len(runs)} runs of an incomplete seed left out).", "",
              "| activation | " + " | ".join(f"lr {lr:g}" for lr in learning_rates) + " |",
              "|---" * (1 + len(learning_rates)) + "|"]

@@ -44,6 +44,7 @@ from bnjax.training.evaluation import batch_statistics_accuracy  # noqa: E402
 from bnjax.training.evaluation import evaluate
 from bnjax.training.precise_bn import precise_statistics, sample_batches  # noqa: E402
 from bnjax.training.steps import make_model  # noqa: E402
+from experiments.plot_article import seeds_phrase  # noqa: E402
 from experiments.results import load_results, run_resumable, save_figure  # noqa: E402
 from experiments.sweep import add_sweep_flags, output_folder, run_sweep, sweep_strategy  # noqa: E402
 
@@ -147,7 +148,7 @@ def plot_and_summarize(results_path: Path) -> None:
                                                       ("-", "-", "--")):
             panel.plot(steps, values.mean(0), color=color, linestyle=style, label=curve_name)
             panel.fill_between(steps, values.min(0), values.max(0), color=color, alpha=0.2, linewidth=0)
-        panel.set_title(f"{name} ({len(group)} seeds)", fontsize=10)
+        panel.set_title(f"{name} ({seeds_phrase(len(group))})", fontsize=10)
         panel.set_xlabel("training step")
         panel.grid(alpha=0.3)
     axes[0][0].set_ylabel("test accuracy")
