@@ -69,11 +69,16 @@ FIELDS = {field.name: field for field in dataclasses.fields(TrainConfig)}
 FIELD_TYPES = typing.get_type_hints(TrainConfig)
 
 
+def field_kind(name: str) -> tuple[type, bool]:
+    """(the type of TrainConfig field `name`, whether it may be None)."""
+    kind = FIELD_TYPES[name]
+    return next((arg for arg in typing.get_args(kind) if arg is not type(None)), kind), \
+        type(None) in typing.get_args(kind)
+
+
 def parse_value(name: str, text: str):
     """`text` as a value of TrainConfig field `name`; ValueError names what is allowed."""
-    kind = FIELD_TYPES[name]
-    optional = type(None) in typing.get_args(kind)
-    base = next((arg for arg in typing.get_args(kind) if arg is not type(None)), kind)
+    base, optional = field_kind(name)
     if optional and text.lower() == "none":
         return None
     if base is bool:
@@ -134,10 +139,9 @@ def allowed_values(name: str) -> str:
     """What `--set name=...` takes, in words."""
     if name in CHOICES:
         return "one of " + ", ".join(CHOICES[name])
-    kind = FIELD_TYPES[name]
-    base = next((arg for arg in typing.get_args(kind) if arg is not type(None)), kind)
+    base, optional = field_kind(name)
     words = {bool: "true or false", int: "an integer", float: "a number", str: "a name"}.get(base, str(base))
-    return words + (" or none" if type(None) in typing.get_args(kind) else "")
+    return words + (" or none" if optional else "")
 
 
 def describe_fields() -> str:

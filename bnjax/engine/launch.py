@@ -32,8 +32,6 @@ from bnjax.training.history import EvalCallback, History
 from bnjax.training.schedule import check_dataset, resolve_steps
 from bnjax.training.steps import TrainState, create_train_state, make_mesh
 
-__all__ = ["Strategy", "default_strategy", "program_key", "train_many", "checkpoint_file"]
-
 # make_probe(config, data) -> probe(state) -> dict: built where the run trains
 # (in a worker process too), so it must be a module-level function or class.
 ProbeFactory = Callable[[TrainConfig, object], Callable[[TrainState], dict]]

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import time
 from typing import Callable, NamedTuple
 
@@ -31,17 +30,16 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from bnjax.engine.strategy import Strategy, default_strategy
-from bnjax.support.provenance import effective_precision
 from bnjax.support.xla_flags import apply_cpu_flags, version_tuple
-from bnjax.training.checkpoint import restore_checkpoint, save_checkpoint
+from bnjax.training.checkpoint import save_checkpoint, start_or_resume
 from bnjax.training.config import TrainConfig
 from bnjax.training.evaluation import evaluate_runs
 from bnjax.training.history import EvalCallback, History, has_diverged, launch_record
 from bnjax.training.precise_bn import precise_batches_for
 from bnjax.training.runs import for_each_run, run_of, stack_runs
 from bnjax.training.schedule import check_dataset, epoch_order, resolve_steps
-from bnjax.training.steps import (DATA_AXIS, TrainState, create_train_state, make_mesh, matmul_precision,
-                                  to_float_images, train_step_body)
+from bnjax.training.steps import (DATA_AXIS, TrainState, make_mesh, matmul_precision, to_float_images,
+                                  train_step_body)
 
 # Fields that may differ between the runs of one program: everything else
 # (architecture, batch, schedule, devices) must be equal.
@@ -151,13 +149,7 @@ def _initial_states(configs, mesh, checkpoint_paths, conv_implementation):
     """Every run's fresh state, or its checkpoint's where one exists, and its History so far."""
     states, histories = [], []
     for config, path in zip(configs, checkpoint_paths):
-        state = create_train_state(config, jax.random.key(config.seed), mesh.size, conv_implementation)
-        history = History()
-        if path is not None and os.path.exists(path):
-            state, saved_history = restore_checkpoint(path, state, config)
-            history = History(**saved_history)
-        history.precision = effective_precision(mesh.devices.flat[0].platform, config.compute_dtype,
-                                                config.matmul_precision)
+        state, history = start_or_resume(config, path, mesh.devices.flat[0].platform, mesh.size, conv_implementation)
         states.append(state)
         histories.append(history)
     steps = sorted({int(state.step) for state in states})

@@ -127,14 +127,8 @@ class TrainConfig:
     permutation_seed: int = 0
 
     def __post_init__(self):
-        check_choice("activation", self.activation, ACTIVATIONS)
-        check_choice("model", self.model, MODELS)
-        check_choice("optimizer", self.optimizer, OPTIMIZERS)
-        check_choice("kernel_init", self.kernel_init, KERNEL_INITS)
-        check_choice("bn_position", self.bn_position, BN_POSITIONS)
-        check_choice("eval_statistics", self.eval_statistics, EVAL_STATISTICS)
-        check_choice("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
-        check_choice("matmul_precision", self.matmul_precision, MATMUL_PRECISIONS)
+        for name, allowed in CHOICES.items():
+            check_choice(name, getattr(self, name), allowed)
         if self.bn_noise is True and not self.batch_norm:
             raise ValueError("bn_noise adds noise after BN, and this model has no BN (batch_norm=False); "
                              "set batch_norm=True")
@@ -148,7 +142,6 @@ class TrainConfig:
             self._check_ghost_batch_size()
         if self.model != "convnet" and (self.bn_position != "before" or self.bn_use_bias):
             raise ValueError(f"bn_position and bn_use_bias apply to model 'convnet' only, not {self.model!r}")
-        check_choice("sequence", self.sequence, SEQUENCES)
         defaults = {field.name: field.default for field in dataclasses.fields(self)}
         if self.model == "lstm":
             for name in NOT_FOR_LSTM:

@@ -26,15 +26,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bnjax.support.provenance import effective_precision
 from bnjax.support.xla_flags import apply_cpu_flags
-from bnjax.training.checkpoint import restore_checkpoint, save_checkpoint
+from bnjax.training.checkpoint import save_checkpoint, start_or_resume
 from bnjax.training.config import TrainConfig
 from bnjax.training.evaluation import default_eval_chunk, evaluate
 from bnjax.training.history import EvalCallback, History, has_diverged, launch_record
 from bnjax.training.precise_bn import precise_batches_for
 from bnjax.training.schedule import check_dataset, epoch_order, resolve_steps
-from bnjax.training.steps import TrainState, create_train_state, matmul_precision, to_float_images, train_step
+from bnjax.training.steps import TrainState, matmul_precision, to_float_images, train_step
 
 
 def train(
@@ -101,12 +100,8 @@ def train(
 
 
 def _start(config: TrainConfig, checkpoint_path) -> tuple[TrainState, History]:
-    """A fresh state from the config's seed, or the checkpoint's state and History where it exists."""
-    state, history = create_train_state(config, jax.random.key(config.seed)), History()
-    if checkpoint_path is not None and os.path.exists(checkpoint_path):
-        state, saved_history = restore_checkpoint(checkpoint_path, state, config)
-        history = History(**saved_history)
-    history.precision = effective_precision(jax.default_backend(), config.compute_dtype, config.matmul_precision)
+    """The run's state and History to start from (`start_or_resume`), with the plain loop's launch record."""
+    state, history = start_or_resume(config, checkpoint_path, jax.default_backend())
     history.launch = launch_record("plain", jax.default_backend(), 1,
                                    eval_chunk=default_eval_chunk(jax.default_backend()))
     return state, history
