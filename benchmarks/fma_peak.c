@@ -1,11 +1,14 @@
 /* fp32 FMA throughput of one core: 12 independent chains of vector FMAs
  * (enough to fill two FMA pipes of 4-cycle latency), nothing else in the loop.
  * Built with -O3 -march=native by benchmarks/throughput.py, one copy per core at
- * once: `fma_peak ITERATIONS CORE` runs on core CORE; prints GFLOP/s. The best any fp32 code can do on this core, clock
+ * once: `fma_peak ITERATIONS CORE` runs on core CORE (Linux; elsewhere CORE only
+ * names the copy and the system places it); prints GFLOP/s. The best any fp32 code can do on this core, clock
  * boost included. */
 #define _GNU_SOURCE
 #include <immintrin.h>
+#ifdef __linux__
 #include <sched.h>
+#endif
 #include <stdio.h>
 #include <stdlib.h>
 #include <time.h>
@@ -30,12 +33,14 @@ typedef __m256 vec;
 
 int main(int argc, char **argv) {
     long iterations = argc > 1 ? atol(argv[1]) : 100000000L;
+#ifdef __linux__
     if (argc > 2) {
         cpu_set_t cores;
         CPU_ZERO(&cores);
         CPU_SET(atoi(argv[2]), &cores);
         if (sched_setaffinity(0, sizeof cores, &cores)) { perror("sched_setaffinity"); return 1; }
     }
+#endif
     vec acc[CHAINS];
     vec b = SET1(0.9999999f), c = SET1(1e-7f);
     for (int i = 0; i < CHAINS; i++) acc[i] = SET1((float)i);

@@ -37,6 +37,7 @@ import numpy as np
 from bnjax.data.datasets import load_mnist
 from bnjax.engine.launch import train_many
 from bnjax.engine.strategy import default_strategy
+from bnjax.support import host
 from bnjax.support.provenance import environment
 from bnjax.training.config import TrainConfig
 from bnjax.training.evaluation import evaluate
@@ -64,7 +65,7 @@ def cpu_peak_gflops() -> tuple[float | None, str]:
                                capture_output=True, text=True)
         if build.returncode:
             return None, f"benchmarks/fma_peak.c did not build: {(build.stderr.strip().splitlines() or ['?'])[-1]}"
-        cores = sorted(os.sched_getaffinity(0))
+        cores = host.usable_core_ids() or list(range(host.usable_core_count() or 1))  # ids name the runs where none can be pinned
         runs = [subprocess.Popen([binary, str(FMA_PEAK_ITERATIONS), str(core)], stdout=subprocess.PIPE, text=True)
                 for core in cores]
         outputs = [run.communicate()[0].split() for run in runs]

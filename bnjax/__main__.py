@@ -58,6 +58,7 @@ from bnjax.support.checks import OneLineArgumentParser
 from bnjax.data.datasets import DATASETS, SOURCES, DataError, load_dataset
 from bnjax.engine.launch import launch_like, replay
 from bnjax.engine.loop import train_runs
+from bnjax.support import host
 from bnjax.support.atomic import unwritable_reason, write_json
 from bnjax.support.compilation_cache import use_persistent_cache
 from bnjax.support.provenance import environment
@@ -243,8 +244,12 @@ def replay_main(parser, args) -> None:
     """--replay: the saved run trained again as it was launched, compared curve by curve."""
     saved, run = _saved_run(parser, args)
     launch = run.get("launch") or {}
-    launch_like(launch)  # the CPU cores and XLA flags the run had, before this process's JAX starts
+    cores_as_recorded = launch_like(launch)  # the CPU cores and XLA flags the run had, before JAX starts
     name = f"{args.replay}" + ("" if args.run is None else f" run {args.run}")
+    if not cores_as_recorded:
+        print(f"note: the run had {launch['cpu_cores']} CPU core(s); this process cannot be limited to that many "
+              f"here (it may use {host.usable_core_count() or 'an unknown number of'}), so its float round-off "
+              "can differ", flush=True)
     print(f"replaying {name}: {launch.get('loop', 'no launch record')} loop, {launch.get('cpu_cores', '?')} CPU "
           f"core(s), {len(launch.get('program', [[0]]))} run(s) in its program", flush=True)
     try:

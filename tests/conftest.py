@@ -3,6 +3,7 @@ synthetic data sets for fast training tests."""
 
 import os
 import shutil
+import sys
 import tempfile
 
 import numpy as np
@@ -24,6 +25,12 @@ _OWN_COMPILATION_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
 if _OWN_COMPILATION_CACHE:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="bnjax-tests-jax-cache-")
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+# The laptop configuration (tests/without_linux/sitecustomize.py): refuse to
+# pass vacuously when the Linux-only calls were meant to be gone and are not.
+if os.environ.get("BNJAX_WITHOUT_LINUX") == "1" and not getattr(sys.modules.get("sitecustomize"), "WITHOUT_LINUX", False):
+    raise RuntimeError("BNJAX_WITHOUT_LINUX=1 but tests/without_linux/sitecustomize.py was not loaded: "
+                       "put tests/without_linux on PYTHONPATH")
 
 from bnjax.support.xla_flags import apply_cpu_flags  # noqa: E402
 

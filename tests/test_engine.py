@@ -18,7 +18,7 @@ from bnjax.engine.launch import train_many
 from bnjax.engine.loop import program_key
 from bnjax.engine.strategy import Strategy, default_strategy
 from bnjax.nets.recurrent import PAPER_SETTINGS
-from bnjax.support import xla_flags
+from bnjax.support import host, xla_flags
 from bnjax.training.config import TrainConfig
 from bnjax.training.schedule import resolve_steps
 from bnjax.training.train import train
@@ -243,7 +243,7 @@ def test_strategy_values_are_checked_and_cpu_runs_one_step_per_dispatch():
         Strategy(unroll="yes")
     with pytest.raises(ValueError, match="eval_chunk must be a positive integer or None, got 0"):
         Strategy(eval_chunk=0)
-    assert default_strategy("cpu") == Strategy(1, False, 1, eval_chunk=200, parallel_runs=len(os.sched_getaffinity(0)))
+    assert default_strategy("cpu") == Strategy(1, False, 1, eval_chunk=200, parallel_runs=host.usable_core_count())
     assert default_strategy("gpu").steps_per_dispatch > 1 and default_strategy("tpu").models_per_program > 1
     assert default_strategy("gpu").stacked_conv == default_strategy("tpu").stacked_conv == "matmul"
     with pytest.raises(ValueError, match="unknown stacked_conv 'grouped'; allowed: lax, matmul"):

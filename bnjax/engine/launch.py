@@ -26,6 +26,7 @@ from jax.experimental import multihost_utils
 from bnjax.engine.loop import program_key, train_runs
 from bnjax.engine.strategy import Strategy, default_strategy
 from bnjax.engine.workers import WorkerPool
+from bnjax.support import host
 from bnjax.support.xla_flags import apply_cpu_flags, backend_started
 from bnjax.training.config import TrainConfig
 from bnjax.training.history import EvalCallback, History
@@ -175,7 +176,9 @@ def _rebuilt_state(config: TrainConfig, arrays) -> TrainState:
 
 def _run_groups_in_workers(groups: list[list[int]], configs, data, how: GroupTraining, on_eval, finish) -> None:
     """The groups in up to `how.strategy.parallel_runs` worker processes, one core each."""
-    available = sorted(os.sched_getaffinity(0))
+    # Core ids to pin each worker to; where the platform cannot pin (macOS,
+    # Windows) they only number the workers, which share the cores.
+    available = host.usable_core_ids() or list(range(host.usable_core_count() or 1))
     cores = [available[worker % len(available)] for worker in range(min(how.strategy.parallel_runs, len(groups)))]
     in_one_process = dataclasses.replace(how, strategy=dataclasses.replace(how.strategy, parallel_runs=1))
     # Longest first (more steps, then BN, the slower net), so that no worker is
@@ -298,17 +301,21 @@ def train_many(
     return [results.get(index) for index in range(len(configs))]
 
 
-def launch_like(launch: dict) -> None:
+def launch_like(launch: dict) -> bool:
     """Set this process up as a run's launch record says its process was:
     its CPU cores (the first ones this process may use) and XLA flags. Only
-    before this process's JAX has started (XLA reads both then)."""
+    before this process's JAX has started (XLA reads both then). Returns
+    whether the cores are as recorded: False where the record names a core
+    count this process cannot be limited to (no affinity call on macOS or
+    Windows) or does not have."""
     if backend_started():
         raise ValueError("a replay must set CPU cores and XLA flags before JAX starts; start a fresh process")
-    available = sorted(os.sched_getaffinity(0))
-    if launch.get("cpu_cores") and launch["cpu_cores"] < len(available):
-        os.sched_setaffinity(0, set(available[:launch["cpu_cores"]]))
     if "xla_flags" in launch:
         os.environ["XLA_FLAGS"] = launch["xla_flags"]
+    wanted = launch.get("cpu_cores")
+    if not wanted:
+        return True
+    return host.usable_core_count() == wanted or (host.limit_cores(wanted) and host.usable_core_count() == wanted)
 
 
 def replay(run: dict, data) -> History:

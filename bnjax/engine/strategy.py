@@ -44,11 +44,11 @@ dispatch and many models per program.
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import jax
 
 from bnjax.nets.conv import CONV_IMPLEMENTATIONS
+from bnjax.support import host
 from bnjax.support.checks import check_bool, check_choice, check_integer
 from bnjax.training.evaluation import default_eval_chunk
 
@@ -81,6 +81,6 @@ def default_strategy(platform: str | None = None, num_devices: int = 1) -> Strat
                         await_each_dispatch=True)
     if platform == "cpu":
         return Strategy(steps_per_dispatch=1, unroll=False, models_per_program=1,
-                        eval_chunk=default_eval_chunk(platform), parallel_runs=len(os.sched_getaffinity(0)))
+                        eval_chunk=default_eval_chunk(platform), parallel_runs=host.usable_core_count() or 1)
     return Strategy(steps_per_dispatch=100, unroll=False, models_per_program=64,
                     eval_chunk=default_eval_chunk(platform), stacked_conv="matmul")

@@ -7,16 +7,18 @@
 Each worker is a fresh `python -c` process (never a fork of a process that
 runs JAX, and never a re-import of the caller's `__main__`, so a script
 without an `if __name__ == "__main__":` guard works), pins itself to its core
-before JAX starts, takes the caller's `sys.path` (so that functions of any
+before JAX starts where the platform can pin (Linux; on macOS and Windows
+the workers share the cores, and a core id only names the worker), takes the caller's `sys.path` (so that functions of any
 module the caller imported unpickle there) and receives `shared` (the data
 set) once. A task calls
 `function(shared, progress, *args)` there, where `progress(message)` sends a
 message back at once; its return value (or exception) comes back to `run`.
 Messages are pickles on the worker's stdin and stdout; the worker's own
-prints go to stderr. On Linux a worker ends with the process that started
-it, even when that one is killed outright (`PR_SET_PDEATHSIG`; the kernel
-sends it when the thread that started the worker ends, so a pool belongs to
-the thread that made it).
+prints go to stderr. A worker ends with the process that started it, even
+when that one is killed outright (`host.end_with_parent`: Linux's
+`PR_SET_PDEATHSIG`, which the kernel sends when the thread that started the
+worker ends, so a pool belongs to the thread that made it; elsewhere a
+watchdog thread in the worker that checks for its parent twice a second).
 
 Not `concurrent.futures.ProcessPoolExecutor`: forking a process that runs
 JAX is unsafe, and its spawn and forkserver workers import the caller's
@@ -28,7 +30,6 @@ arguments (one core each needs a shared queue) and streams no progress.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import pickle
 import queue
@@ -38,25 +39,15 @@ import sys
 import threading
 from typing import Any, Callable, Iterator
 
-from bnjax.support import xla_flags
+from bnjax.support import host, xla_flags
 
 _WORKER_MAIN = "from bnjax.engine.workers import worker_main; worker_main({parent})"
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
-def _end_with_parent(parent: int) -> None:
-    """Ask the kernel for SIGTERM when the parent dies (Linux), and end now if
-    it died before that request was in place."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
-    if os.getppid() != parent:
-        os._exit(1)
 
 
 def worker_main(parent: int | None = None) -> None:
     """The loop of one worker process: init, then tasks until stdin closes."""
     if parent is not None:
-        _end_with_parent(parent)
+        host.end_with_parent(parent)
     channel = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # anything printed goes to stderr, never into the pickles
     inbox = sys.stdin.buffer
@@ -70,7 +61,7 @@ def worker_main(parent: int | None = None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     core, shared_path, shared = pickle.load(inbox)
     sys.path[:] = shared_path  # what the caller can import (a test module, a study), the worker can unpickle
-    os.sched_setaffinity(0, {core})
+    host.pin_to_cores({core})  # where the platform can pin; elsewhere the workers share the cores
     while True:
         try:
             task_index, function, args = pickle.load(inbox)

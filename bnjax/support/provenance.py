@@ -3,7 +3,6 @@ recorded beside every saved result (results.json, `python -m bnjax --save`)."""
 
 from __future__ import annotations
 
-import os
 import platform
 import subprocess
 from pathlib import Path
@@ -13,7 +12,9 @@ import jax
 import numpy as np
 import optax
 
-REPOSITORY = Path(__file__).resolve().parents[1]  # the checkout bnjax/ sits in, if any
+from bnjax.support import host
+
+REPOSITORY = Path(__file__).resolve().parents[2]  # the checkout bnjax/ sits in, if any (bnjax/support/provenance.py)
 
 
 def bnjax_commit() -> str | None:
@@ -31,14 +32,6 @@ def bnjax_commit() -> str | None:
     return head.stdout.strip() + ("+changes" if changes.stdout.strip() else "")
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            return next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
 def environment() -> dict:
     """Library versions, the machine and the bnjax commit that produced a result."""
     device = jax.devices()[0]
@@ -52,8 +45,8 @@ def environment() -> dict:
         "device": device.device_kind,
         "device_count": jax.device_count(),
         "machine": platform.machine(),
-        "cpu": cpu_model(),
-        "cpu_cores": len(os.sched_getaffinity(0)),
+        "cpu": host.cpu_name(),  # None: the platform does not say
+        "cpu_cores": host.usable_core_count(),
         "bnjax_commit": bnjax_commit(),
     }
 
@@ -64,7 +57,7 @@ SETUP_FIELDS = ("jax", "flax", "optax", "platform", "device", "device_count", "m
 
 def describe_environment(env: dict) -> str:
     """One line: the machine and library versions an `environment()` records (older files record fewer)."""
-    cpu = env.get("cpu") or env.get("machine", "?")
+    cpu = env.get("cpu") or f"a CPU of unknown name ({env.get('machine', '?')})"
     cores = f", {env['cpu_cores']} cores" if env.get("cpu_cores") else ""
     device = cpu + cores if env.get("platform") == "cpu" else f"{env.get('device', '?')} x{env.get('device_count', 1)}"
     commit = f", bnjax {env['bnjax_commit']}" if env.get("bnjax_commit") else ""

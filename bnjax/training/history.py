@@ -8,6 +8,7 @@ import math
 import os
 from typing import Callable
 
+from bnjax.support import host
 from bnjax.training.config import TrainConfig
 
 # A run has diverged when the mean training loss of an evaluation interval is
@@ -29,7 +30,7 @@ def launch_record(loop: str, platform: str, devices: int, **details) -> dict:
     and number of devices, the CPU cores this process may use (XLA:CPU sizes
     its thread pool by them, and a sum split over other threads rounds
     otherwise), the XLA flags, and the loop's own details."""
-    return {"loop": loop, "platform": platform, "devices": devices, "cpu_cores": len(os.sched_getaffinity(0)),
+    return {"loop": loop, "platform": platform, "devices": devices, "cpu_cores": host.usable_core_count(),
             "xla_flags": os.environ.get("XLA_FLAGS", ""), **details}
 
 
