@@ -37,8 +37,9 @@ to the per-step History within stated round-off):
 step cannot keep two cores busy and XLA:CPU's stacked and rolled programs
 are slower: one step per dispatch, one model per program, evaluation in
 pieces of 200 images (they stay in cache) and one run per core side by side.
-On GPU and TPU, where launching dominates at batch 32: many steps per
-dispatch and many models per program.
+On a GPU, where launching dominates at batch 32: many steps per dispatch
+and many models per program. On a TPU: many steps per dispatch, one run per
+program (`TPU_STRATEGY`, chosen from the TPU compiler's cost figures).
 """
 
 from __future__ import annotations
@@ -82,5 +83,22 @@ def default_strategy(platform: str | None = None, num_devices: int = 1) -> Strat
     if platform == "cpu":
         return Strategy(steps_per_dispatch=1, unroll=False, models_per_program=1,
                         eval_chunk=default_eval_chunk(platform), parallel_runs=host.usable_core_count() or 1)
+    if platform == "tpu":
+        return TPU_STRATEGY
     return Strategy(steps_per_dispatch=100, unroll=False, models_per_program=64,
                     eval_chunk=default_eval_chunk(platform), stacked_conv="matmul")
+
+
+# On a TPU, chosen from what the TPU compiler reports rather than from a
+# measurement (no TPU has been at hand): `python -m benchmarks.tpu_programs`
+# compiles the engine's interval program for a v5e with R = 1 .. 64 stacked
+# BN runs, both convolutions, and prices each per run-step at the chip's
+# published HBM bandwidth (every program is memory-bound there). Stacking
+# adds HBM traffic in proportion to the runs (lax: 0.305 ms per run-step
+# alone, 0.310 at R = 4, 0.393 at R = 64; matmul: 0.46-0.64), so a program
+# trains one run, its convolutions XLA's own; the test set goes through
+# in whole batches (2.9 ms projected against 5.4 in pieces of 200).
+# outputs/benchmarks/tpu_programs.json holds every figure ("strategy_choice"),
+# and tests/test_tpu_programs.py prices the choice again beside its neighbours.
+TPU_STRATEGY = Strategy(steps_per_dispatch=100, unroll=False, models_per_program=1, eval_chunk=None,
+                        parallel_runs=1, stacked_conv="lax")
