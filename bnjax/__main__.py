@@ -18,6 +18,7 @@ input, 3 when the run diverged (its History is still saved), 130 on Ctrl-C.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
@@ -332,5 +333,21 @@ def run(parser, args) -> None:
                        "(bnjax.training.history.has_diverged)\n")
 
 
+def exit_now_if_interrupted(exit_status) -> None:
+    """After Ctrl-C's one line, end the process at once: a Ctrl-C that lands
+    while a library is starting a thread can leave that thread running, and
+    Python would wait for it (JAX starts a 60 s timer while it looks for a
+    TPU; interrupted inside `Thread.start`, the timer is never cancelled, and
+    the program would end a minute later with JAX's warning under our line)."""
+    if exit_status == 130:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+
+
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except SystemExit as program_exit:
+        exit_now_if_interrupted(program_exit.code)
+        raise
