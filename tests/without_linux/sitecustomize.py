@@ -5,7 +5,9 @@ engine's worker processes, the CLI and notebook subprocesses the tests start).
 
     BNJAX_WITHOUT_LINUX=1 PYTHONPATH=tests/without_linux python -m pytest -m "not slow"
 
-Removed: `os.sched_getaffinity` and `os.sched_setaffinity`, `prctl` from the
+Removed: `os.sched_getaffinity` and `os.sched_setaffinity` (and
+`os.process_cpu_count` becomes `os.cpu_count`, as Python 3.13's os.py makes
+it on such platforms), `prctl` from the
 C library (through ctypes) and reading `/proc` from bnjax's own code
 (`bnjax/`, `experiments/`, `benchmarks/`; third-party libraries keep theirs).
 A new Linux-only call in bnjax then fails the tests. `tests/conftest.py`
@@ -25,6 +27,8 @@ _OURS = tuple(str(_PROJECT / folder) + os.sep for folder in ("bnjax", "experimen
 for _name in ("sched_getaffinity", "sched_setaffinity"):
     if hasattr(os, _name):
         delattr(os, _name)
+if hasattr(os, "process_cpu_count"):  # Python >= 3.13: what os.py defines where there is no affinity call
+    os.process_cpu_count = os.cpu_count
 
 _cdll_getattr = ctypes.CDLL.__getattr__
 
