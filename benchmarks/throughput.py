@@ -65,7 +65,7 @@ def cpu_peak_gflops() -> tuple[float | None, str]:
                                capture_output=True, text=True)
         if build.returncode:
             return None, f"benchmarks/fma_peak.c did not build: {(build.stderr.strip().splitlines() or ['?'])[-1]}"
-        cores = host.usable_core_ids() or list(range(host.usable_core_count() or 1))  # ids name the runs where none can be pinned
+        cores = host.core_ids_to_hand_out()
         runs = [subprocess.Popen([binary, str(FMA_PEAK_ITERATIONS), str(core)], stdout=subprocess.PIPE, text=True)
                 for core in cores]
         outputs = [run.communicate()[0].split() for run in runs]

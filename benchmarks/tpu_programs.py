@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from bnjax.engine import loop
+from bnjax.engine import launch, loop
 from bnjax.engine.strategy import Strategy, default_strategy
 from bnjax.support.atomic import write_json
 from bnjax.support.provenance import environment
@@ -275,9 +275,9 @@ def choose_strategy(device, chip: str, stacks=STACKS, chunks=EVAL_CHUNKS, log=pr
         evaluations[str(chunk)] = compile_and_price(lambda: evaluation_program(BN, device, "running", chunk=chunk),
                                                     chip)
         log(f"  strategy: evaluation in pieces of {chunk or 'the whole batch'}: {describe(evaluations[str(chunk)])}")
-    priced = {key: value for key, value in per_run_step.items() if value["compiled"]}
-    best = min(value["projected_s_per_run_step"] for value in priced.values())
-    good = [key for key, value in priced.items() if value["projected_s_per_run_step"] <= best * (1 + WITHIN_BEST)]
+    compiled = {key: value for key, value in per_run_step.items() if value["compiled"]}
+    best = min(value["projected_s_per_run_step"] for value in compiled.values())
+    good = [key for key, value in compiled.items() if value["projected_s_per_run_step"] <= best * (1 + WITHIN_BEST)]
     chosen = min(good, key=lambda key: (int(key.rsplit(" x", 1)[1]), key))
     eval_chunk = min((key for key in evaluations if evaluations[key]["compiled"]),
                      key=lambda key: evaluations[key]["projected_s"])
@@ -308,7 +308,7 @@ def sweep_projection(devices, chip: str, strategy, log=print) -> dict:
     from experiments.article import sweep_configs
 
     configs = sweep_configs("article", seeds=3, epochs=3, max_steps=None)
-    groups, _ = loop_groups(configs, strategy.models_per_program)
+    groups, _ = launch._group_runs(configs, strategy.models_per_program)  # as train_many groups them
     device = devices[0]
     priced_programs, priced = [], {}  # programs of one key and size compile to one program: priced once
     for group in groups:
@@ -345,15 +345,6 @@ def sweep_projection(devices, chip: str, strategy, log=print) -> dict:
             "projected_s": max(loads), "strategy": dataclasses.asdict(strategy)}
 
 
-def loop_groups(configs, models_per_program):
-    """Runs grouped into programs as `train_many` groups them (by program key, in order)."""
-    by_key: dict[tuple, list[int]] = {}
-    for index, config in enumerate(configs):
-        by_key.setdefault(loop.program_key(config), []).append(index)
-    return [indices[start:start + models_per_program] for indices in by_key.values()
-            for start in range(0, len(indices), models_per_program)], by_key
-
-
 # ---------------------------------------------------------------- main
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -385,9 +376,9 @@ def main(argv=None) -> None:
     for name in args.topologies:
         devices = topology_devices(name)
         chip = TOPOLOGIES[name][2]
-        print(f"{name}: {len(devices)} devices ({devices[0].device_kind}), {len(devices) // max(1, len(set(d.process_index for d in devices)))} per host", flush=True)
-        entry = {"devices": len(devices), "device_kind": devices[0].device_kind,
-                 "hosts": len({device.process_index for device in devices}), "programs": {}}
+        hosts = len({device.process_index for device in devices})
+        print(f"{name}: {len(devices)} devices ({devices[0].device_kind}), {len(devices) // hosts} per host", flush=True)
+        entry = {"devices": len(devices), "device_kind": devices[0].device_kind, "hosts": hosts, "programs": {}}
         for program, build in programs(name, devices):
             entry["programs"][program] = compile_and_price(build, chip)
             print(f"  {program}: {describe(entry['programs'][program])}", flush=True)

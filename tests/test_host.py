@@ -39,6 +39,7 @@ def test_without_affinity_calls_nothing_is_pinned_and_that_is_said(monkeypatch):
     without(monkeypatch, "sched_getaffinity", "sched_setaffinity")
     assert not host.can_pin()
     assert host.pin_to_cores({0}) is False and host.limit_cores(1) is False
+    assert host.core_ids_to_hand_out() == list(range(host.usable_core_count()))  # numbers for unpinned workers
 
 
 def test_the_cpu_name_where_there_is_no_proc_cpuinfo(monkeypatch):

@@ -176,9 +176,7 @@ def _rebuilt_state(config: TrainConfig, arrays) -> TrainState:
 
 def _run_groups_in_workers(groups: list[list[int]], configs, data, how: GroupTraining, on_eval, finish) -> None:
     """The groups in up to `how.strategy.parallel_runs` worker processes, one core each."""
-    # Core ids to pin each worker to; where the platform cannot pin (macOS,
-    # Windows) they only number the workers, which share the cores.
-    available = host.usable_core_ids() or list(range(host.usable_core_count() or 1))
+    available = host.core_ids_to_hand_out()  # pinned to on Linux; elsewhere they only number the workers
     cores = [available[worker % len(available)] for worker in range(min(how.strategy.parallel_runs, len(groups)))]
     in_one_process = dataclasses.replace(how, strategy=dataclasses.replace(how.strategy, parallel_runs=1))
     # Longest first (more steps, then BN, the slower net), so that no worker is
@@ -315,7 +313,8 @@ def launch_like(launch: dict) -> bool:
     wanted = launch.get("cpu_cores")
     if not wanted:
         return True
-    return host.usable_core_count() == wanted or (host.limit_cores(wanted) and host.usable_core_count() == wanted)
+    host.limit_cores(wanted)  # only where the platform can pin, and only to fewer cores
+    return host.usable_core_count() == wanted
 
 
 def replay(run: dict, data) -> History:

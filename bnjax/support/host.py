@@ -31,6 +31,13 @@ def usable_core_ids() -> list[int] | None:
     return None
 
 
+def core_ids_to_hand_out() -> list[int]:
+    """One id per usable core, for work spread one per core: the affinity
+    mask's ids where the platform has one (a worker can be pinned to each),
+    else 0 .. N-1, which only number the workers (they share the cores)."""
+    return usable_core_ids() or list(range(usable_core_count() or 1))
+
+
 def usable_core_count() -> int | None:
     """How many CPU cores this process may use: `os.process_cpu_count()`
     (Python >= 3.13, which honours an affinity mask on Linux and Windows),
@@ -58,9 +65,9 @@ def pin_to_cores(cores: set[int]) -> bool:
 def limit_cores(count: int) -> bool:
     """Restrict this process to its first `count` usable cores (fewer only:
     never more than it has); return whether its cores are now `count` or fewer."""
-    cores = usable_core_ids()
-    if cores is None or not can_pin():
+    if not can_pin():
         return False
+    cores = usable_core_ids()
     if count < len(cores):
         os.sched_setaffinity(0, set(cores[:count]))
     return True
@@ -116,19 +123,18 @@ def _parent_alive(parent: int) -> bool:
     return True
 
 
-def end_with_parent(parent: int, poll_s: float = 0.5) -> str:
+def end_with_parent(parent: int, poll_s: float = 0.5) -> None:
     """Make this process end when process `parent` ends, even when that one is
     killed outright: Linux's parent-death signal where there is prctl, else a
     daemon thread that checks every `poll_s` seconds whether the parent is
-    still there. Ends now if the parent is gone already. Returns how ("prctl" or "watchdog")."""
-    how = "prctl" if _linux_parent_death_signal() else "watchdog"
+    still there. Ends now if the parent is gone already."""
+    by_signal = _linux_parent_death_signal()
     if not _parent_alive(parent):
         os._exit(1)
-    if how == "watchdog":
+    if not by_signal:
         def watch():
             while _parent_alive(parent):
                 time.sleep(poll_s)
             os._exit(1)
 
         threading.Thread(target=watch, name="bnjax-parent-watchdog", daemon=True).start()
-    return how

@@ -46,7 +46,6 @@ _open = builtins.open
 
 def _open_without_proc(file, *args, **kwargs):
     if isinstance(file, (str, os.PathLike)) and os.fspath(file).startswith("/proc/"):
-
         callers = [sys._getframe(depth).f_code.co_filename for depth in (1, 2, 3)]  # through pathlib: 2 or 3
         if any(caller.startswith(_OURS) for caller in callers):
             raise FileNotFoundError(2, "No such file or directory (removed by tests/without_linux)", os.fspath(file))
