@@ -24,11 +24,12 @@ import sys
 
 
 class CtrlC:
-    """Ctrl-C obeyed at any moment. Python swallows a KeyboardInterrupt raised
-    inside a garbage-collection callback (JAX runs one), and one raised while
-    this module is still importing would end in a traceback; so a Ctrl-C is
-    remembered, raised only once `main` runs, and checked again at every
-    evaluation (`check`)."""
+    """Ctrl-C obeyed at any moment. A KeyboardInterrupt raised inside a
+    garbage-collection callback (JAX runs one) or a finalizer is swallowed by
+    Python, which prints its traceback and goes on; one raised while this
+    module is still importing would end in a traceback. So a Ctrl-C is
+    remembered, raised only once `main` runs and never inside a callback or
+    finalizer, and checked again at every evaluation (`check`)."""
 
     pressed = False
     armed = False
@@ -36,8 +37,21 @@ class CtrlC:
     @classmethod
     def handle(cls, signum, frame):
         cls.pressed = True
-        if cls.armed:
+        if cls.armed and not cls.inside_swallowing_code(frame):
             raise KeyboardInterrupt
+
+    @staticmethod
+    def inside_swallowing_code(frame) -> bool:
+        """Whether `frame` or a caller is a gc callback or a `__del__`, where
+        an exception would be printed as "Exception ignored in" and dropped."""
+        import gc
+
+        callback_codes = {getattr(callback, "__code__", None) for callback in gc.callbacks}
+        while frame is not None:
+            if frame.f_code in callback_codes or frame.f_code.co_name == "__del__":
+                return True
+            frame = frame.f_back
+        return False
 
     @classmethod
     def check(cls):

@@ -194,6 +194,37 @@ def test_a_config_a_sweep_trained_gets_one_line_on_how_to_get_the_sweeps_numbers
     assert cli.saved_twin_note(dataclasses.replace(config, seed=1)) is None
 
 
+def test_a_ctrl_c_inside_a_gc_callback_waits_for_the_next_check(monkeypatch):
+    # Raised there, Python would print "Exception ignored in ..." and drop it (seen once, at 2.5 s).
+    import gc
+    import signal
+
+    monkeypatch.setattr(cli.CtrlC, "pressed", False)
+    monkeypatch.setattr(cli.CtrlC, "armed", True)
+    outcomes = []
+
+    def a_gc_callback(phase, info):
+        try:
+            cli.CtrlC.handle(signal.SIGINT, sys._getframe())
+            outcomes.append("deferred")
+        except KeyboardInterrupt:
+            outcomes.append("raised")
+
+    class Finalized:
+        def __del__(self):
+            a_gc_callback("stop", {})
+
+    monkeypatch.setattr(gc, "callbacks", [a_gc_callback])
+    a_gc_callback("start", {})
+    monkeypatch.setattr(gc, "callbacks", [])
+    finalized = Finalized()
+    del finalized  # its __del__ runs here
+    a_gc_callback("start", {})  # an ordinary function now: raised at once
+    assert outcomes == ["deferred", "deferred", "raised"]
+    with pytest.raises(KeyboardInterrupt):
+        cli.CtrlC.check()
+
+
 @pytest.mark.parametrize("delay", [0.3, 1.0, 2.5])
 def test_ctrl_c_at_any_moment_ends_the_program_in_one_line(mnist, delay):
     # While Python imports, while JAX starts, while it trains: the same one line, the shell's code.

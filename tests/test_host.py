@@ -14,8 +14,13 @@ WITHOUT_LINUX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "withou
 
 
 def without(monkeypatch, *names):
+    """Remove os functions as a platform without them lacks them; without the
+    affinity call, os.process_cpu_count (3.13) is os.cpu_count, as os.py
+    defines it there (its Linux version would call the removed function)."""
     for name in names:
         monkeypatch.delattr(os, name, raising=False)
+    if "sched_getaffinity" in names and hasattr(os, "process_cpu_count"):
+        monkeypatch.setattr(os, "process_cpu_count", os.cpu_count)
 
 
 def test_cores_from_process_cpu_count_then_the_affinity_mask_then_cpu_count(monkeypatch):
