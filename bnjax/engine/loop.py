@@ -9,7 +9,7 @@ dispatch, the data on the devices.
 The runs' states are stacked along a leading runs axis. `train_runs` is one
 loop over evaluation intervals: train the interval (`_train_interval`: one or
 more dispatches of the jitted chunk `_chunk`, whose step count is traced, so
-every interval runs one compiled program), evaluate (`_evaluate`: one
+every interval runs one compiled program), evaluate (`evaluate_timed`: one
 dispatch per kind of BN statistics), record, checkpoint, report. Each step is
 `train_step_body` (training/steps.py), applied to the one run directly when
 R == 1 and `vmap`ped over the runs otherwise, inside `shard_map` over the
@@ -31,13 +31,14 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from bnjax.engine.strategy import Strategy, default_strategy
 from bnjax.support.xla_flags import apply_cpu_flags, version_tuple
-from bnjax.training.checkpoint import save_checkpoint, start_or_resume
+from bnjax.training.checkpoint import save_checkpoint
 from bnjax.training.config import TrainConfig
 from bnjax.training.evaluation import evaluate_runs
-from bnjax.training.history import EvalCallback, History, has_diverged, launch_record
+from bnjax.training.history import EvalCallback, History, launch_record
+from bnjax.training.lifecycle import evaluate_timed, evaluations_of_run, record_evaluation, schedule_of, start
 from bnjax.training.precise_bn import precise_batches_for
 from bnjax.training.runs import for_each_run, run_of, stack_runs
-from bnjax.training.schedule import check_dataset, epoch_order, resolve_steps
+from bnjax.training.schedule import epoch_order
 from bnjax.training.steps import (DATA_AXIS, TrainState, make_mesh, matmul_precision, to_float_images,
                                   train_step_body)
 
@@ -145,11 +146,17 @@ def _run_chunk(strategy: Strategy, state, metric_sums, first_step: int, num_step
 
 # ---------------------------------------------------------------- the loop
 
-def _initial_states(configs, mesh, checkpoint_paths, conv_implementation):
-    """Every run's fresh state, or its checkpoint's where one exists, and its History so far."""
+def _initial_states(configs, mesh, checkpoint_paths, strategy: Strategy):
+    """Every run's fresh state, or its checkpoint's where one exists, and its
+    History so far, carrying the engine's launch record."""
+    platform, conv_implementation = mesh.devices.flat[0].platform, strategy.stacked_conv if len(configs) > 1 else "lax"
+    launched = {key: value for key, value in dataclasses.asdict(strategy).items() if key != "parallel_runs"}
+    program = [[c.seed, c.learning_rate] for c in configs]
     states, histories = [], []
-    for config, path in zip(configs, checkpoint_paths):
-        state, history = start_or_resume(config, path, mesh.devices.flat[0].platform, mesh.size, conv_implementation)
+    for index, (config, path) in enumerate(zip(configs, checkpoint_paths)):
+        launch = launch_record("engine", platform, mesh.size, strategy=launched, program=program,
+                               index_in_program=index)
+        state, history = start(config, path, platform, launch, mesh.size, conv_implementation)
         states.append(state)
         histories.append(history)
     steps = sorted({int(state.step) for state in states})
@@ -248,45 +255,28 @@ def _interval_trainer(configs: list[TrainConfig], strategy: Strategy, mesh, inpu
     return train_interval
 
 
-def _evaluate(state, config: TrainConfig, strategy: Strategy, mesh, inputs: dict) -> dict:
-    """The test set's loss and accuracy per run with the running averages and,
-    as `config.eval_statistics` asks, with precise or batch statistics; and
-    how long each took."""
-    start = time.perf_counter()
-    measured = {"running": evaluate_runs(state, inputs["test_images"], inputs["test_labels"],
-                                         config.eval_batch_size, mesh, strategy.eval_chunk)}
-    seconds = {"running": time.perf_counter() - start}
-    if config.eval_statistics != "running":
-        start = time.perf_counter()
-        measured["other"] = evaluate_runs(state, inputs["test_images"], inputs["test_labels"],
-                                          config.eval_batch_size, mesh, strategy.eval_chunk,
-                                          statistics=config.eval_statistics, precise_batches=inputs["precise_batches"])
-        seconds["other"] = time.perf_counter() - start
-    return {"values": measured, "seconds": seconds}
+def _evaluator(config: TrainConfig, strategy: Strategy, mesh, inputs: dict) -> Callable:
+    """`evaluate_with(state, statistics) -> {"loss", "accuracy"}` of every run
+    (arrays of R values) on the device-resident test set (`evaluate_runs`)."""
+    def evaluate_with(state, statistics: str) -> dict:
+        return evaluate_runs(state, inputs["test_images"], inputs["test_labels"], config.eval_batch_size, mesh,
+                             strategy.eval_chunk, statistics=statistics, precise_batches=inputs["precise_batches"])
+
+    return evaluate_with
 
 
-def _record(histories: list[History], state, step: int, train_means: dict, evaluation: dict, config: TrainConfig,
-            probes, elapsed: Callable[[], float]) -> list[tuple[int, dict]]:
-    """Append one evaluation to every run's History that has not diverged;
-    return [(run index, its record)]. A run whose training loss has diverged
-    (`has_diverged`) is marked so and records nothing after this."""
-    val, other = evaluation["values"]["running"], evaluation["values"].get("other")
+def _record(histories: list[History], state, step: int, train_means: dict, evaluations, probes,
+            elapsed: Callable[[], float]) -> list[tuple[int, dict]]:
+    """Record one evaluation in every run's History that has not diverged
+    (`record_evaluation`); return [(run index, its record)]. A run that has
+    diverged records nothing after that, as it would alone."""
     recorded = []
     for index, history in enumerate(histories):
-        if history.diverged:  # stopped recording where a run alone would have stopped
+        if history.diverged:
             continue
-        record = {"steps": step, "val_accuracy": float(val["accuracy"][index]),
-                  "val_loss": float(val["loss"][index]), "train_accuracy": float(train_means["accuracy"][index]),
-                  "train_loss": float(train_means["loss"][index]), "wall_time_s": elapsed()}
-        if other is not None:
-            record[f"{config.eval_statistics}_val_accuracy"] = float(other["accuracy"][index])
-            record[f"{config.eval_statistics}_val_loss"] = float(other["loss"][index])
-            history.eval_statistics_time_s += evaluation["seconds"]["other"]
-        history.append(record)
-        if probes[index] is not None:
-            history.probes.append(probes[index](run_of(state, index)))
-        history.eval_time_s += evaluation["seconds"]["running"]
-        history.diverged = has_diverged(record["train_loss"])
+        probed = probes[index](run_of(state, index)) if probes[index] is not None else None
+        record = record_evaluation(history, step, {key: means[index] for key, means in train_means.items()},
+                                   evaluations_of_run(evaluations, index), elapsed(), probed)
         recorded.append((index, record))
     return recorded
 
@@ -329,25 +319,19 @@ def train_runs(
     train (the first `num_devices` of them; default `jax.devices()`).
     """
     apply_cpu_flags()  # bnjax's XLA:CPU settings, if no JAX computation has run in this process yet
-    check_dataset(data)
     config, num_runs = configs[0], len(configs)
+    steps_per_epoch, total_steps = schedule_of(config, data)
     mesh = make_mesh(config, devices)
     _check_program(configs, mesh)
-    steps_per_epoch, total_steps = resolve_steps(config, len(data.x_train))
     strategy = strategy or default_strategy(mesh.devices.flat[0].platform, mesh.size)
     probes = probes or [None] * num_runs
     checkpoint_paths = checkpoint_paths or [None] * num_runs
     replicated = NamedSharding(mesh, P())
-    states, histories = _initial_states(configs, mesh, checkpoint_paths,
-                                        strategy.stacked_conv if num_runs > 1 else "lax")
-    for index, history in enumerate(histories):
-        history.launch = launch_record(
-            "engine", mesh.devices.flat[0].platform, mesh.size,
-            strategy={key: value for key, value in dataclasses.asdict(strategy).items() if key != "parallel_runs"},
-            program=[[c.seed, c.learning_rate] for c in configs], index_in_program=index)
+    states, histories = _initial_states(configs, mesh, checkpoint_paths, strategy)
     state = jax.device_put(stack_runs(states), replicated)
     inputs = _device_inputs(configs, data, replicated)
     train_interval = _interval_trainer(configs, strategy, mesh, inputs, steps_per_epoch, total_steps)
+    evaluate_with = _evaluator(config, strategy, mesh, inputs)
     start_time = time.perf_counter() - max(history.total_wall_time_s for history in histories)
     elapsed = lambda: time.perf_counter() - start_time  # noqa: E731
 
@@ -358,8 +342,8 @@ def train_runs(
                 break
             state, train_means = train_interval(state, step, next_eval)
             step = next_eval
-            evaluation = _evaluate(state, config, strategy, mesh, inputs)
-            recorded = _record(histories, state, step, train_means, evaluation, config, probes, elapsed)
+            evaluations = evaluate_timed(functools.partial(evaluate_with, state), config.eval_statistics)
+            recorded = _record(histories, state, step, train_means, evaluations, probes, elapsed)
             _save_checkpoints(checkpoint_paths, state, histories, configs, elapsed, mesh)
             if on_eval is not None:
                 for index, record in recorded:

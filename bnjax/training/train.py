@@ -18,6 +18,7 @@ holds every one of its strategies to this loop.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from typing import Callable
@@ -27,12 +28,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from bnjax.support.xla_flags import apply_cpu_flags
-from bnjax.training.checkpoint import save_checkpoint, start_or_resume
+from bnjax.training.checkpoint import save_checkpoint
 from bnjax.training.config import TrainConfig
 from bnjax.training.evaluation import default_eval_chunk, evaluate
-from bnjax.training.history import EvalCallback, History, has_diverged, launch_record
+from bnjax.training.history import EvalCallback, History, launch_record
+from bnjax.training.lifecycle import evaluate_timed, record_evaluation, schedule_of, start
 from bnjax.training.precise_bn import precise_batches_for
-from bnjax.training.schedule import check_dataset, epoch_order, resolve_steps
+from bnjax.training.schedule import epoch_order
 from bnjax.training.steps import TrainState, matmul_precision, to_float_images, train_step
 
 
@@ -56,13 +58,14 @@ def train(
     (`history.probes`).
     """
     apply_cpu_flags()  # bnjax's XLA:CPU settings, if no JAX computation has run in this process yet
-    check_dataset(data)
     if config.num_devices not in (None, 1):
         raise ValueError(f"train runs on one device, got num_devices {config.num_devices}; "
                          "bnjax.train_many([config], data) splits each batch over several")
-    steps_per_epoch, total_steps = resolve_steps(config, len(data.x_train))
-    state, history = _start(config, checkpoint_path)
-    evaluate_test_set = _test_set_evaluator(config, data)
+    steps_per_epoch, total_steps = schedule_of(config, data)
+    platform = jax.default_backend()
+    state, history = start(config, checkpoint_path, platform,
+                           launch_record("plain", platform, 1, eval_chunk=default_eval_chunk(platform)))
+    evaluate_with = _test_set_evaluator(config, data)
     start_time = time.perf_counter() - history.total_wall_time_s
     first_step = int(state.step)
     metric_sums, summed_steps = {"loss": 0.0, "accuracy": 0.0}, 0
@@ -80,13 +83,10 @@ def train(
             if (step + 1) % config.eval_every and step + 1 < total_steps:
                 continue
 
-            train_means = {f"train_{key}": float(np.float64(total) / summed_steps) for key, total in metric_sums.items()}
-            record = {"steps": step + 1, **train_means, **evaluate_test_set(state, history)}
-            record["wall_time_s"] = history.total_wall_time_s = time.perf_counter() - start_time
-            history.append(record)
-            if probe is not None:
-                history.probes.append(probe(state))
-            history.diverged = has_diverged(record["train_loss"])
+            train_means = {key: np.float64(total) / summed_steps for key, total in metric_sums.items()}
+            evaluations = evaluate_timed(functools.partial(evaluate_with, state), config.eval_statistics)
+            record = record_evaluation(history, step + 1, train_means, evaluations,
+                                       time.perf_counter() - start_time, probe(state) if probe else None)
             if checkpoint_path is not None:
                 save_checkpoint(checkpoint_path, state, history, config)
             if on_eval is not None:
@@ -99,34 +99,16 @@ def train(
     return history, state
 
 
-def _start(config: TrainConfig, checkpoint_path) -> tuple[TrainState, History]:
-    """The run's state and History to start from (`start_or_resume`), with the plain loop's launch record."""
-    state, history = start_or_resume(config, checkpoint_path, jax.default_backend())
-    history.launch = launch_record("plain", jax.default_backend(), 1,
-                                   eval_chunk=default_eval_chunk(jax.default_backend()))
-    return state, history
-
-
-def _test_set_evaluator(config: TrainConfig, data) -> Callable[[TrainState, History], dict]:
-    """`evaluate_test_set(state, history) -> record`: the test set's loss and
-    accuracy with BN's running averages and, as `config.eval_statistics`
-    asks, with precise or batch statistics (the time each took added to the
-    history)."""
+def _test_set_evaluator(config: TrainConfig, data) -> Callable[[TrainState, str], dict]:
+    """`evaluate_with(state, statistics) -> {"loss", "accuracy"}` on the test
+    set, with BN normalizing by `statistics` (`evaluate`); the test set and
+    precise BN's training batches put on the device once."""
     test_images, test_labels = jax.device_put((data.x_test, data.y_test))
     precise_batches = precise_batches_for(config, data.x_train)
     chunk = default_eval_chunk(jax.default_backend())
 
-    def evaluate_test_set(state: TrainState, history: History) -> dict:
-        start = time.perf_counter()
-        running = evaluate(state, test_images, test_labels, config.eval_batch_size, chunk=chunk)
-        history.eval_time_s += time.perf_counter() - start
-        record = {"val_accuracy": running["accuracy"], "val_loss": running["loss"]}
-        if config.eval_statistics != "running":
-            start = time.perf_counter()
-            other = evaluate(state, test_images, test_labels, config.eval_batch_size, chunk=chunk,
-                             statistics=config.eval_statistics, precise_batches=precise_batches)
-            history.eval_statistics_time_s += time.perf_counter() - start
-            record.update({f"{config.eval_statistics}_val_{key}": value for key, value in other.items()})
-        return record
+    def evaluate_with(state: TrainState, statistics: str) -> dict:
+        return evaluate(state, test_images, test_labels, config.eval_batch_size, chunk=chunk,
+                        statistics=statistics, precise_batches=precise_batches)
 
-    return evaluate_test_set
+    return evaluate_with

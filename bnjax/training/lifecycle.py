@@ -1,0 +1,88 @@
+"""A run's life outside its iteration, written once for both loops: the plain
+loop (`bnjax.train`, one run) and the engine's (`bnjax.train_many`, stacked
+runs) call these, and differ only in how they step.
+
+    steps_per_epoch, total_steps = schedule_of(config, data)
+    state, history = start(config, checkpoint_path, platform, launch)
+    ... train until the next evaluation ...
+    evaluations = evaluate_timed(evaluate_with, config.eval_statistics)
+    record = record_evaluation(history, step, train_means, evaluations, wall_time_s, probed)
+    ... save_checkpoint, on_eval(config, step, total_steps, record) ...
+
+The engine calls `start` and `record_evaluation` once per run of its
+stack, with that run's values (`evaluations_of_run`).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from bnjax.training.checkpoint import start_or_resume
+from bnjax.training.config import TrainConfig
+from bnjax.training.history import History, has_diverged
+from bnjax.training.schedule import check_dataset, resolve_steps
+
+# {statistics: ({"loss": ..., "accuracy": ...}, seconds it took)}: "running"
+# always, and the config's other `eval_statistics` ("precise", "batch") if any.
+Evaluations = dict[str, tuple[dict, float]]
+
+
+def schedule_of(config: TrainConfig, data) -> tuple[int, int]:
+    """Check `data` (a `Dataset`) and return (steps_per_epoch, total_steps) for `config`."""
+    check_dataset(data)
+    return resolve_steps(config, len(data.x_train))
+
+
+def start(config: TrainConfig, checkpoint_path, platform: str, launch: dict, num_devices: int = 1,
+          conv_implementation: str = "lax"):
+    """(state, History) the run starts from: fresh from its seed, or its
+    checkpoint where `checkpoint_path` exists (`start_or_resume`); the
+    History carries `launch`, the loop's `launch_record`."""
+    state, history = start_or_resume(config, checkpoint_path, platform, num_devices, conv_implementation)
+    history.launch = launch
+    return state, history
+
+
+def evaluate_timed(evaluate_with: Callable[[str], dict], eval_statistics: str) -> Evaluations:
+    """`evaluate_with(statistics)` on the test set with BN's running averages
+    and then, if `eval_statistics` asks, with precise or batch statistics;
+    each timed (`evaluate_with` returns once its numbers are on the host)."""
+    evaluations = {}
+    for statistics in dict.fromkeys(("running", eval_statistics)):
+        start_time = time.perf_counter()
+        values = evaluate_with(statistics)
+        evaluations[statistics] = (values, time.perf_counter() - start_time)
+    return evaluations
+
+
+def evaluations_of_run(evaluations: Evaluations, index: int) -> Evaluations:
+    """Run `index`'s values of a stacked evaluation (arrays of R values per measure)."""
+    return {statistics: ({key: values[index] for key, values in measured.items()}, seconds)
+            for statistics, (measured, seconds) in evaluations.items()}
+
+
+def record_evaluation(history: History, step: int, train_means: dict, evaluations: Evaluations,
+                      wall_time_s: float, probed: dict | None = None) -> dict:
+    """Append one evaluation of a run to its `history` and return its record:
+    the mean training loss and accuracy since the last evaluation
+    (`train_means`), the test set's loss and accuracy with each kind of
+    statistics, the wall time, the probe's values (`probed`, if the run has
+    a probe) and whether the run has now diverged (`has_diverged`)."""
+    running, running_seconds = evaluations["running"]
+    record = {"steps": step, "train_loss": float(train_means["loss"]),
+              "train_accuracy": float(train_means["accuracy"]),
+              "val_accuracy": float(running["accuracy"]), "val_loss": float(running["loss"])}
+    history.eval_time_s += running_seconds
+    for statistics, (values, seconds) in evaluations.items():
+        if statistics == "running":
+            continue
+        record[f"{statistics}_val_accuracy"] = float(values["accuracy"])
+        record[f"{statistics}_val_loss"] = float(values["loss"])
+        history.eval_statistics_time_s += seconds
+    record["wall_time_s"] = history.total_wall_time_s = wall_time_s
+    history.append(record)
+    if probed is not None:
+        history.probes.append(probed)
+    history.diverged = has_diverged(record["train_loss"])
+    return record
