@@ -6,6 +6,7 @@
     batch_stats = bnjax.update_bn(model, variables, batches)  # precise BN for any linen model
     report = bnjax.checkup(model, variables, train_batches, eval_batches, metric)  # which BN statistics to trust
 
+    bnjax.use_cpu_flags()         # bnjax's XLA:CPU flags, before any JAX computation, as python -m bnjax does
     bnjax.use_persistent_cache()  # compiled programs kept on disk, as python -m bnjax does
     data = bnjax.load_mnist()
     history, state = bnjax.train(bnjax.TrainConfig(batch_norm=True), data)        # the plain loop
@@ -16,10 +17,11 @@ support/ < data/ < bn/ < nets/ < training/ < engine/ (docs/layout.md).
 `bnjax.BatchNorm` and `bnjax.nnx.BatchNorm` are drop-ins for flax's linen and
 NNX BatchNorm with bnjax's variants one keyword away.
 
-Importing bnjax changes nothing global. bnjax's own programs (python -m
-bnjax, the studies, the benchmarks) and its training functions set the
-XLA:CPU flags its speed figures were measured with where they start, if no
-JAX computation has run yet (support/xla_flags.py).
+Importing bnjax, or calling it, changes nothing global. A program asks for
+what it wants where it starts: `use_cpu_flags()` (the XLA:CPU flags bnjax's
+speed figures were measured with; before any JAX computation) and
+`use_persistent_cache()`, as bnjax's own programs (python -m bnjax, the
+studies, the benchmarks) do.
 """
 
 import importlib
@@ -34,7 +36,7 @@ _EXPORTS = {
     "TrainConfig": "bnjax.training.config", "History": "bnjax.training.history", "train": "bnjax.training.train",
     "train_many": "bnjax.engine.launch", "Strategy": "bnjax.engine.strategy",
     "load_mnist": "bnjax.data.datasets", "load_dataset": "bnjax.data.datasets",
-    "use_persistent_cache": "bnjax.support.compilation_cache",
+    "use_persistent_cache": "bnjax.support.compilation_cache", "use_cpu_flags": "bnjax.support.xla_flags",
 }
 __all__ = list(_EXPORTS)
 

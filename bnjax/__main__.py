@@ -77,7 +77,7 @@ from bnjax.support import host
 from bnjax.support.atomic import unwritable_reason, write_json
 from bnjax.support.compilation_cache import use_persistent_cache
 from bnjax.support.provenance import environment
-from bnjax.support.xla_flags import apply_cpu_flags
+from bnjax.support.xla_flags import use_cpu_flags
 from bnjax.training.config import CHOICES, TrainConfig
 from bnjax.training.history import DIVERGED_LOSS
 
@@ -282,7 +282,7 @@ def replay_main(parser, args) -> None:
 
 
 def main(argv=None) -> None:
-    apply_cpu_flags()  # where the program starts, before any JAX computation
+    use_cpu_flags()  # where the program starts, before any JAX computation
     parser = _parser()
     args = parser.parse_args(argv)
     CtrlC.armed = True

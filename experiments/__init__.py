@@ -2,6 +2,6 @@
 `python -m experiments.<study>`. Where they start, before any JAX
 computation, they take bnjax's XLA:CPU settings (bnjax/support/xla_flags.py)."""
 
-from bnjax.support.xla_flags import apply_cpu_flags
+from bnjax.support.xla_flags import use_cpu_flags
 
-apply_cpu_flags()
+use_cpu_flags()

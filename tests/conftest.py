@@ -32,9 +32,9 @@ if os.environ.get("BNJAX_WITHOUT_LINUX") == "1" and not getattr(sys.modules.get(
     raise RuntimeError("BNJAX_WITHOUT_LINUX=1 but tests/without_linux/sitecustomize.py was not loaded: "
                        "put tests/without_linux on PYTHONPATH")
 
-from bnjax.support.xla_flags import apply_cpu_flags  # noqa: E402
+from bnjax.support.xla_flags import use_cpu_flags  # noqa: E402
 
-apply_cpu_flags()  # the test run is one of bnjax's programs: its XLA:CPU settings, before any JAX computation
+use_cpu_flags()  # the test run is one of bnjax's programs: its XLA:CPU settings, before any JAX computation
 
 from bnjax.data.datasets import Dataset, load_mnist  # noqa: E402  (after the cache is chosen: it may import JAX)
 import tolerance_margins  # noqa: E402

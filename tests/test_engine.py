@@ -260,17 +260,17 @@ def test_xla_cpu_flags_are_added_once_and_can_be_turned_off(monkeypatch):
     monkeypatch.setattr(xla_flags, "backend_started", lambda: False)  # as where a program starts
     monkeypatch.setattr(xla_flags.metadata, "version", lambda package: "0.7.1")  # older than the flags
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
-    assert xla_flags.apply_cpu_flags() == [] and os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2"
+    assert xla_flags.use_cpu_flags() == [] and os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2"
     monkeypatch.setattr(xla_flags.metadata, "version", lambda package: "0.10.2")
-    added = xla_flags.apply_cpu_flags()
+    added = xla_flags.use_cpu_flags()
     assert added == list(xla_flags.CPU_FLAGS)
     assert os.environ["XLA_FLAGS"].startswith("--xla_force_host_platform_device_count=2 ")
-    assert xla_flags.apply_cpu_flags() == []  # already there: not twice
+    assert xla_flags.use_cpu_flags() == []  # already there: not twice
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")  # the user's own value wins
-    assert xla_flags.apply_cpu_flags() == []
+    assert xla_flags.use_cpu_flags() == []
     monkeypatch.setenv("XLA_FLAGS", "")
     monkeypatch.setenv("BNJAX_XLA_FLAGS", "0")
-    assert xla_flags.apply_cpu_flags() == [] and os.environ["XLA_FLAGS"] == ""
+    assert xla_flags.use_cpu_flags() == [] and os.environ["XLA_FLAGS"] == ""
 
 
 def test_xla_cpu_flags_are_never_added_once_jax_runs_and_workers_follow_their_parent(monkeypatch):
@@ -280,7 +280,7 @@ def test_xla_cpu_flags_are_never_added_once_jax_runs_and_workers_follow_their_pa
     monkeypatch.setattr(xla_flags.metadata, "version", lambda package: "0.10.2")
     monkeypatch.setenv("XLA_FLAGS", "")
     monkeypatch.delenv("BNJAX_XLA_FLAGS", raising=False)
-    assert xla_flags.backend_started() and xla_flags.apply_cpu_flags() == [] and os.environ["XLA_FLAGS"] == ""
+    assert xla_flags.backend_started() and xla_flags.use_cpu_flags() == [] and os.environ["XLA_FLAGS"] == ""
     # A worker of a process without the flags goes without them; of one with them, inherits them.
     assert xla_flags.for_subprocess({"XLA_FLAGS": ""})["BNJAX_XLA_FLAGS"] == "0"
     with_flags = {"XLA_FLAGS": " ".join(xla_flags.CPU_FLAGS)}
@@ -296,6 +296,16 @@ def test_importing_bnjax_changes_nothing_global():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "None"
+    # Nor does training: the flags come from an explicit use_cpu_flags() where a program starts.
+    script = ("import os, bnjax, numpy as np; from bnjax.data.datasets import Dataset\n"
+              "rng = np.random.default_rng(0); images = rng.integers(0, 255, (64, 28, 28, 1), np.uint8)\n"
+              "data = Dataset(images, np.arange(64, dtype=np.int32) % 10, images[:16], np.arange(16, dtype=np.int32) % 10)\n"
+              "config = bnjax.TrainConfig(batch_norm=True, max_steps=2, eval_every=2, eval_batch_size=16)\n"
+              "bnjax.train(config, data); bnjax.train_many([config], data)\n"
+              "print(repr(os.environ.get('XLA_FLAGS')), bnjax.use_cpu_flags())")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "None []"  # and once JAX has computed, use_cpu_flags adds nothing
 
 
 def running_variance_probe(config, data):

@@ -27,7 +27,7 @@ from bnjax.engine.loop import program_key, train_runs
 from bnjax.engine.strategy import Strategy, default_strategy
 from bnjax.engine.workers import WorkerPool
 from bnjax.support import host
-from bnjax.support.xla_flags import apply_cpu_flags, backend_started
+from bnjax.support.xla_flags import backend_started
 from bnjax.training.config import TrainConfig
 from bnjax.training.history import EvalCallback, History
 from bnjax.training.schedule import check_dataset, resolve_steps
@@ -264,7 +264,6 @@ def train_many(
     groups are decided from all configs, so every run trains as in one
     uninterrupted call (a group all done is skipped: None in the list).
     """
-    apply_cpu_flags()  # before this function asks JAX for its devices (support/xla_flags.py)
     check_dataset(data)
     if not configs:
         return []

@@ -30,7 +30,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from bnjax.engine.strategy import Strategy, default_strategy
-from bnjax.support.xla_flags import apply_cpu_flags, version_tuple
+from bnjax.support.xla_flags import version_tuple
 from bnjax.training.checkpoint import save_checkpoint
 from bnjax.training.config import TrainConfig
 from bnjax.training.evaluation import evaluate_runs
@@ -318,7 +318,6 @@ def train_runs(
     steps are launched, never what they compute. `devices`: where the runs
     train (the first `num_devices` of them; default `jax.devices()`).
     """
-    apply_cpu_flags()  # bnjax's XLA:CPU settings, if no JAX computation has run in this process yet
     config, num_runs = configs[0], len(configs)
     steps_per_epoch, total_steps = schedule_of(config, data)
     mesh = make_mesh(config, devices)

@@ -11,6 +11,10 @@ it (curves agree to ~1e-6 over a few steps; chaotic runs drift apart later).
 XLA reads XLA_FLAGS once, when a backend initializes, and aborts on a flag it
 does not know; so the flag is added only for a jaxlib known to have it, and
 only if the user has not set that flag already. BNJAX_XLA_FLAGS=0 skips it.
+
+Nothing sets them as a side effect: a program calls `bnjax.use_cpu_flags()`
+where it starts, as bnjax's own do (python -m bnjax, the studies, the
+benchmarks, the test run), and as it calls `bnjax.use_persistent_cache()`.
 """
 
 from __future__ import annotations
@@ -32,8 +36,15 @@ def version_tuple(version: str) -> tuple[int, ...]:
     return tuple(parts)
 
 
-def apply_cpu_flags() -> list[str]:
-    """Append CPU_FLAGS to XLA_FLAGS where safe; returns the flags added."""
+def use_cpu_flags() -> list[str]:
+    """Append bnjax's XLA:CPU flags (`CPU_FLAGS`) to XLA_FLAGS, where a program starts.
+
+    Returns:
+      The flags added: none where BNJAX_XLA_FLAGS=0, where the installed
+      jaxlib predates them, where the user set them already, or where a JAX
+      backend has started in this process (XLA has read XLA_FLAGS; a run's
+      launch record then records the flags that were in force).
+    """
     if os.environ.get(DISABLE_ENV_VAR, "1") == "0":
         return []
     try:
@@ -50,14 +61,25 @@ def apply_cpu_flags() -> list[str]:
 
 
 def backend_started() -> bool:
-    """Whether a JAX backend has started in this process (XLA has read XLA_FLAGS)."""
+    """Whether a JAX backend has started in this process (XLA has read XLA_FLAGS).
+
+    JAX has no public question for it. Its `jax_num_cpu_devices` setting
+    must be set before the backends start and refuses a new value once they
+    have (RuntimeError); so another value is offered, and the current one
+    put back where it was taken."""
     import sys
 
     if "jax" not in sys.modules:
         return False
-    from jax._src import xla_bridge  # jax has no public question for it
+    import jax
 
-    return bool(getattr(xla_bridge, "backends_are_initialized", lambda: False)())
+    current = jax.config.jax_num_cpu_devices
+    try:
+        jax.config.update("jax_num_cpu_devices", current + 1)
+    except RuntimeError:
+        return True
+    jax.config.update("jax_num_cpu_devices", current)
+    return False
 
 
 def for_subprocess(environment: dict) -> dict:

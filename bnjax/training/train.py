@@ -27,7 +27,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bnjax.support.xla_flags import apply_cpu_flags
 from bnjax.training.checkpoint import save_checkpoint
 from bnjax.training.config import TrainConfig
 from bnjax.training.evaluation import default_eval_chunk, evaluate
@@ -57,7 +56,6 @@ def train(
     `probe(state) -> dict of floats` is measured at every evaluation
     (`history.probes`).
     """
-    apply_cpu_flags()  # bnjax's XLA:CPU settings, if no JAX computation has run in this process yet
     if config.num_devices not in (None, 1):
         raise ValueError(f"train runs on one device, got num_devices {config.num_devices}; "
                          "bnjax.train_many([config], data) splits each batch over several")
