@@ -13,6 +13,7 @@ is built around `train_step_body` by engine/loop.py.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -20,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import linen as nn
 from flax.training import train_state
 
 from bnjax.nets.models import MLP, ConvNet
@@ -42,16 +44,16 @@ def make_model(config: TrainConfig, num_devices: int = 1, conv_implementation: s
     `conv_implementation` (nets/conv.py) applies to the CNN's convolutions."""
     bn = config.batch_norm_layer(axis_name=DATA_AXIS if num_devices > 1 and not config.ghost_bn else None)
     if config.model == "lstm":
-        return _shared_model(LSTM, batch_norm=config.batch_norm, bn=bn, sequence=config.sequence,
-                             hidden_size=config.lstm_hidden_size, t_max=config.lstm_t_max,
-                             bn_scale_init=config.lstm_bn_scale_init, permutation_seed=config.permutation_seed,
-                             activation=config.activation)
+        return LSTM(batch_norm=config.batch_norm, bn=bn, sequence=config.sequence,
+                    hidden_size=config.lstm_hidden_size, t_max=config.lstm_t_max,
+                    bn_scale_init=config.lstm_bn_scale_init, permutation_seed=config.permutation_seed,
+                    activation=config.activation)
     common = dict(batch_norm=config.batch_norm, bn=bn, activation=config.activation, kernel_init=config.kernel_init,
                   dtype=None if config.compute_dtype == "float32" else getattr(jnp, config.compute_dtype))
     if config.model == "mlp":
-        return _shared_model(MLP, **common)
-    return _shared_model(ConvNet, **common, bn_position=config.bn_position, bn_use_bias=config.bn_use_bias,
-                         conv_implementation=conv_implementation)
+        return MLP(**common)
+    return ConvNet(**common, bn_position=config.bn_position, bn_use_bias=config.bn_use_bias,
+                   conv_implementation=conv_implementation)
 
 
 def matmul_precision(config: TrainConfig):
@@ -60,25 +62,44 @@ def matmul_precision(config: TrainConfig):
     return jax.default_matmul_precision(config.matmul_precision)
 
 
-# One model object and one optimizer object per setting, so that the states of
-# runs of one program have one pytree structure (a TrainState holds both as
-# static fields) and jax.jit reuses a compiled step for the next run of the
-# same setting instead of compiling it again.
-@functools.lru_cache(maxsize=None)
-def _shared_model(model_class, **fields):
-    return model_class(**fields)
+# A TrainState holds its model's apply and its optimizer as static fields,
+# which jax compares when it stacks runs (one pytree structure) and when jit
+# looks for a compiled step. A bound method and an optax transformation
+# compare by identity; these two compare by the settings they are made of,
+# so every run of one setting has one structure and reuses one program.
+
+@dataclasses.dataclass(frozen=True)
+class ModelApply:
+    """`model.apply`, equal for equal models (flax modules compare by their fields)."""
+
+    model: nn.Module
+
+    def __call__(self, *args, **kwargs):
+        return self.model.apply(*args, **kwargs)
 
 
 OPTIMIZER_FIELDS = ("optimizer", "adam_b1", "adam_b2", "adam_eps", "rmsprop_decay", "grad_clip_norm")
 
 
-@functools.lru_cache(maxsize=None)
-def _shared_optimizer(**settings) -> optax.GradientTransformation:
-    """The optimizer of every run with these settings (OPTIMIZER_FIELDS),
-    whatever its learning rate: `inject_hyperparams` reads the learning rate
-    from each run's optimizer state (set by `create_train_state`), never from
-    this object."""
-    return make_optimizer(TrainConfig(**settings))
+@dataclasses.dataclass(frozen=True)
+class Optimizer:
+    """The optimizer of every run with these settings (OPTIMIZER_FIELDS, as
+    (name, value) pairs), whatever its learning rate: `inject_hyperparams`
+    reads the learning rate from each run's optimizer state (set by
+    `create_train_state`), never from this object. An optax
+    GradientTransformation's `init` and `update`."""
+
+    settings: tuple
+
+    @functools.cached_property
+    def _transformation(self) -> optax.GradientTransformation:
+        return make_optimizer(TrainConfig(**dict(self.settings)))
+
+    def init(self, params):
+        return self._transformation.init(params)
+
+    def update(self, updates, state, params=None):
+        return self._transformation.update(updates, state, params)
 
 
 def make_mesh(config: TrainConfig, devices=None) -> jax.sharding.Mesh:
@@ -133,9 +154,9 @@ def create_train_state(config: TrainConfig, rng: jax.Array, num_devices: int = 1
     params = variables["params"]
     return TrainState(
         step=0,
-        apply_fn=model.apply,
+        apply_fn=ModelApply(model),
         params=params,
-        tx=_shared_optimizer(**{name: getattr(config, name) for name in OPTIMIZER_FIELDS}),
+        tx=Optimizer(tuple((name, getattr(config, name)) for name in OPTIMIZER_FIELDS)),
         opt_state=make_optimizer(config).init(params),  # holds this run's learning rate
         batch_stats=variables.get("batch_stats"),
     )
@@ -190,9 +211,14 @@ def train_step_body(state: TrainState, images, labels, axis_name: str | None = N
 train_step = jax.jit(train_step_body, static_argnames=("axis_name", "ghost_bn"))
 
 
-def model_of(state: TrainState):
-    """The model a state was made for: TrainState.apply_fn is its bound `apply`."""
-    return state.apply_fn.__self__
+def model_of(state: TrainState) -> nn.Module:
+    """The model a state applies: its `ModelApply`'s, or the module of a
+    bound `model.apply` (a state built as flax's examples build one)."""
+    apply_fn = state.apply_fn
+    model = apply_fn.model if isinstance(apply_fn, ModelApply) else getattr(apply_fn, "__self__", None)
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"the state's apply_fn {apply_fn!r} is neither ModelApply(model) nor a module's apply")
+    return model
 
 
 def logits_totals(logits, labels):
