@@ -114,3 +114,32 @@ def test_the_plain_loop_reaches_batchnorm_in_three_calls():
     assert {"nets.models", "nets.recurrent"} <= graph["training.steps"]
     assert "bn.batchnorm" in graph["nets.models"]
     assert not any(layer_of(name) == "engine" for name in graph["training.train"] | graph["training.steps"])
+
+
+MAX_FUNCTION_LINES, MAX_PARAMETERS = 60, 8
+
+
+def oversized_functions(source: str) -> list[tuple[str, int, int]]:
+    """(name, lines, parameters) of each function over MAX_FUNCTION_LINES lines
+    or MAX_PARAMETERS parameters (keyword-only options with defaults not counted)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            args = node.args
+            parameters = len(args.posonlyargs) + len(args.args) + sum(default is None for default in args.kw_defaults)
+            lines = node.end_lineno - node.lineno + 1
+            if lines > MAX_FUNCTION_LINES or parameters > MAX_PARAMETERS:
+                found.append((node.name, lines, parameters))
+    return found
+
+
+def test_no_function_is_over_60_lines_or_8_parameters():
+    oversized = {module: found for module, path in modules().items() if (found := oversized_functions(path.read_text()))}
+    assert oversized == {}
+
+
+def test_the_size_rule_catches_a_long_function_and_a_long_signature():
+    long_body = "def long():\n" + "    x = 1\n" * 60
+    assert oversized_functions(long_body) == [("long", 61, 0)]
+    assert oversized_functions("def wide(a, b, c, d, e, f, g, h, i):\n    pass\n") == [("wide", 2, 9)]
+    assert oversized_functions("def options(a, *, b=1, c=2, d=3, e=4, f=5, g=6, h=7, i=8):\n    pass\n") == []

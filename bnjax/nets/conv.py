@@ -23,12 +23,13 @@ from jax import lax
 CONV_IMPLEMENTATIONS = ("lax", "matmul")
 
 
-def conv_as_matmul(lhs, rhs, window_strides=(1, 1), padding="VALID", lhs_dilation=None, rhs_dilation=None,
+def conv_as_matmul(lhs, rhs, window_strides=(1, 1), padding="VALID", *, lhs_dilation=None, rhs_dilation=None,
                    dimension_numbers=None, feature_group_count=1, precision=None):
     """`lax.conv_general_dilated` for what the article's nets use, as patches
     and one matrix product: lhs (N, H, W, C) images, rhs (kh, kw, C, F)
     kernel, stride 1, VALID padding, no dilation, no groups; returns
-    (N, H - kh + 1, W - kw + 1, F). The signature is lax's, so `flax.linen.Conv`
+    (N, H - kh + 1, W - kw + 1, F). The signature is lax's (the options after
+    `padding` by keyword, as `flax.linen.Conv` passes them), so flax's Conv
     takes it as its `conv_general_dilated`; anything else raises a ValueError."""
     _check_supported(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
                      feature_group_count)

@@ -140,6 +140,16 @@ class StepStatistics(nn.Module):
             variable.value = variable.value.at[:recorded].set(moved)
 
 
+def bn_at_step(settings, train: bool, z, population_t, scale, bias):
+    """BN of `z` at one time step: by the batch's statistics in train mode
+    (returned, to update row t), by row t's (`population_t`: mean, var) in
+    eval mode. `settings`: the BatchNorm whose epsilon, axis_name and
+    variance rule apply."""
+    mean, var = (batch_statistics(z, settings.axis_name, use_fast_variance=settings.use_fast_variance) if train
+                 else population_t)
+    return normalize(z, mean, var, scale, bias, settings.epsilon), (mean, var)
+
+
 class LSTM(nn.Module):
     """LSTM (`batch_norm=False`) or BN-LSTM over an MNIST image read as a
     `sequence`, with a 10-way Dense on the last hidden state.
@@ -198,11 +208,7 @@ class LSTM(nn.Module):
             population = {name: statistics.rows(steps) for name, statistics in running.items()}
 
         def bn(name, z, population_t, scale, bias):
-            """BN of `z` at one step: by the batch's statistics in train mode
-            (returned, to update row t), by row t's in eval mode."""
-            mean, var = (batch_statistics(z, self.bn.axis_name, use_fast_variance=self.bn.use_fast_variance) if train
-                         else population_t[name])
-            return normalize(z, mean, var, scale, bias, self.bn.epsilon), (mean, var)
+            return bn_at_step(self.bn, train, z, population_t[name] if not train else None, scale, bias)
 
         def cell(carry, step):
             h, c = carry
