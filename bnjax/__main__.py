@@ -78,6 +78,7 @@ from bnjax.support.atomic import unwritable_reason, write_json
 from bnjax.support.compilation_cache import use_persistent_cache
 from bnjax.support.provenance import environment
 from bnjax.support.xla_flags import use_cpu_flags
+from bnjax.training.checkpoint import saved_step
 from bnjax.training.config import CHOICES, TrainConfig
 from bnjax.training.history import DIVERGED_LOSS
 
@@ -323,6 +324,11 @@ def run(parser, args) -> None:
 
     use_persistent_cache()
     CtrlC.check()
+    if args.checkpoint and os.path.exists(args.checkpoint):
+        try:
+            print(f"resuming {args.checkpoint} from step {saved_step(args.checkpoint)}", flush=True)
+        except ValueError as error:  # damaged, or not a checkpoint: before any training
+            parser.exit(2, f"error: {error}\n")
     print(f"compiling, then training; a line every {config.eval_every} steps", flush=True)
     try:
         # Through the engine, as the studies train (one run, this process);

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from bnjax.support.checks import OneLineArgumentParser
 from bnjax.data.datasets import DATASETS, SOURCES, load_dataset
+from bnjax.engine.strategy import default_strategy
 from bnjax.support.provenance import describe_environment, environment, same_setup
 from bnjax.training.config import TrainConfig
 from experiments import plot_article
@@ -98,9 +99,11 @@ def explain_nothing_trained(args: argparse.Namespace, results: dict, results_pat
     fresh = " ".join(["python -m experiments.article", *options, "--out", folder])
     print(f"The figures and summary in {summary.parent}/ are left as they were "
           f"(python -m experiments.plot_article {results_path} redraws them).")
+    at_once = args.parallel_runs or default_strategy("cpu").parallel_runs
     print(f"To train these {len(configs)} runs afresh here: {fresh}  "
-          f"(the saved runs' training times add up to {run_minutes:.0f} minutes "
-          f"where they were made).")
+          f"(the saved runs' training times add up to {run_minutes:.0f} minutes where they were made; "
+          f"{at_once} at a time, as the engine trains them on this machine's CPU cores: "
+          f"about {run_minutes / at_once:.0f} minutes).")
 
 
 def argv_without_out(args: argparse.Namespace) -> list[str]:

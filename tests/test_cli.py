@@ -169,7 +169,8 @@ def test_a_run_with_checkpoint_resumes_after_ctrl_c_to_the_uninterrupted_numbers
     assert exit_info.value.code == 130 and capsys.readouterr().err == "interrupted; resume with the same command\n"
     monkeypatch.setattr(cli, "_progress_printer", real_printer)
     cli.main([*settings, "--checkpoint", str(checkpoint), "--save", str(resumed)])
-    assert "step 6/8" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"resuming {checkpoint} from step 4\n" in printed and "step 6/8" in printed
     whole, after = json.loads(uninterrupted.read_text()), json.loads(resumed.read_text())
     for curve in ("steps", "val_loss", "val_accuracy", "train_loss", "train_accuracy"):
         assert after[curve] == whole[curve], curve

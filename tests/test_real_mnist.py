@@ -80,6 +80,13 @@ def test_the_main_job_on_a_fresh_clone_reports_the_committed_runs_and_writes_not
     assert "article: results go to runs/article/" in output and "18 already in runs/article/results.json" in output
     assert f"Nothing was trained. The saved runs were made on: {made_on}" in output
     assert "| 0.01 | sigmoid |" in output  # the committed summary table, shown
+    # The time quoted is the README's: the runs' summed times over the runs trained at once.
+    import re
+
+    summed, at_once, about = re.search(r"add up to (\d+) minutes where they were made; (\d+) at a time, .*: "
+                                       r"about (\d+) minutes\)", output).groups()
+    assert int(at_once) == article.default_strategy("cpu").parallel_runs
+    assert abs(int(about) - int(summed) / int(at_once)) <= 1
     assert {path.name: path.read_bytes() for path in (tmp_path / "outputs" / "article").iterdir()} == before
 
 

@@ -68,6 +68,25 @@ def restore_checkpoint(path: str | os.PathLike, template_state, config):
 
     Raises ValueError if the checkpoint belongs to another config, naming the
     fields that differ, and if the file is not a readable checkpoint."""
+    payload = _payload(path)
+    # A field the checkpoint predates counts as saved at its default.
+    saved_config = {**{field.name: field.default for field in dataclasses.fields(config)}, **payload["config"]}
+    current = dataclasses.asdict(config)
+    differing = sorted(key for key in set(current) | set(saved_config) if current.get(key) != saved_config.get(key))
+    if differing:
+        details = ", ".join(f"{key}: saved {saved_config.get(key)!r} vs {current.get(key)!r}" for key in differing)
+        raise ValueError(f"checkpoint {path} is from another config ({details}); use another path or delete it")
+    state = serialization.from_state_dict(template_state, payload["state"])
+    return state, payload["history"]
+
+
+def saved_step(path: str | os.PathLike) -> int:
+    """The step a checkpoint's run resumes from (ValueError if it is not a readable checkpoint)."""
+    return int(_payload(path)["state"]["step"])
+
+
+def _payload(path: str | os.PathLike) -> dict:
+    """A checkpoint's payload (config, state, history), its format and checksum verified."""
     try:
         wrapper = serialization.msgpack_restore(Path(path).read_bytes())
     except Exception as error:  # truncated or foreign file
@@ -80,13 +99,4 @@ def restore_checkpoint(path: str | os.PathLike, template_state, config):
             hashlib.sha256(wrapper["payload"]).hexdigest() != wrapper.get("sha256"):
         raise ValueError(f"checkpoint {path} is damaged: its content does not match the SHA-256 saved with it; "
                          "delete it to train the run afresh")
-    payload = serialization.msgpack_restore(wrapper["payload"])
-    # A field the checkpoint predates counts as saved at its default.
-    saved_config = {**{field.name: field.default for field in dataclasses.fields(config)}, **payload["config"]}
-    current = dataclasses.asdict(config)
-    differing = sorted(key for key in set(current) | set(saved_config) if current.get(key) != saved_config.get(key))
-    if differing:
-        details = ", ".join(f"{key}: saved {saved_config.get(key)!r} vs {current.get(key)!r}" for key in differing)
-        raise ValueError(f"checkpoint {path} is from another config ({details}); use another path or delete it")
-    state = serialization.from_state_dict(template_state, payload["state"])
-    return state, payload["history"]
+    return serialization.msgpack_restore(wrapper["payload"])
