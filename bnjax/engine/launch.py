@@ -1,6 +1,6 @@
 """Training many runs: `train_many` groups runs into programs of the training
-loop (engine/loop.py), spreads them over devices and hosts or hands them to
-worker processes, as the devices and a `Strategy` (engine/strategy.py) say.
+loop (`train_runs`), spreads them over devices and hosts or hands them to
+worker processes, as the devices and a `Strategy` say.
 
     from bnjax.engine.strategy import Strategy, default_strategy
     from bnjax.engine.launch import train_many
@@ -247,7 +247,8 @@ def train_many(
     checkpoint_dir: str | os.PathLike | None = None,
     done: Callable[[TrainConfig], bool] | None = None,
 ) -> list[tuple[History, TrainState] | None]:
-    """Train every config; return [(history, final_state)] in config order.
+    """Train every config, as fast as the devices allow, to the numbers
+    `bnjax.train` gives each run alone (up to float round-off).
 
     Runs that share a `program_key` (all fields but seed and learning rate)
     train together as one vmapped program of the engine's loop, up to
@@ -262,7 +263,24 @@ def train_many(
     `checkpoint_dir`, runs are checkpointed (`checkpoint_file`) and resume.
     `done(config)`: whether that run is finished already (a resumed sweep);
     groups are decided from all configs, so every run trains as in one
-    uninterrupted call (a group all done is skipped: None in the list).
+    uninterrupted call.
+
+    Args:
+      configs: the runs (`TrainConfig`s), in any order and mix.
+      data: a `Dataset`, shared by every run.
+      strategy: how the steps are launched (`Strategy`; default: the one for
+        this platform), never what they compute.
+      on_eval: `on_eval(config, step, total_steps, record)` after each
+        evaluation of a run.
+      on_done: `on_done(config, history, state)` when a run has finished.
+      make_probe: `make_probe(config, data) -> probe(state) -> dict`, a
+        module-level function (workers import it).
+      checkpoint_dir: the folder each run is checkpointed in and resumes from.
+      done: `done(config) -> bool`, whether a run is finished already.
+
+    Returns:
+      [(history, final_state)] in config order; None for a run of a group
+      `done` skipped entirely.
     """
     check_dataset(data)
     if not configs:

@@ -1,6 +1,6 @@
 """The engine's loop: R >= 1 runs of one program, on a mesh of one or more
 devices, with evaluation, probes, checkpoints and divergence for every run.
-It computes what the plain loop (training/train.py) computes, run by
+It computes what the plain loop (`bnjax.train`) computes, run by
 run, and is what makes many runs fast: the runs stacked, several steps per
 dispatch, the data on the devices.
 
@@ -11,9 +11,9 @@ loop over evaluation intervals: train the interval (`_train_interval`: one or
 more dispatches of the jitted chunk `_chunk`, whose step count is traced, so
 every interval runs one compiled program), evaluate (`evaluate_timed`: one
 dispatch per kind of BN statistics), record, checkpoint, report. Each step is
-`train_step_body` (training/steps.py), applied to the one run directly when
+`train_step_body`, applied to the one run directly when
 R == 1 and `vmap`ped over the runs otherwise, inside `shard_map` over the
-mesh when it has several devices. `train_many` (engine/launch.py)
+mesh when it has several devices. `train_many`
 groups runs into calls of this loop.
 """
 

@@ -2,7 +2,7 @@
 evaluation pieces and worker processes; the fastest known per backend.
 
 A `Strategy` never changes what is computed, only how it is launched (and
-so the order of float32 operations: tests/test_engine.py holds every strategy
+so the order of float32 operations: the engine's tests hold every strategy
 to the per-step History within stated round-off):
   * steps_per_dispatch: 1 = one jitted step per Python dispatch; K > 1 = up to
     K steps (never past an evaluation) in one `lax.scan`.
@@ -20,7 +20,7 @@ to the per-step History within stated round-off):
     CPU a batch-32 step cannot keep every core busy, so two runs on one core
     each get more done than two runs one after the other on both.
   * stacked_conv: how a program of several stacked runs computes its
-    convolutions (nets/conv.py): "lax" (XLA's convolution, which `vmap`
+    convolutions: "lax" (XLA's convolution, which `vmap`
     over runs turns into one grouped convolution) or "matmul" (patches and
     one batched matrix product over the runs axis). A program of one run
     always uses "lax".

@@ -23,7 +23,7 @@ watchdog thread in the worker that checks for its parent twice a second).
 Not `concurrent.futures.ProcessPoolExecutor`: forking a process that runs
 JAX is unsafe, and its spawn and forkserver workers import the caller's
 `__main__` again, so a script without a main guard runs its body again in
-every worker and the pool breaks (tests/test_workers.py holds the guardless
+every worker and the pool breaks (the workers' tests hold the guardless
 script to working); it also gives every worker the same initializer
 arguments (one core each needs a shared queue) and streams no progress.
 """

@@ -11,7 +11,7 @@ batched matrix products too.
 
 Which one a model uses is `ConvNet(conv_implementation=...)`; which one the
 loop picks for a program of stacked runs is `Strategy.stacked_conv`
-(engine/strategy.py), per backend. tests/test_conv.py holds `conv_as_matmul` to
+(`Strategy.stacked_conv`), per backend. The tests hold `conv_as_matmul` to
 `lax.conv_general_dilated` run by run, forward and gradients.
 """
 

@@ -12,7 +12,7 @@ The recurrent and the input term are normalized separately, with no shift
 (b carries it); the plain LSTM is the same without the three BNs. Every
 gamma starts at 0.1, not 1 (`bn_scale_init`): at unit variance tanh and
 sigmoid saturate and the gradient dies within a few steps back in time
-(the paper's section 4; experiments/recurrent_bn.py measures it).
+(the paper's section 4; the recurrent-BN study measures it).
 
 BN state, one set per time step. Each BN keeps population statistics for
 every step t = 1 .. T_max, as rows of `batch_stats`:
@@ -23,11 +23,11 @@ every step t = 1 .. T_max, as rows of `batch_stats`:
 
 Train mode normalizes step t by the batch's statistics *at step t* and moves
 row t, and only row t, toward them, by the rule `bn.running_average` of
-bn/batchnorm.py (an update `count` per BN where the rule needs it).
+`BatchNorm` (an update `count` per BN where the rule needs it).
 Eval mode normalizes step t by row t, and every step beyond T_max by row
 T_max (the paper's rule for sequences longer than any seen in training).
 Each example is then alone: nothing is mutated. Precise BN
-(training/precise_bn.py) re-estimates every row for the current weights.
+(`precise_statistics`) re-estimates every row for the current weights.
 
 The sequences (`SEQUENCES`): "pixels", one pixel per step, left to right,
 top to bottom (784 steps, the paper's task); "permuted_pixels", the same

@@ -34,8 +34,11 @@ DISABLE_ENV_VAR = "BNJAX_COMPILATION_CACHE"
 
 def use_persistent_cache() -> str | None:
     """Turn the cache on (module doc) unless the user configured or disabled
-    it; return the directory in use, or None when there is none. Call it
-    before the first compilation."""
+    it. Call it before the first compilation.
+
+    Returns:
+      The directory in use, or None where BNJAX_COMPILATION_CACHE=0 turned it off.
+    """
     if os.environ.get(DISABLE_ENV_VAR) == "0":
         return None
     configured = os.environ.get(DIR_ENV_VAR) or jax.config.jax_compilation_cache_dir

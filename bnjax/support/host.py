@@ -7,7 +7,7 @@ Linux has calls the others lack (`os.sched_getaffinity`,
 none of them. Every function here asks for the call itself, never for the
 platform's name, and falls back to what the standard library offers
 everywhere; what cannot be had is reported as unknown (None or False),
-never guessed. `tests/without_linux/` runs the test suite with the Linux-only
+never guessed. The test suite also runs with the Linux-only
 calls removed, so each fallback is exercised on Linux too.
 """
 

@@ -38,7 +38,7 @@ FORMAT = "bnjax-checkpoint-2"  # with a checksum
 
 def save_checkpoint(path: str | os.PathLike, state, history, config) -> None:
     """Write the run's state atomically. A run over several processes'
-    devices is saved by process 0 alone (engine/loop.py decides)."""
+    devices is saved by process 0 alone (the engine's loop decides)."""
     payload = {
         "config": dataclasses.asdict(config),
         "state": serialization.to_state_dict(jax.device_get(state)),

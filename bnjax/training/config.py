@@ -184,7 +184,7 @@ class TrainConfig:
 
     def batch_norm_layer(self, axis_name: str | None = None) -> BatchNorm:
         """The bn_ fields as the one BatchNorm value every net takes (`bn=`).
-        `axis_name`: the mesh axis BN averages its statistics over (training/steps.py)."""
+        `axis_name`: the mesh axis BN averages its statistics over (`make_model` names it)."""
         renorm = (Renorm(self.bn_renorm_r_max, self.bn_renorm_d_max, self.bn_renorm_momentum,
                          self.bn_renorm_warmup_steps) if self.bn_renorm else None)
         settings = dict(momentum=self.bn_momentum, epsilon=self.bn_epsilon, axis_name=axis_name,

@@ -4,7 +4,7 @@ three kinds of statistics (`TrainConfig.eval_statistics`):
   running   eval mode: BN's running averages (what the article, Keras, Flax
             and PyTorch report; `val_accuracy` of every History);
   precise   eval mode with statistics re-estimated for the current weights
-            (training/precise_bn.py) from `precise_bn_batches` training batches;
+            (`precise_statistics`) from `precise_bn_batches` training batches;
   batch     train mode on each test batch of `eval_batch_size`: every batch
             normalized by its own statistics (Haiku's `test_local_stats=True`,
             Equinox's `mode="batch"`), or each ghost batch of it by its own
@@ -13,7 +13,7 @@ three kinds of statistics (`TrainConfig.eval_statistics`):
 
 One door for all three: `evaluate_runs(state, images, labels,
 statistics=...)` for stacked runs, `evaluate` for one run's state.
-"running" is always measured; the loop (engine/loop.py) records "precise" or
+"running" is always measured; both loops (`evaluate_timed`) record "precise" or
 "batch" beside it when the config asks (`precise_val_accuracy`, ...).
 `batch_statistics_accuracy` measures accuracy against the test batch size.
 """
@@ -111,7 +111,7 @@ def _running_means(state: TrainState, images_uint8, labels, batch_size: int, mes
 
 @jax.jit
 def _precise_batch_stats_of_runs(state: TrainState, batches):
-    """Every run's precise BN statistics (training/precise_bn.py, equal-weight
+    """Every run's precise BN statistics (`precise_statistics`, equal-weight
     average of per-batch means and variances) from `batches` (K, B, ...) of
     float images, as a stacked `batch_stats` (an update `count` is kept)."""
     def precise(run):
@@ -187,7 +187,7 @@ def batch_statistics_accuracy(state, images_uint8, labels, group_size: int):
     under `bn_ghost_batch_size`). The returned running averages are thrown away.
     One run (no runs axis). A door of its own beside `evaluate(statistics="batch")`
     because it measures something else: how accuracy depends on the test batch
-    size (experiments/eval_modes.py and rethinking_batch.py, from 1 to the
+    size (the eval-modes and rethinking-batch studies, from 1 to the
     whole test set), where a last smaller batch would mix two sizes."""
     if not 1 <= group_size <= labels.shape[0]:
         raise ValueError(f"test batch size {group_size} must be in [1, {labels.shape[0]}], the test set's size")

@@ -1,7 +1,7 @@
 """The leading runs axis: R >= 1 runs of one program as one stacked state.
 
 Every leaf of a stacked `TrainState` has a leading axis of R runs; the loop
-(engine/loop.py) and the evaluation (training/evaluation.py) apply one run's
+(`train_runs`) and the evaluation (`evaluate_runs`) apply one run's
 function to all R with `for_each_run`.
 """
 

@@ -8,7 +8,7 @@ Where BN state moves:
     statistics are read, never written.
 
 Everything else (several runs at once, several steps per dispatch, a mesh)
-is built around `train_step_body` by engine/loop.py.
+is built around `train_step_body` by the engine's loop (`train_runs`).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ DATA_AXIS = "data"  # the mesh axis the batch is split along
 def make_model(config: TrainConfig, num_devices: int = 1, conv_implementation: str = "lax") -> ConvNet | MLP | LSTM:
     """The config's net. Over several devices with synchronized BN, every BN
     averages its statistics over DATA_AXIS: the statistics of the global batch.
-    `conv_implementation` (nets/conv.py) applies to the CNN's convolutions."""
+    `conv_implementation` ("lax" or "matmul": `conv_as_matmul`) applies to the CNN's convolutions."""
     bn = config.batch_norm_layer(axis_name=DATA_AXIS if num_devices > 1 and not config.ghost_bn else None)
     if config.model == "lstm":
         return LSTM(batch_norm=config.batch_norm, bn=bn, sequence=config.sequence,
@@ -120,7 +120,7 @@ def make_mesh(config: TrainConfig, devices=None) -> jax.sharding.Mesh:
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
     """The config's optimizer, with its learning rate kept in the optimizer
     state (`optax.inject_hyperparams`) rather than in the function: runs that
-    differ only in learning rate then share one program (engine/loop.py).
+    differ only in learning rate then share one program (`program_key`).
     Adam's betas and epsilon stay constants of the function (`static_args`):
     injected as traced values too, they would change XLA's float32 round-off
     of every step."""

@@ -7,13 +7,12 @@ One run on one device, in the manner of flax/examples' `train_and_evaluate`:
 a `for` over the steps, each calling the jitted `train_step` on the next
 batch, and every `eval_every` steps (and after the last) an evaluation on
 the test set. From here to BN is three calls: `train` -> `train_step`
-(training/steps.py) -> the net's `__call__` (nets/models.py) ->
-`BatchNorm.__call__` (bn/batchnorm.py).
+-> the net's `__call__` (`ConvNet`, `MLP` or `LSTM`) -> `BatchNorm.__call__`.
 
 Many runs at once (stacked programs, several steps per dispatch, worker
-processes, devices, hosts) are the engine's job (`bnjax.train_many`,
-bnjax/engine/): it computes what this loop computes, and tests/test_engine.py
-holds every one of its strategies to this loop.
+processes, devices, hosts) are the engine's job (`bnjax.train_many`): it
+computes what this loop computes, and the engine's tests hold every one of
+its strategies to this loop.
 """
 
 from __future__ import annotations
@@ -44,17 +43,23 @@ def train(
     checkpoint_path: str | os.PathLike | None = None,
     probe: Callable[[TrainState], dict] | None = None,
 ) -> tuple[History, TrainState]:
-    """Train one model on `data` (a `bnjax.data.datasets.Dataset`) on one
-    device; evaluate it on the test set every `config.eval_every` steps and
-    after the last; return (history, final_state).
+    """Train one model on one device, evaluating it on the test set every
+    `config.eval_every` steps and after the last. A run whose training loss
+    diverges (`has_diverged`) stops there, marked `diverged`.
 
-    `on_eval(config, step, total_steps, record)` follows each evaluation (for
-    progress output). A run whose training loss diverges (`has_diverged`)
-    stops there, marked `diverged`. With `checkpoint_path` the whole run is
-    saved there after every evaluation, and a run that finds its checkpoint
-    resumes from it, to the History it would have reached uninterrupted.
-    `probe(state) -> dict of floats` is measured at every evaluation
-    (`history.probes`).
+    Args:
+      config: the run (`TrainConfig`): model, BN, optimizer, schedule, seed.
+      data: a `Dataset` (`bnjax.load_mnist()`, `bnjax.load_dataset(...)`).
+      on_eval: called as `on_eval(config, step, total_steps, record)` after
+        each evaluation (`record`: the curves' values at that step).
+      checkpoint_path: where the whole run is saved after every evaluation; a
+        run that finds its checkpoint there resumes from it, to the History
+        it would have reached uninterrupted.
+      probe: `probe(state) -> dict of floats`, measured at every evaluation.
+
+    Returns:
+      (history, final_state): the run's `History` (curves, times, probes,
+      launch record) and its `TrainState` (params, batch_stats, opt_state).
     """
     if config.num_devices not in (None, 1):
         raise ValueError(f"train runs on one device, got num_devices {config.num_devices}; "
