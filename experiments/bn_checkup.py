@@ -31,7 +31,7 @@ from bnjax.data.datasets import load_mnist
 from bnjax.support.atomic import atomic_write
 from bnjax.support.provenance import describe_environment, environment
 from bnjax.training.config import TrainConfig
-from bnjax.training.steps import to_float_images
+from bnjax.training.steps import model_of, to_float_images
 from bnjax.training.train import train
 
 
@@ -132,7 +132,7 @@ def main(argv=None):
     config = TrainConfig(batch_norm=True, activation="sigmoid", learning_rate=0.01, max_steps=args.steps,
                          eval_every=args.steps)
     _, state = train(config, data)
-    report = bnjax.checkup(state.apply_fn.__self__, {"params": state.params, "batch_stats": state.batch_stats},
+    report = bnjax.checkup(model_of(state), {"params": state.params, "batch_stats": state.batch_stats},
                            train_batches, eval_batches, bnjax.accuracy, train_kwargs={"train": True},
                            eval_kwargs={"train": False})
     sections.append((f"The article's BN net (sigmoid, Adam lr 0.01, batch 32, {args.steps} steps)", report))

@@ -16,7 +16,7 @@ from bnjax.nets.nnx_model import NNXConvNet, linen_to_nnx
 from bnjax.training.config import TrainConfig
 from bnjax.training.evaluation import batch_statistics_accuracy, evaluate
 from bnjax.training.precise_bn import recompute_batch_stats
-from bnjax.training.steps import to_float_images
+from bnjax.training.steps import model_of, to_float_images
 from bnjax.training.train import train
 from conftest import make_dataset
 
@@ -31,7 +31,7 @@ def trained():
 
 
 def checkup_of(state, **options):
-    model = state.apply_fn.__self__
+    model = model_of(state)
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     train_batches = [to_float_images(jnp.asarray(DATA.x_train[first:first + 32])) for first in range(0, 512, 32)]
     eval_batches = [(to_float_images(jnp.asarray(DATA.x_test[first:first + 32])), DATA.y_test[first:first + 32])
@@ -84,7 +84,7 @@ def test_bad_requests_are_refused_in_one_line(trained):
     with pytest.raises(ValueError, match="^tolerance must be a number >= 0, got -1$"):
         checkup_of(trained, tolerance=-1)
     with pytest.raises(ValueError, match="^checkup needs at least one evaluation batch, got none$"):
-        bnjax.checkup(trained.apply_fn.__self__, {"params": trained.params, "batch_stats": trained.batch_stats},
+        bnjax.checkup(model_of(trained), {"params": trained.params, "batch_stats": trained.batch_stats},
                       [to_float_images(jnp.asarray(DATA.x_train[:32]))], [], bnjax.accuracy,
                       train_kwargs={"train": True}, eval_kwargs={"train": False})
 

@@ -21,6 +21,7 @@ from bnjax.nets.recurrent import PAPER_SETTINGS
 from bnjax.support import host, xla_flags
 from bnjax.training.config import TrainConfig
 from bnjax.training.schedule import resolve_steps
+from bnjax.training.steps import model_of
 from bnjax.training.train import train
 
 # A different but equivalent compilation (a loop body, a vmapped convolution)
@@ -153,7 +154,7 @@ def test_vmapped_programs_give_each_runs_history(tiny_data):
     seen = []
     together = train_many(configs, tiny_data, strategy=strategy, on_done=lambda c, h, s: seen.append(c))
     assert sorted(seen, key=configs.index) == configs
-    assert [state.apply_fn.__self__.conv_implementation for _, state in together[:4]] == ["matmul"] * 3 + ["lax"]
+    assert [model_of(state).conv_implementation for _, state in together[:4]] == ["matmul"] * 3 + ["lax"]
     for config, result in zip(configs, together):
         assert_same_run(result, train(config, tiny_data))
     assert together[0][0].val_loss != together[1][0].val_loss  # seeds differ: not one run copied

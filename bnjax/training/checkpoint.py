@@ -68,7 +68,7 @@ def restore_checkpoint(path: str | os.PathLike, template_state, config):
 
     Raises ValueError if the checkpoint belongs to another config, naming the
     fields that differ, and if the file is not a readable checkpoint."""
-    payload = _payload(path)
+    payload = read_checkpoint(path)
     # A field the checkpoint predates counts as saved at its default.
     saved_config = {**{field.name: field.default for field in dataclasses.fields(config)}, **payload["config"]}
     current = dataclasses.asdict(config)
@@ -82,11 +82,13 @@ def restore_checkpoint(path: str | os.PathLike, template_state, config):
 
 def saved_step(path: str | os.PathLike) -> int:
     """The step a checkpoint's run resumes from (ValueError if it is not a readable checkpoint)."""
-    return int(_payload(path)["state"]["step"])
+    return int(read_checkpoint(path)["state"]["step"])
 
 
-def _payload(path: str | os.PathLike) -> dict:
-    """A checkpoint's payload (config, state, history), its format and checksum verified."""
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """A checkpoint's payload (config, state, history as saved), its format
+    and SHA-256 verified: ValueError for a file that is not a readable
+    checkpoint or whose content does not match its checksum."""
     try:
         wrapper = serialization.msgpack_restore(Path(path).read_bytes())
     except Exception as error:  # truncated or foreign file
