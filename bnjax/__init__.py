@@ -34,7 +34,7 @@ _EXPORTS = {
     "nnx": "bnjax.bn.nnx", "update_bn": "bnjax.bn.update_bn",
     "checkup": "bnjax.bn.checkup", "Checkup": "bnjax.bn.checkup", "accuracy": "bnjax.bn.checkup",
     "TrainConfig": "bnjax.training.config", "History": "bnjax.training.history", "train": "bnjax.training.train",
-    "train_many": "bnjax.engine.launch", "Strategy": "bnjax.engine.strategy",
+    "train_many": "bnjax.engine.launch", "Observer": "bnjax.engine.launch", "Strategy": "bnjax.engine.strategy",
     "load_mnist": "bnjax.data.datasets", "load_dataset": "bnjax.data.datasets",
     "use_persistent_cache": "bnjax.support.compilation_cache", "use_cpu_flags": "bnjax.support.xla_flags",
 }

@@ -69,10 +69,10 @@ import json  # noqa: E402
 import typing  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import bnjax
 from bnjax.support.checks import OneLineArgumentParser
 from bnjax.data.datasets import DATASETS, SOURCES, DataError, load_dataset
-from bnjax.engine.launch import launch_like, replay
-from bnjax.engine.loop import train_runs
+from bnjax.engine.launch import Observer, launch_like, replay
 from bnjax.support import host
 from bnjax.support.atomic import unwritable_reason, write_json
 from bnjax.support.compilation_cache import use_persistent_cache
@@ -209,6 +209,20 @@ def _progress_printer(config: TrainConfig):
     return show
 
 
+class OneRun(Observer):
+    """The command line's say in its one run: progress lines, and its --checkpoint path."""
+
+    def __init__(self, show_progress, checkpoint: str | None):
+        super().__init__()
+        self.show_progress, self.checkpoint = show_progress, checkpoint
+
+    def checkpoint_path(self, config: TrainConfig) -> str | None:
+        return self.checkpoint
+
+    def on_eval(self, config: TrainConfig, step: int, total_steps: int, record: dict) -> None:
+        self.show_progress(config, step, total_steps, record)
+
+
 CURVES = ("steps", "val_accuracy", "val_loss", "precise_val_accuracy", "precise_val_loss", "batch_val_accuracy",
           "batch_val_loss", "train_accuracy", "train_loss")
 
@@ -332,9 +346,8 @@ def run(parser, args) -> None:
     print(f"compiling, then training; a line every {config.eval_every} steps", flush=True)
     try:
         # Through the engine, as the studies train (one run, this process);
-        # with --checkpoint, its loop saves and resumes the run at that path.
-        [(history, _)] = train_runs([config], data, on_eval=_progress_printer(config),
-                                    checkpoint_paths=[args.checkpoint])
+        # with --checkpoint, the run is saved and resumed at that path.
+        [(history, _)] = bnjax.train_many([config], data, observer=OneRun(_progress_printer(config), args.checkpoint))
     except ValueError as error:  # e.g. a batch that does not divide over the devices
         parser.exit(2, f"error: {error}\n")
     outcome = f"diverged (training loss {history.train_loss[-1]:.4g})" if history.diverged else "done"

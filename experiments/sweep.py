@@ -32,7 +32,7 @@ from typing import Callable
 
 import jax
 
-from bnjax.engine.launch import train_many
+from bnjax.engine.launch import Observer, train_many
 from bnjax.engine.strategy import Strategy, default_strategy
 from bnjax.support.atomic import unwritable_reason
 from bnjax.support.compilation_cache import use_persistent_cache
@@ -170,6 +170,40 @@ def progress_numbers(record: dict) -> str:
     return f"val_accuracy {record['val_accuracy']:.4f} (running averages){others} train_loss {record['train_loss']:.4f}"
 
 
+class SweepObserver(Observer):
+    """A sweep's say in `train_many`: a progress line with the ETA after each
+    evaluation, every finished run saved (with `measure`'s values), the runs
+    saved already done. Runs are known by their `run_key`, as in the
+    results file."""
+
+    def __init__(self, name: str, todo: list[TrainConfig], data, results_path: Path, results: dict, make_probe,
+                 measure, fields: list[str]):
+        super().__init__(make_probe=importable(make_probe))
+        self.name, self.data, self.results_path, self.results, self.measure = name, data, results_path, results, measure
+        self.labels = {run_key(dataclasses.asdict(config)): f"[{index}/{len(todo)}] {describe(config, fields)}"
+                       for index, config in enumerate(todo, 1)}
+        self.steps_seen: dict[str, int] = {}
+        self.eta = Eta(sum(resolve_steps(config, len(data.x_train))[1] for config in todo))
+
+    def is_done(self, config: TrainConfig) -> bool:
+        return run_key(dataclasses.asdict(config)) not in self.labels
+
+    def on_eval(self, config: TrainConfig, step: int, total_steps: int, record: dict) -> None:
+        key = run_key(dataclasses.asdict(config))
+        self.steps_seen[key] = step
+        print(f"{self.name} {self.labels[key]} step {step}/{total_steps} {progress_numbers(record)} "
+              f"| {self.eta.update(sum(self.steps_seen.values()), time.perf_counter())}", flush=True)
+
+    def on_done(self, config: TrainConfig, history, state) -> None:
+        key = run_key(dataclasses.asdict(config))
+        if history.diverged:
+            print(f"{self.name} {self.labels[key]} diverged (training loss {history.train_loss[-1]:.4g}) "
+                  f"at step {history.steps[-1]}; recorded, going on", flush=True)
+        self.steps_seen[key] = resolve_steps(config, len(self.data.x_train))[1]  # a diverged run's rest counts as done
+        extra = self.measure(config, history, state, self.data) if self.measure is not None else None
+        add_run(self.results_path, self.results, config, history, extra)
+
+
 def run_sweep(
     configs: list[TrainConfig],
     results_path: Path,
@@ -183,7 +217,7 @@ def run_sweep(
     """Train the configs not yet saved in `results_path`; return all results.
 
     `load_data()` is called only if something is left to train. `make_probe`:
-    see `bnjax.train_many`. `measure(config, history, state, data) ->
+    see `bnjax.Observer`. `measure(config, history, state, data) ->
     dict`, if given, measures each finished run's final state; its values are
     saved beside the run's History. `results`: the file's contents, if the
     caller has read them already."""
@@ -202,31 +236,11 @@ def run_sweep(
         return results
     use_persistent_cache()  # a second sweep here loads its programs instead of compiling them
     data = load_data()
-    fields = varying_fields(configs)
-    labels = {id(config): f"[{index}/{len(todo)}] {describe(config, fields)}" for index, config in enumerate(todo, 1)}
-    total_steps = sum(resolve_steps(config, len(data.x_train))[1] for config in todo)
-    steps_seen: dict[int, int] = {}
+    observer = SweepObserver(name, todo, data, results_path, results, make_probe, measure, varying_fields(configs))
     start = time.perf_counter()
-    eta = Eta(total_steps)
     print(f"{name}: compiling and training; the first line comes after each run's first evaluation", flush=True)
-
-    def show_progress(config, step, run_steps, record):
-        steps_seen[id(config)] = step
-        print(f"{name} {labels[id(config)]} step {step}/{run_steps} {progress_numbers(record)} "
-              f"| {eta.update(sum(steps_seen.values()), time.perf_counter())}", flush=True)
-
-    def save_run(config, history, state):
-        if history.diverged:
-            print(f"{name} {labels[id(config)]} diverged (training loss {history.train_loss[-1]:.4g}) "
-                  f"at step {history.steps[-1]}; recorded, going on", flush=True)
-        steps_seen[id(config)] = resolve_steps(config, len(data.x_train))[1]  # a diverged run's rest counts as done
-        extra = measure(config, history, state, data) if measure is not None else None
-        add_run(results_path, results, config, history, extra)
-
-    # All configs, those not in `todo` marked done: the remaining runs train in
-    # the groups and processes of the uninterrupted sweep, so they get its numbers.
-    pending = {id(config) for config in todo}
-    train_many(configs, data, strategy=strategy, on_eval=show_progress, on_done=save_run,
-               make_probe=importable(make_probe), done=lambda config: id(config) not in pending)
+    # All configs, those not in `todo` done: the remaining runs train in the
+    # groups and processes of the uninterrupted sweep, so they get its numbers.
+    train_many(configs, data, strategy=strategy, observer=observer)
     print(f"{name}: {len(todo)} runs in {(time.perf_counter() - start) / 60:.1f} min", flush=True)
     return results

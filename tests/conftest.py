@@ -56,6 +56,15 @@ def mnist() -> Dataset:
     return load_mnist()
 
 
+def observer(make_probe=None, checkpoint_dir=None, **methods):
+    """A `bnjax.Observer` whose `on_eval`, `on_done` or `is_done` are the
+    functions given (the tests' shorthand for a subclass)."""
+    from bnjax.engine.launch import Observer
+
+    return type("Heard", (Observer,), {name: staticmethod(function) for name, function in methods.items()})(
+        make_probe, checkpoint_dir)
+
+
 def make_dataset(num_train: int = 256, num_test: int = 64, seed: int = 0) -> Dataset:
     """Random images whose label is a simple function of the pixels, so a
     network can learn something; not MNIST."""

@@ -17,15 +17,15 @@ jax.distributed.initialize(coordinator_address=coordinator, num_processes=2, pro
 from bnjax.engine.launch import train_many  # noqa: E402
 from bnjax.engine.loop import train_runs  # noqa: E402
 from bnjax.training.config import TrainConfig  # noqa: E402
-from conftest import make_dataset  # noqa: E402
+from conftest import make_dataset, observer  # noqa: E402
 
 assert jax.device_count() == 2 and jax.local_device_count() == 1, (jax.device_count(), jax.local_device_count())
 if mode == "sweep":
     sweep = [TrainConfig(model="mlp", batch_norm=True, activation="relu", batch_size=32, max_steps=8, eval_every=4,
                          eval_batch_size=64, seed=seed) for seed in range(4)]
     heard = []
-    results = train_many(sweep, make_dataset(num_train=512, num_test=128), checkpoint_dir=checkpoint,
-                         on_done=lambda config, history, state: heard.append(sweep.index(config)))
+    results = train_many(sweep, make_dataset(num_train=512, num_test=128), observer=observer(
+        checkpoint_dir=checkpoint, on_done=lambda config, history, state: heard.append(sweep.index(config))))
     print(json.dumps({"process": process_id, "heard": heard, "histories": [h.to_dict() for h, _ in results],
                       "final_steps": [int(state.step) for _, state in results]}))
 else:

@@ -11,7 +11,7 @@ import jax
 from bnjax.engine.launch import train_many
 from bnjax.engine.strategy import default_strategy
 from bnjax.training.config import TrainConfig
-from conftest import make_dataset
+from conftest import make_dataset, observer
 
 
 def main():
@@ -27,8 +27,8 @@ def main():
         devices[sweep.index(config)] = sorted(str(d) for d in jax.tree_util.tree_leaves(state.params)[0].devices())
 
     strategy = dataclasses.replace(default_strategy("cpu", 8), models_per_program=1)
-    results = train_many(sweep, data, strategy=strategy, on_done=on_done,
-                         on_eval=lambda config, *_: heard.append(any(config is c for c in sweep)))
+    results = train_many(sweep, data, strategy=strategy, observer=observer(
+        on_done=on_done, on_eval=lambda config, *_: heard.append(any(config is c for c in sweep))))
     out = {"devices": [devices[index] for index in range(len(sweep))], "heard": heard,
            "histories": [history.to_dict() for history, _ in results]}
     if not data_parallel:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import bnjax
 import bnjax.__main__ as cli
 from bnjax.training.history import History
 from conftest import make_dataset
@@ -104,7 +105,7 @@ def test_ctrl_c_ends_a_run_in_one_line_with_the_shells_code(monkeypatch, capsys)
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "train_runs", interrupted)
+    monkeypatch.setattr(bnjax, "train_many", interrupted)
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["--set", "max_steps=2"])
     assert exit_info.value.code == 130
@@ -115,13 +116,13 @@ RECORD = {"val_accuracy": 0.1135, "train_accuracy": 0.8459, "train_loss": 0.82, 
 
 
 def test_a_bn_runs_lagging_test_accuracy_is_explained_once(monkeypatch, capsys):
-    def two_evaluations(configs, data, on_eval, checkpoint_paths):
+    def two_evaluations(configs, data, observer):
         for step in (100, 200):
-            on_eval(configs[0], step, 200, RECORD)
+            observer.on_eval(configs[0], step, 200, RECORD)
         return [(History(steps=[100, 200], val_accuracy=[0.1135] * 2, train_loss=[0.8] * 2), None)]
 
     monkeypatch.setattr(cli, "load_dataset", lambda *args: make_dataset())
-    monkeypatch.setattr(cli, "train_runs", two_evaluations)
+    monkeypatch.setattr(bnjax, "train_many", two_evaluations)
     cli.main(["--set", "batch_norm=true", "--set", "max_steps=200"])
     output = capsys.readouterr().out
     assert output.count("note: test accuracy 0.1135 against 0.8459 in training: in eval mode BN uses its "

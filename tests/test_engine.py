@@ -23,6 +23,7 @@ from bnjax.training.config import TrainConfig
 from bnjax.training.schedule import resolve_steps
 from bnjax.training.steps import model_of
 from bnjax.training.train import train
+from conftest import observer
 
 # A different but equivalent compilation (a loop body, a vmapped convolution)
 # changes float32 round-off only. How far round-off then travels depends on
@@ -152,7 +153,8 @@ def test_vmapped_programs_give_each_runs_history(tiny_data):
     # alone and the per-step references with lax's convolution.
     strategy = Strategy(steps_per_dispatch=5, models_per_program=3, eval_chunk=16, stacked_conv="matmul")
     seen = []
-    together = train_many(configs, tiny_data, strategy=strategy, on_done=lambda c, h, s: seen.append(c))
+    together = train_many(configs, tiny_data, strategy=strategy,
+                          observer=observer(on_done=lambda c, h, s: seen.append(c)))
     assert sorted(seen, key=configs.index) == configs
     assert [model_of(state).conv_implementation for _, state in together[:4]] == ["matmul"] * 3 + ["lax"]
     for config, result in zip(configs, together):
@@ -208,8 +210,8 @@ def test_runs_in_worker_processes_give_each_runs_history_and_state(tiny_data):
                dataclasses.replace(MLP_RELU, seed=4)]
     seen = []
     strategy = Strategy(parallel_runs=2, models_per_program=2, steps_per_dispatch=2, eval_chunk=16)
-    in_workers = train_many(configs, tiny_data, strategy=strategy,
-                            on_eval=lambda c, step, total, record: seen.append((configs.index(c), step)))
+    in_workers = train_many(configs, tiny_data, strategy=strategy, observer=observer(
+        on_eval=lambda c, step, total, record: seen.append((configs.index(c), step))))
     assert sorted(seen) == [(0, 6), (0, 12), (0, 18), (0, 20), (1, 6), (1, 12), (1, 18), (1, 20), (2, 4), (2, 6)]
     assert len(in_workers) == len(configs)
     for config, result in zip(configs, in_workers):
@@ -322,7 +324,7 @@ def test_probes_of_stacked_and_worker_runs_are_each_runs_own(tiny_data):
     configs = [dataclasses.replace(MLP_BASE, seed=0), dataclasses.replace(MLP_BASE, seed=1, learning_rate=0.0005),
                dataclasses.replace(MLP_RELU, seed=2)]
     strategy = Strategy(parallel_runs=2, models_per_program=2, steps_per_dispatch=3)
-    results = train_many(configs, tiny_data, strategy=strategy, make_probe=running_variance_probe)
+    results = train_many(configs, tiny_data, strategy=strategy, observer=observer(running_variance_probe))
     for config, (history, state) in zip(configs, results):
         assert [probe["seed"] for probe in history.probes] == [config.seed] * len(history.steps)
         # the last probe read the run's own final state
@@ -345,9 +347,10 @@ def test_a_stacked_program_resumes_from_its_checkpoints(tiny_data, tmp_path):
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        train_many(configs, tiny_data, strategy=strategy, on_eval=stop_at_step_12, checkpoint_dir=tmp_path)
+        train_many(configs, tiny_data, strategy=strategy,
+                   observer=observer(checkpoint_dir=tmp_path, on_eval=stop_at_step_12))
     assert len(list(tmp_path.glob("run-*.msgpack"))) == 2
-    resumed = train_many(configs, tiny_data, strategy=strategy, checkpoint_dir=tmp_path)
+    resumed = train_many(configs, tiny_data, strategy=strategy, observer=observer(checkpoint_dir=tmp_path))
     for (history, state), (reference, reference_state) in zip(resumed, uninterrupted):
         for curve in ("steps", "val_loss", "val_accuracy", "train_loss", "train_accuracy"):
             assert getattr(history, curve) == getattr(reference, curve), curve
@@ -409,13 +412,13 @@ def test_spread_runs_train_as_alone_report_the_callers_configs_and_raise_errors_
     placements = []
     train_group = engine._train_group
     monkeypatch.setattr(engine, "_train_group", lambda *args, **kwargs: placements.append(
-        ([config.num_devices for config in args[1]], kwargs.get("devices"))) or train_group(*args, **kwargs))
+        ([args[2][index].num_devices for index in args[1]], kwargs.get("devices"))) or train_group(*args, **kwargs))
     heard = []
     results = train_many(configs, tiny_data, strategy=Strategy(models_per_program=1),
-                         on_eval=lambda config, *_: heard.append(any(config is c for c in configs)))
+                         observer=observer(on_eval=lambda config, *_: heard.append(any(config is c for c in configs))))
     assert sorted(placements, key=str) == [([1], [jax.devices()[0]])] * 3  # each run alone on "one device"
     assert heard and all(heard) and len(heard) == 6
     for (history, _), expected in zip(results, alone):
         assert history.val_loss == expected.val_loss and history.train_loss == expected.train_loss
     with pytest.raises(ValueError, match="^probe of seed 1 failed$"):
-        train_many(configs, tiny_data, strategy=Strategy(models_per_program=1), make_probe=FailingProbe)
+        train_many(configs, tiny_data, strategy=Strategy(models_per_program=1), observer=observer(FailingProbe))

@@ -162,3 +162,8 @@ def test_every_function_of_the_front_door_documents_its_arguments_and_return_val
                     if "Returns:" not in (function.__doc__ or "")
                     or (inspect.signature(function).parameters and "Args:" not in (function.__doc__ or ""))}
     assert undocumented == set()
+
+
+def test_the_command_line_trains_through_the_front_door():
+    assert "engine.loop" not in bnjax_imports(BNJAX / "__main__.py", set(modules()))
+    assert "bnjax.train_many(" in (BNJAX / "__main__.py").read_text()

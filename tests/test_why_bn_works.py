@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from bnjax.engine.launch import train_many
+from bnjax.engine.launch import Observer, train_many
 from bnjax.engine.strategy import Strategy
 from bnjax.training.steps import create_train_state
 from experiments import why_bn_works
@@ -37,7 +37,7 @@ def test_the_probe_sees_the_noise_move_layer_inputs_and_the_report_reads_the_run
                for config in why_bn_works.study_configs(steps=4, eval_every=2, seeds=1)[:3]]  # relu, lr 0.001
     path = tmp_path / "results.json"
     results = load_results(path)
-    trained = train_many(configs, tiny_data, strategy=Strategy(), make_probe=why_bn_works.landscape_probe)
+    trained = train_many(configs, tiny_data, strategy=Strategy(), observer=Observer(why_bn_works.landscape_probe))
     for config, (history, _) in zip(configs, trained):
         add_run(path, results, config, history)
         assert [sorted(probe) == sorted(history.probes[0]) for probe in history.probes] == [True, True]

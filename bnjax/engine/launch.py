@@ -29,7 +29,7 @@ from bnjax.engine.workers import WorkerPool
 from bnjax.support import host
 from bnjax.support.xla_flags import backend_started
 from bnjax.training.config import TrainConfig
-from bnjax.training.history import EvalCallback, History
+from bnjax.training.history import History
 from bnjax.training.schedule import check_dataset, resolve_steps
 from bnjax.training.steps import TrainState, create_train_state, make_mesh
 
@@ -45,23 +45,61 @@ def checkpoint_file(checkpoint_dir: str | os.PathLike, config: TrainConfig) -> P
     return Path(checkpoint_dir) / f"run-{digest}.msgpack"
 
 
+class Observer:
+    """What the caller of `train_many` hears of its runs and decides for them,
+    as one value. Subclass it and override the methods you need (each does
+    nothing by default); they are called in the calling process, one call at
+    a time, with the caller's own config objects.
+
+    Args:
+      make_probe: `make_probe(config, data) -> probe(state) -> dict of
+        floats`, whose values each evaluation records (`history.probes`).
+        The one thing that travels to where a run trains (a worker process
+        too), so a module-level function or class.
+      checkpoint_dir: the folder every run is saved in after each evaluation
+        (`checkpoint_file`) and resumes from; `checkpoint_path` may say
+        otherwise.
+    """
+
+    def __init__(self, make_probe: ProbeFactory | None = None, checkpoint_dir: str | os.PathLike | None = None):
+        self.make_probe, self.checkpoint_dir = make_probe, checkpoint_dir
+
+    def is_done(self, config: TrainConfig) -> bool:
+        """Whether the run is finished already (a resumed sweep): not trained,
+        and None in train_many's list unless its group has others to train."""
+        return False
+
+    def checkpoint_path(self, config: TrainConfig) -> str | os.PathLike | None:
+        """Where the run is saved after every evaluation and resumes from (None: nowhere)."""
+        return None if self.checkpoint_dir is None else checkpoint_file(self.checkpoint_dir, config)
+
+    def on_eval(self, config: TrainConfig, step: int, total_steps: int, record: dict) -> None:
+        """After each evaluation of the run: `record` holds the curves' values at `step`."""
+
+    def on_done(self, config: TrainConfig, history: History, state: TrainState) -> None:
+        """When the run has finished (or diverged)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class GroupTraining:
     """How every group of runs trains, wherever it trains: the `strategy`
-    (None: the default for the group's devices), each run's probe factory,
-    and the folder its checkpoint is kept in."""
+    (None: the default for the group's devices), the probe factory, and
+    each run's checkpoint path (by its index in the caller's list)."""
 
     strategy: Strategy | None = None
     make_probe: ProbeFactory | None = None
-    checkpoint_dir: str | os.PathLike | None = None
+    checkpoint_paths: tuple = ()
 
 
-def _train_group(data, configs: list[TrainConfig], how: GroupTraining, on_eval, devices=None) -> list[tuple]:
-    """One group of runs of one program through the engine's loop (`train_runs`)."""
-    probes = [how.make_probe(config, data) for config in configs] if how.make_probe is not None else None
-    paths = [checkpoint_file(how.checkpoint_dir, config) for config in configs] \
-        if how.checkpoint_dir is not None else None
-    return train_runs(configs, data, how.strategy, on_eval, probes=probes, checkpoint_paths=paths, devices=devices)
+def _train_group(data, group: list[int], configs: list[TrainConfig], how: GroupTraining, report,
+                 devices=None) -> list[tuple]:
+    """Runs `group` (indices into `configs`) of one program through the
+    engine's loop (`train_runs`); `report(index, step, total_steps, record)`."""
+    program = [configs[index] for index in group]
+    probes = [how.make_probe(config, data) for config in program] if how.make_probe is not None else None
+    on_eval = None if report is None else (lambda position, *record: report(group[position], *record))
+    return train_runs(program, data, how.strategy, on_eval, probes=probes,
+                      checkpoint_paths=[how.checkpoint_paths[index] for index in group], devices=devices)
 
 
 # Runs spread over devices: with D > 1 devices and at least D runs that would
@@ -84,19 +122,18 @@ def _spread_over_devices(configs: list[TrainConfig], devices) -> list[TrainConfi
 def _run_groups_over_devices(groups: list[list[int]], configs, placed: list[TrainConfig], data, how: GroupTraining,
                              report, finish, devices) -> list[list[int]]:
     """Each group of one-device runs whole on one of this process's `devices`,
-    a thread per device taking the next group; the callbacks are called one at
-    a time, with the caller's configs. Over several processes (jax.distributed)
-    each takes every P-th group, and then hears of the others' runs from them.
+    a thread per device taking the next group; `report` and `finish` are
+    called one at a time. Over several processes (jax.distributed) each
+    takes every P-th group, and then hears of the others' runs from them.
     Returns the groups left (runs over several devices)."""
     spread = [group for group in groups if placed[group[0]].num_devices == 1]
     pending = list(reversed(spread[jax.process_index()::jax.process_count()]))
     trained_here = {}
-    original = {id(config): configs[index] for index, config in enumerate(placed)}
     lock = threading.Lock()
 
-    def locked_report(config, *record):
+    def locked_report(*message):
         with lock:
-            report(original[id(config)], *record)
+            report(*message)
 
     errors = []
 
@@ -107,8 +144,7 @@ def _run_groups_over_devices(groups: list[list[int]], configs, placed: list[Trai
                     return
                 group = pending.pop()
             try:
-                outcomes = _train_group(data, [placed[i] for i in group], how, report and locked_report,
-                                        devices=[device])
+                outcomes = _train_group(data, group, placed, how, report and locked_report, devices=[device])
                 with lock:
                     for index, (history, state) in zip(group, outcomes):
                         finish(index, history, state)
@@ -151,12 +187,9 @@ def _gathered(outcomes: dict) -> dict:
 # groups and send back plain arrays: a TrainState holds functions (apply_fn,
 # the optimizer), so this process rebuilds it.
 
-def _train_group_in_worker(data, progress, indices: list[int], configs: list[TrainConfig],
+def _train_group_in_worker(data, progress, group: list[int], configs: list[TrainConfig],
                            how: GroupTraining) -> list[tuple]:
-    def on_eval(config, step, total, record):
-        progress((next(i for i, c in zip(indices, configs) if c is config), step, total, record))
-
-    outcomes = _train_group(data, configs, how, on_eval)
+    outcomes = _train_group(data, group, configs, how, lambda *message: progress(message))
     return [(history, _state_arrays(state)) for history, state in outcomes]
 
 
@@ -174,7 +207,7 @@ def _rebuilt_state(config: TrainConfig, arrays) -> TrainState:
                          batch_stats=jax.tree_util.tree_map(jnp.asarray, batch_stats), opt_state=opt_state)
 
 
-def _run_groups_in_workers(groups: list[list[int]], configs, data, how: GroupTraining, on_eval, finish) -> None:
+def _run_groups_in_workers(groups: list[list[int]], configs, data, how: GroupTraining, report, finish) -> None:
     """The groups in up to `how.strategy.parallel_runs` worker processes, one core each."""
     available = host.core_ids_to_hand_out()  # pinned to on Linux; elsewhere they only number the workers
     cores = [available[worker % len(available)] for worker in range(min(how.strategy.parallel_runs, len(groups)))]
@@ -184,12 +217,11 @@ def _run_groups_in_workers(groups: list[list[int]], configs, data, how: GroupTra
     longest_first = lambda group: (-resolve_steps(configs[group[0]], len(data.x_train))[1],  # noqa: E731
                                    not configs[group[0]].batch_norm)
     groups = sorted(groups, key=longest_first)
-    tasks = [(group, [configs[i] for i in group], in_one_process) for group in groups]
+    tasks = [(group, configs, in_one_process) for group in groups]
 
     def on_progress(task_index, message):
-        index, step, total, record = message
-        if on_eval is not None:
-            on_eval(configs[index], step, total, record)
+        if report is not None:
+            report(*message)
 
     with WorkerPool(cores, shared=data) as pool:
         for task_index, outcomes in pool.run(_train_group_in_worker, tasks, on_progress):
@@ -214,10 +246,11 @@ def _group_runs(configs: list[TrainConfig], models_per_program: int) -> tuple[li
     return groups, multi_device
 
 
-def _finished(configs: list[TrainConfig], done) -> set[int]:
-    """The indices of the runs `done` says are finished; over several
-    processes, process 0's answer, so that every process trains the same groups."""
-    finished = [done is not None and bool(done(config)) for config in configs]
+def _finished(configs: list[TrainConfig], observer: Observer) -> set[int]:
+    """The indices of the runs `observer.is_done` says are finished; over
+    several processes, process 0's answer, so that every process trains the
+    same groups."""
+    finished = [bool(observer.is_done(config)) for config in configs]
     if jax.process_count() > 1:
         finished = multihost_utils.broadcast_one_to_all(np.array(finished))
     return {index for index, is_finished in enumerate(finished) if is_finished}
@@ -241,11 +274,7 @@ def train_many(
     configs: list[TrainConfig],
     data,
     strategy: Strategy | None = None,
-    on_eval: EvalCallback | None = None,
-    on_done: Callable[[TrainConfig, History, TrainState], None] | None = None,
-    make_probe: ProbeFactory | None = None,
-    checkpoint_dir: str | os.PathLike | None = None,
-    done: Callable[[TrainConfig], bool] | None = None,
+    observer: Observer | None = None,
 ) -> list[tuple[History, TrainState] | None]:
     """Train every config, as fast as the devices allow, to the numbers
     `bnjax.train` gives each run alone (up to float round-off).
@@ -256,35 +285,26 @@ def train_many(
     of its own; with D > 1 devices and at least D runs that would split their
     batch over all of them, each run trains whole on one device instead.
     With `strategy.parallel_runs` > 1 (CPU), up to that many programs train at
-    once in worker processes, one core each. `on_eval(config, step,
-    total_steps, record)` and `on_done(config, history, state)` are called in
-    this process, one at a time, with the caller's config objects.
-    `make_probe(config, data)` builds each run's probe where it trains; with
-    `checkpoint_dir`, runs are checkpointed (`checkpoint_file`) and resume.
-    `done(config)`: whether that run is finished already (a resumed sweep);
-    groups are decided from all configs, so every run trains as in one
-    uninterrupted call.
+    once in worker processes, one core each. Groups are decided from all
+    configs, those the observer says are done included, so every run trains
+    as in one uninterrupted call.
 
     Args:
       configs: the runs (`TrainConfig`s), in any order and mix.
       data: a `Dataset`, shared by every run.
       strategy: how the steps are launched (`Strategy`; default: the one for
         this platform), never what they compute.
-      on_eval: `on_eval(config, step, total_steps, record)` after each
-        evaluation of a run.
-      on_done: `on_done(config, history, state)` when a run has finished.
-      make_probe: `make_probe(config, data) -> probe(state) -> dict`, a
-        module-level function (workers import it).
-      checkpoint_dir: the folder each run is checkpointed in and resumes from.
-      done: `done(config) -> bool`, whether a run is finished already.
+      observer: an `Observer`: progress after each evaluation, each finished
+        run, probes, checkpoints, runs done already.
 
     Returns:
       [(history, final_state)] in config order; None for a run of a group
-      `done` skipped entirely.
+      the observer says is done entirely.
     """
     check_dataset(data)
     if not configs:
         return []
+    observer = observer or Observer()
     first_platform = jax.devices()[0].platform
     # How runs are grouped and whether workers are used follows the strategy
     # given or the default for this platform; a program given no strategy
@@ -292,26 +312,26 @@ def train_many(
     resolved = strategy or default_strategy(first_platform)
     results: dict[int, tuple] = {}
     groups, placed, in_workers, devices = _layout(configs, resolved, first_platform)
-    finished = _finished(configs, done)
+    finished = _finished(configs, observer)
     groups = [group for group in groups if not finished.issuperset(group)]
-    finished_ids = {id(configs[index]) for index in finished}
-    report = None if on_eval is None else (
-        lambda config, *record: None if id(config) in finished_ids else on_eval(config, *record))
+
+    def report(index, *record):
+        if index not in finished:
+            observer.on_eval(configs[index], *record)
 
     def finish(index, history, state):
         results[index] = (history, state)
-        if on_done is not None and index not in finished:
-            on_done(configs[index], history, state)
+        if index not in finished:
+            observer.on_done(configs[index], history, state)
 
-    how = GroupTraining(strategy, make_probe, checkpoint_dir)
+    how = GroupTraining(strategy, observer.make_probe, tuple(observer.checkpoint_path(config) for config in configs))
     if placed is not None:
         groups = _run_groups_over_devices(groups, configs, placed, data, how, report, finish, devices)
     if in_workers:
         _run_groups_in_workers(groups, configs, data, dataclasses.replace(how, strategy=resolved), report, finish)
     else:
         for group in groups:
-            outcomes = _train_group(data, [configs[i] for i in group], how, report)
-            for index, (history, state) in zip(group, outcomes):
+            for index, (history, state) in zip(group, _train_group(data, group, configs, how, report)):
                 finish(index, history, state)
     return [results.get(index) for index in range(len(configs))]
 

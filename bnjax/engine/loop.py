@@ -34,7 +34,7 @@ from bnjax.support.xla_flags import version_tuple
 from bnjax.training.checkpoint import save_checkpoint
 from bnjax.training.config import TrainConfig
 from bnjax.training.evaluation import evaluate_runs
-from bnjax.training.history import EvalCallback, History, launch_record
+from bnjax.training.history import History, launch_record
 from bnjax.training.lifecycle import evaluate_timed, evaluations_of_run, record_evaluation, schedule_of, start
 from bnjax.training.precise_bn import precise_batches_for
 from bnjax.training.runs import for_each_run, run_of, stack_runs
@@ -297,7 +297,7 @@ def train_runs(
     configs: list[TrainConfig],
     data,
     strategy: Strategy | None = None,
-    on_eval: EvalCallback | None = None,
+    on_eval: Callable[[int, int, int, dict], None] | None = None,
     probes: list[Callable[[TrainState], dict] | None] | None = None,
     checkpoint_paths: list[str | None] | None = None,
     devices=None,
@@ -306,7 +306,8 @@ def train_runs(
     `data` (a `bnjax.data.datasets.Dataset`); return [(history, final_state)] in order.
 
     Each run is evaluated on the test set every `eval_every` steps and at the
-    end; `on_eval(config, step, total_steps, record)` follows each evaluation.
+    end; `on_eval(index, step, total_steps, record)` follows each evaluation
+    of run `configs[index]`.
     A run whose training loss diverges (`has_diverged`) stops recording there
     and is marked `diverged` (its program stops when all runs have).
     `probes[i](state) -> dict of floats` is measured on run i's state at each
@@ -346,7 +347,7 @@ def train_runs(
             _save_checkpoints(checkpoint_paths, state, histories, configs, elapsed, mesh)
             if on_eval is not None:
                 for index, record in recorded:
-                    on_eval(configs[index], step, total_steps, record)
+                    on_eval(index, step, total_steps, record)
 
     total_time = elapsed()
     for history in histories:
