@@ -241,3 +241,14 @@ def test_ctrl_c_at_any_moment_ends_the_program_in_one_line(mnist, delay):
     assert process.returncode == 130, err
     assert [line for line in err.splitlines() if not line.startswith("bnjax.data")] == ["interrupted; nothing saved"]
     assert "done:" not in out
+
+
+def test_the_readmes_replay_example_names_a_committed_run_with_a_launch_record():
+    # On a fresh clone: the file is committed, and its run carries what a replay needs.
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    path, run = re.search(r"python -m bnjax --replay (\S+) --run (\d+)", (root / "README.md").read_text()).groups()
+    saved = json.loads((root / path).read_text())["runs"][int(run)]
+    assert {"loop", "cpu_cores", "xla_flags", "strategy", "program", "index_in_program"} <= set(saved["launch"])
