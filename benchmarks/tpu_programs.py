@@ -122,7 +122,7 @@ def with_sharding(tree, sharding):
 
 def stacked_state(config: TrainConfig, runs: int, conv: str, num_devices: int = 1):
     """`runs` fresh states stacked, their model built for `num_devices` (several: BN
-    averages its statistics over them, as `start_or_resume` builds it for a mesh)."""
+    averages its statistics over them, as `lifecycle.start` builds it for a mesh)."""
     states = [create_train_state(dataclasses.replace(config, seed=seed), jax.random.key(seed), num_devices,
                                  conv_implementation=conv if runs > 1 else "lax") for seed in range(runs)]
     return stack_runs(states)

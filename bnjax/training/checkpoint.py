@@ -28,9 +28,6 @@ import jax
 from flax import serialization
 
 from bnjax.support.atomic import atomic_write
-from bnjax.support.provenance import effective_precision
-from bnjax.training.history import History
-from bnjax.training.steps import create_train_state
 
 
 FORMAT = "bnjax-checkpoint-2"  # with a checksum
@@ -48,19 +45,6 @@ def save_checkpoint(path: str | os.PathLike, state, history, config) -> None:
     with atomic_write(path, "wb") as file:
         file.write(serialization.msgpack_serialize(
             {"format": FORMAT, "sha256": hashlib.sha256(payload_bytes).hexdigest(), "payload": payload_bytes}))
-
-
-def start_or_resume(config, checkpoint_path, platform: str, num_devices: int = 1, conv_implementation: str = "lax"):
-    """(state, History) a run starts from: fresh from the config's seed, or
-    the checkpoint's state and History where `checkpoint_path` exists; the
-    History says how `platform` computes the config's products. The plain
-    loop and the engine's both start here."""
-    state, history = create_train_state(config, jax.random.key(config.seed), num_devices, conv_implementation), History()
-    if checkpoint_path is not None and os.path.exists(checkpoint_path):
-        state, saved_history = restore_checkpoint(checkpoint_path, state, config)
-        history = History(**saved_history)
-    history.precision = effective_precision(platform, config.compute_dtype, config.matmul_precision)
-    return state, history
 
 
 def restore_checkpoint(path: str | os.PathLike, template_state, config):

@@ -15,13 +15,18 @@ stack, with that run's values (`evaluations_of_run`).
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Callable
 
-from bnjax.training.checkpoint import start_or_resume
+import jax
+
+from bnjax.support.provenance import effective_precision
+from bnjax.training.checkpoint import restore_checkpoint
 from bnjax.training.config import TrainConfig
 from bnjax.training.history import History, has_diverged
 from bnjax.training.schedule import check_dataset, resolve_steps
+from bnjax.training.steps import create_train_state
 
 # {statistics: ({"loss": ..., "accuracy": ...}, seconds it took)}: "running"
 # always, and the config's other `eval_statistics` ("precise", "batch") if any.
@@ -36,10 +41,15 @@ def schedule_of(config: TrainConfig, data) -> tuple[int, int]:
 
 def start(config: TrainConfig, checkpoint_path, platform: str, launch: dict, num_devices: int = 1,
           conv_implementation: str = "lax"):
-    """(state, History) the run starts from: fresh from its seed, or its
-    checkpoint where `checkpoint_path` exists (`start_or_resume`); the
-    History carries `launch`, the loop's `launch_record`."""
-    state, history = start_or_resume(config, checkpoint_path, platform, num_devices, conv_implementation)
+    """(state, History) the run starts from: fresh from the config's seed, or
+    the checkpoint's state and History where `checkpoint_path` exists. The
+    History says how `platform` computes the config's products and carries
+    `launch`, the loop's `launch_record`."""
+    state, history = create_train_state(config, jax.random.key(config.seed), num_devices, conv_implementation), History()
+    if checkpoint_path is not None and os.path.exists(checkpoint_path):
+        state, saved_history = restore_checkpoint(checkpoint_path, state, config)
+        history = History(**saved_history)
+    history.precision = effective_precision(platform, config.compute_dtype, config.matmul_precision)
     history.launch = launch
     return state, history
 
