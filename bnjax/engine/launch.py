@@ -97,8 +97,8 @@ def _train_group(data, group: list[int], configs: list[TrainConfig], how: GroupT
     engine's loop (`train_runs`); `report(index, step, total_steps, record)`."""
     program = [configs[index] for index in group]
     probes = [how.make_probe(config, data) for config in program] if how.make_probe is not None else None
-    on_eval = None if report is None else (lambda position, *record: report(group[position], *record))
-    return train_runs(program, data, how.strategy, on_eval, probes=probes,
+    return train_runs(program, data, how.strategy, lambda position, *record: report(group[position], *record),
+                      probes=probes,
                       checkpoint_paths=[how.checkpoint_paths[index] for index in group], devices=devices)
 
 
@@ -144,7 +144,7 @@ def _run_groups_over_devices(groups: list[list[int]], configs, placed: list[Trai
                     return
                 group = pending.pop()
             try:
-                outcomes = _train_group(data, group, placed, how, report and locked_report, devices=[device])
+                outcomes = _train_group(data, group, placed, how, locked_report, devices=[device])
                 with lock:
                     for index, (history, state) in zip(group, outcomes):
                         finish(index, history, state)
@@ -220,8 +220,7 @@ def _run_groups_in_workers(groups: list[list[int]], configs, data, how: GroupTra
     tasks = [(group, configs, in_one_process) for group in groups]
 
     def on_progress(task_index, message):
-        if report is not None:
-            report(*message)
+        report(*message)
 
     with WorkerPool(cores, shared=data) as pool:
         for task_index, outcomes in pool.run(_train_group_in_worker, tasks, on_progress):
