@@ -173,33 +173,30 @@ def progress_numbers(record: dict) -> str:
 class SweepObserver(Observer):
     """A sweep's say in `train_many`: a progress line with the ETA after each
     evaluation, every finished run saved (with `measure`'s values), the runs
-    saved already done. Runs are known by their `run_key`, as in the
-    results file."""
+    saved already done. Runs are known by their config (a frozen, hashable
+    value), the same for the configs given and those the engine reports."""
 
     def __init__(self, name: str, todo: list[TrainConfig], data, results_path: Path, results: dict, make_probe,
                  measure, fields: list[str]):
         super().__init__(make_probe=importable(make_probe))
         self.name, self.data, self.results_path, self.results, self.measure = name, data, results_path, results, measure
-        self.labels = {run_key(dataclasses.asdict(config)): f"[{index}/{len(todo)}] {describe(config, fields)}"
-                       for index, config in enumerate(todo, 1)}
-        self.steps_seen: dict[str, int] = {}
+        self.labels = {config: f"[{index}/{len(todo)}] {describe(config, fields)}" for index, config in enumerate(todo, 1)}
+        self.steps_seen: dict[TrainConfig, int] = {}
         self.eta = Eta(sum(resolve_steps(config, len(data.x_train))[1] for config in todo))
 
     def is_done(self, config: TrainConfig) -> bool:
-        return run_key(dataclasses.asdict(config)) not in self.labels
+        return config not in self.labels
 
     def on_eval(self, config: TrainConfig, step: int, total_steps: int, record: dict) -> None:
-        key = run_key(dataclasses.asdict(config))
-        self.steps_seen[key] = step
-        print(f"{self.name} {self.labels[key]} step {step}/{total_steps} {progress_numbers(record)} "
+        self.steps_seen[config] = step
+        print(f"{self.name} {self.labels[config]} step {step}/{total_steps} {progress_numbers(record)} "
               f"| {self.eta.update(sum(self.steps_seen.values()), time.perf_counter())}", flush=True)
 
     def on_done(self, config: TrainConfig, history, state) -> None:
-        key = run_key(dataclasses.asdict(config))
         if history.diverged:
-            print(f"{self.name} {self.labels[key]} diverged (training loss {history.train_loss[-1]:.4g}) "
+            print(f"{self.name} {self.labels[config]} diverged (training loss {history.train_loss[-1]:.4g}) "
                   f"at step {history.steps[-1]}; recorded, going on", flush=True)
-        self.steps_seen[key] = resolve_steps(config, len(self.data.x_train))[1]  # a diverged run's rest counts as done
+        self.steps_seen[config] = resolve_steps(config, len(self.data.x_train))[1]  # a diverged run's rest counts as done
         extra = self.measure(config, history, state, self.data) if self.measure is not None else None
         add_run(self.results_path, self.results, config, history, extra)
 
