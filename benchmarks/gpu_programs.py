@@ -25,7 +25,6 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the GPUs are described, never present
 
-import argparse  # noqa: E402
 import re  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402

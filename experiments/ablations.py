@@ -17,7 +17,6 @@ examples seen per run; default one epoch, 60,000).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 from pathlib import Path

@@ -13,7 +13,6 @@ scores the 10,000 test images. On 2 CPU cores, about 30 s at 600 steps.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import sys
 from pathlib import Path

@@ -18,7 +18,6 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     # Only affects the CPU backend: 8 simulated devices when there is no accelerator.
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
-import argparse  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402

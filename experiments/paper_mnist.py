@@ -17,7 +17,6 @@ rest of bnjax). On 2 CPU cores the full study takes about 3 minutes.
 
 from __future__ import annotations
 
-import argparse
 import math
 from pathlib import Path
 

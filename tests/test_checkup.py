@@ -2,9 +2,7 @@
 BN layer's gap and a verdict, for linen and NNX models; its numbers are
 those of the evaluations it summarizes."""
 
-import dataclasses
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
