@@ -70,6 +70,7 @@ import typing  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import bnjax
+from bnjax.bn.batchnorm import RUNNING_AVERAGES, Renorm
 from bnjax.support.checks import OneLineArgumentParser
 from bnjax.data.datasets import DATASETS, SOURCES, DataError, load_dataset
 from bnjax.engine.launch import Observer, launch_like, replay
@@ -79,23 +80,30 @@ from bnjax.support.compilation_cache import use_persistent_cache
 from bnjax.support.provenance import environment
 from bnjax.support.xla_flags import use_cpu_flags
 from bnjax.training.checkpoint import saved_step
-from bnjax.training.config import CHOICES, TrainConfig
+from bnjax.training.config import (BN_LAYERS, CHOICES, LEGACY_BN_FIELDS, TrainConfig, bn_from_dict, bn_settings_of,
+                                   bn_to_dict, default_bn)
 from bnjax.training.history import DIVERGED_LOSS
 
-FIELDS = {field.name: field for field in dataclasses.fields(TrainConfig)}
-FIELD_TYPES = typing.get_type_hints(TrainConfig)
+# What `--set` takes, by name: TrainConfig's fields but `bn`, each of whose
+# settings is set by itself, "bn.momentum=0.9" (`bn.renorm=true` is the
+# default Renorm, `bn.renorm.r_max=2` one of its settings).
+SETTING_TYPES = {name: kind for name, kind in typing.get_type_hints(TrainConfig).items() if name != "bn"} | {
+    "bn.layer": str} | {f"bn.{name}": kind for layer in BN_LAYERS.values()
+                        for name, kind in typing.get_type_hints(layer).items() if name in bn_settings_of(layer)} | {
+    "bn.renorm": bool} | {
+    f"bn.renorm.{name}": kind for name, kind in typing.get_type_hints(Renorm).items()}
 
 
-def field_kind(name: str) -> tuple[type, bool]:
-    """(the type of TrainConfig field `name`, whether it may be None)."""
-    kind = FIELD_TYPES[name]
+def setting_kind(name: str) -> tuple[type, bool]:
+    """(the type `--set name=...` takes, whether it may be None)."""
+    kind = SETTING_TYPES[name]
     return next((arg for arg in typing.get_args(kind) if arg is not type(None)), kind), \
         type(None) in typing.get_args(kind)
 
 
 def parse_value(name: str, text: str):
-    """`text` as a value of TrainConfig field `name`; ValueError names what is allowed."""
-    base, optional = field_kind(name)
+    """`text` as a value of setting `name`; ValueError names what is allowed."""
+    base, optional = setting_kind(name)
     if optional and text.lower() == "none":
         return None
     if base is bool:
@@ -118,19 +126,47 @@ def parse_value(name: str, text: str):
 
 
 def config_from_settings(settings: list[str]) -> TrainConfig:
-    """TrainConfig from ["field=value", ...]; ValueError on an unknown field or a bad value."""
-    values = {}
+    """TrainConfig from ["field=value", "bn.setting=value", ...]; ValueError on
+    an unknown name or a bad value."""
+    values, bn, renorm = {}, {}, {}
     for setting in settings:
         name, equals, text = setting.partition("=")
         name = name.strip()
         if not equals:
             raise ValueError(f"--set needs FIELD=VALUE, got {setting!r}")
-        if name not in FIELDS:
-            close = difflib.get_close_matches(name, FIELDS, n=1, cutoff=0.6)
-            hint = f"did you mean {close[0]}? " if close else ""
-            raise ValueError(f"unknown TrainConfig field {name!r}; {hint}python -m bnjax --fields lists them")
-        values[name] = parse_value(name, text.strip())
+        if name not in SETTING_TYPES:
+            raise ValueError(f"unknown TrainConfig field {name!r}; {_hint(name)}python -m bnjax --fields lists them")
+        value = parse_value(name, text.strip())
+        if name.startswith("bn.renorm."):
+            renorm[name.removeprefix("bn.renorm.")] = value
+        elif name.startswith("bn."):
+            bn[name.removeprefix("bn.")] = value
+        else:
+            values[name] = value
+    if renorm:
+        if bn.get("renorm") is not True:
+            raise ValueError(f"bn.renorm.{next(iter(renorm))} is a setting of Batch Renorm, which this run does not "
+                             "use; add --set bn.renorm=true")
+        bn["renorm"] = renorm
+    if bn:
+        values["bn"] = bn_from_dict(bn)
     return TrainConfig(**values)  # its own checks name any value out of range
+
+
+# The flat names of BN's settings before `bn` was one field whose `--set`
+# name now is not simply "bn." or "bn.renorm." and the setting's name.
+FLAT_NAMES = {"bn_two_pass_variance": "bn.use_fast_variance (its opposite)", "bn_noise": "bn.layer=NoisyBatchNorm",
+              "bn_renorm": "bn.renorm"}
+
+
+def _hint(name: str) -> str:
+    """What to say of an unknown `--set` name: what sets a flat BN name now,
+    or a known name close to it."""
+    if name in LEGACY_BN_FIELDS:
+        prefix = "bn.renorm." if name.startswith("bn_renorm_") else "bn."
+        return f"BN's settings are set as {FLAT_NAMES.get(name, prefix + LEGACY_BN_FIELDS[name])}; "
+    close = difflib.get_close_matches(name, SETTING_TYPES, n=1, cutoff=0.6)
+    return f"did you mean {close[0]}? " if close else ""
 
 
 # A BN run's eval-mode accuracy this far below its training accuracy gets one
@@ -144,30 +180,52 @@ def running_average_lag_note(config: TrainConfig, step: int, record: dict) -> st
     if not config.batch_norm or config.eval_statistics != "running" \
             or record["train_accuracy"] - record["val_accuracy"] < LAG_EXPLAINED_FROM:
         return None
+    bn = config.bn_layer()
     initial_weight = (f", and still weigh their initial values (mean 0, variance 1) by "
-                      f"{config.bn_momentum}**{step} = {config.bn_momentum ** step:.2f}"
-                      if config.bn_running_average == "ema" else "")
+                      f"{bn.momentum}**{step} = {bn.momentum ** step:.2f}" if bn.running_average == "ema" else "")
     return (f"note: test accuracy {record['val_accuracy']:.4f} against {record['train_accuracy']:.4f} in training: "
             f"in eval mode BN uses its running averages, which trail the weights{initial_weight}; "
             "--set eval_statistics=precise also shows the same weights with precise BN statistics")
 
 
+def setting_defaults() -> dict:
+    """Each `--set` name's default: TrainConfig's, and for bn. the default
+    BN settings' (those of NoisyBatchNorm alone, and of Renorm, at their own)."""
+    bn = {f"bn.{name}": value for layer in BN_LAYERS.values() for name, value in bn_to_dict(layer()).items()}
+    bn |= {f"bn.{name}": value for name, value in bn_to_dict(default_bn()).items()}
+    return ({name: value for name, value in TrainConfig().to_dict().items() if name != "bn"} | bn
+            | {"bn.renorm": False} | {f"bn.renorm.{name}": value for name, value in dataclasses.asdict(Renorm()).items()})
+
+
 def allowed_values(name: str) -> str:
     """What `--set name=...` takes, in words."""
-    if name in CHOICES:
-        return "one of " + ", ".join(CHOICES[name])
-    base, optional = field_kind(name)
+    choices = CHOICES | {"bn.layer": tuple(BN_LAYERS), "bn.running_average": RUNNING_AVERAGES}
+    if name in choices:
+        return "one of " + ", ".join(choices[name])
+    base, optional = setting_kind(name)
     words = {bool: "true or false", int: "an integer", float: "a number", str: "a name"}.get(base, str(base))
     return words + (" or none" if optional else "")
 
 
 def describe_fields() -> str:
-    """Every TrainConfig field as a table: its name, default and what it takes."""
-    defaults = TrainConfig()
-    rows = [("field", "default", "takes")] + [(name, repr(getattr(defaults, name)), allowed_values(name))
-                                              for name in FIELDS]
+    """Every `--set` name as a table: its name, default and what it takes."""
+    defaults = setting_defaults()
+    rows = [("field", "default", "takes")] + [(name, repr(defaults[name]), allowed_values(name))
+                                              for name in SETTING_TYPES]
     widths = [max(len(row[column]) for row in rows) for column in range(2)]
     return "\n".join(f"  {name:{widths[0]}}  {default:{widths[1]}}  {takes}" for name, default, takes in rows)
+
+
+def changed_settings(config: TrainConfig) -> dict:
+    """The run's settings that differ from the defaults, by `--set` name."""
+    defaults = setting_defaults()
+    settings = {name: value for name, value in config.to_dict().items() if name != "bn"}
+    if config.bn is not None:
+        bn = bn_to_dict(config.bn)
+        settings |= {f"bn.{name}": value for name, value in bn.items() if name != "renorm"}
+        settings |= ({"bn.renorm": True} | {f"bn.renorm.{name}": value for name, value in bn["renorm"].items()}
+                     if bn["renorm"] else {})
+    return {name: value for name, value in settings.items() if value != defaults[name]}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -246,7 +304,6 @@ def saved_twin_note(config: TrainConfig, folders=("outputs", "runs")) -> str | N
     """One line when a results file under `folders` holds a run of exactly
     this config: trained by a sweep, launched otherwise than this process
     launches it, so its numbers differ by float round-off; how to get them."""
-    wanted = dataclasses.asdict(config)
     for path in sorted(p for folder in folders for p in [*Path(folder).glob("*/results.json"),
                                                           *Path(folder).glob("*/*/results.json")]):
         try:
@@ -255,7 +312,7 @@ def saved_twin_note(config: TrainConfig, folders=("outputs", "runs")) -> str | N
             continue
         for index, run in enumerate(runs):
             try:
-                same = dataclasses.asdict(TrainConfig(**run["config"])) == wanted
+                same = TrainConfig.from_dict(run["config"]) == config
             except (TypeError, ValueError, KeyError):
                 continue
             if not same:
@@ -326,7 +383,7 @@ def run(parser, args) -> None:
         reason = unwritable_reason(path) if path else None
         if reason:  # before training, so that no result is lost at the end
             parser.exit(2, f"error: {flag} {path} {reason}\n")
-    changed = {name: getattr(config, name) for name in FIELDS if getattr(config, name) != FIELDS[name].default}
+    changed = changed_settings(config)
     print(f"training one run: {changed or 'the defaults (the article plain net)'}", flush=True)
     note = saved_twin_note(config)
     if note:
@@ -358,7 +415,7 @@ def run(parser, args) -> None:
         print(f"the same weights with {config.eval_statistics} BN statistics: test accuracy "
               f"{other[-1]:.4f} ({history.eval_statistics_time_s:.1f} s of evaluation)", flush=True)
     if args.save:
-        write_json(args.save, {"config": dataclasses.asdict(config), "environment": environment(),
+        write_json(args.save, {"config": config.to_dict(), "environment": environment(),
                                **history.to_dict()})
         print(f"saved {args.save}")
     if history.diverged:

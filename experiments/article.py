@@ -17,7 +17,6 @@ time (about an hour); 41 of those minutes are precise BN's evaluations.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 
@@ -84,7 +83,7 @@ def explain_nothing_trained(args: argparse.Namespace, results: dict, results_pat
     print(f"Nothing was trained. The saved runs were made on: {describe_environment(saved)}.")
     if not same_setup(saved, here):
         print(f"This machine differs: {describe_environment(here)}.")
-    wanted = {run_key(dataclasses.asdict(config)) for config in configs}
+    wanted = {run_key(config.to_dict()) for config in configs}
     # The table of exactly these runs (a results file may hold other grids' runs too).
     these = [run for run in results["runs"] if run_key(run["config"]) in wanted]
     print(f"\n{plot_article.summary_markdown(plot_article.group_runs(these), args.dataset).strip()}\n")

@@ -23,7 +23,6 @@ final weights are tested with batch statistics at test batch sizes 1, 2, 8,
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import time
 from pathlib import Path
@@ -39,7 +38,7 @@ import numpy as np  # noqa: E402
 from bnjax.support.checks import OneLineArgumentParser  # noqa: E402
 from bnjax.data.datasets import load_mnist  # noqa: E402
 from bnjax.support.atomic import atomic_write  # noqa: E402
-from bnjax.training.config import TrainConfig
+from bnjax.training.config import TrainConfig, default_bn
 from bnjax.training.evaluation import batch_statistics_accuracy  # noqa: E402
 from bnjax.training.evaluation import evaluate
 from bnjax.training.precise_bn import precise_statistics, sample_batches  # noqa: E402
@@ -56,7 +55,7 @@ BATCH_STATS_TEST_BATCH = 1000  # test batch size of the "batch" curve
 
 def study_configs(seeds: int, epochs: int) -> list[TrainConfig]:
     settings = [(0.01, momentum) for momentum in MOMENTA] + [(0.001, 0.99)]
-    return [TrainConfig(batch_norm=True, activation="sigmoid", learning_rate=learning_rate, bn_momentum=momentum,
+    return [TrainConfig(batch_norm=True, activation="sigmoid", learning_rate=learning_rate, bn=default_bn(momentum=momentum),
                         epochs=epochs, seed=seed)
             for learning_rate, momentum in settings for seed in range(seeds)]
 
@@ -98,7 +97,7 @@ class EvalModeProbe:
             "precise_accuracy": evaluate(state.replace(batch_stats=precise), self.test_images, self.test_labels)[
                 "accuracy"],
         }
-        return record | lag_by_layer(state.batch_stats, precise, self.config.bn_epsilon)
+        return record | lag_by_layer(state.batch_stats, precise, self.config.bn_layer().epsilon)
 
 
 def final_measurements(probe: EvalModeProbe, state) -> dict:
@@ -113,7 +112,7 @@ def final_measurements(probe: EvalModeProbe, state) -> dict:
 
 
 def label(config: dict) -> str:
-    return f"lr {config['learning_rate']:g}, momentum {config['bn_momentum']:g}"
+    return f"lr {config['learning_rate']:g}, momentum {config['bn']['momentum']:g}"
 
 
 def grouped(runs: list[dict]) -> dict[str, list[dict]]:
@@ -211,7 +210,7 @@ def plot_and_summarize(results_path: Path) -> None:
 def measure_final_state(config: TrainConfig, history, state, data) -> dict:
     """`final_measurements` of a finished run, printed in one line."""
     extra = final_measurements(EvalModeProbe(config, data), state)
-    print(f"{label(dataclasses.asdict(config))} seed {config.seed}: running {history.val_accuracy[-1]:.4f}, precise "
+    print(f"{label(config.to_dict())} seed {config.seed}: running {history.val_accuracy[-1]:.4f}, precise "
           f"{history.probes[-1]['precise_accuracy']:.4f}, test batch 1 / 10000: "
           f"{extra['batch_size_accuracy']['1']:.4f} / {extra['batch_size_accuracy']['10000']:.4f}", flush=True)
     return extra

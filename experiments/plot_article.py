@@ -36,13 +36,20 @@ MNIST_TRAIN_SIZE = 60000
 
 
 def group_runs(runs: list[dict]) -> dict[tuple, dict[bool, list[dict]]]:
-    """{(lr, activation, epochs, max_steps, other settings...): {batch_norm: [runs over seeds]}}."""
+    """{(lr, activation, epochs, max_steps, other settings...): {batch_norm: [runs over seeds]}}.
+    A setting's BN runs share one set of BN settings (`bn`); runs of another
+    are refused in one line rather than averaged with them."""
     groups: dict[tuple, dict[bool, list[dict]]] = defaultdict(lambda: {False: [], True: []})
     for run in runs:
         config = run["config"]
         # The BN runs of a setting may also measure precise BN (eval_statistics), the plain ones cannot.
-        setting = tuple(sorted((k, v) for k, v in config.items() if k not in ("batch_norm", "seed", "eval_statistics")))
-        groups[setting][config["batch_norm"]].append(run)
+        setting = tuple(sorted((k, v) for k, v in config.items()
+                               if k not in ("batch_norm", "bn", "seed", "eval_statistics")))
+        group = groups[setting][config["batch_norm"]]
+        if group and group[0]["config"]["bn"] != config["bn"]:
+            raise SystemExit(f"error: runs of one setting with two BN settings, {group[0]['config']['bn']} and "
+                             f"{config['bn']}: the article's figures compare one BN with the plain net")
+        group.append(run)
     return groups
 
 

@@ -6,7 +6,7 @@ MNIST: LSTM vs. BN-LSTM, the initial BN scale, per-step statistics.
     python -m experiments.recurrent_bn --task permuted_pixels --seeds 1 --max-steps 600
     python -m experiments.recurrent_bn --task permuted_pixels --epochs 200   # the paper's length: a GPU's job
 
-Every run uses the paper's settings (bnjax/nets/recurrent.py::PAPER_SETTINGS:
+Every run uses the paper's settings (`paper_settings` of the BN-LSTM's module:
 100 hidden units, RMSProp lr 1e-3, gradient norm clipped at 1, batches of
 100) and is tested on the 10,000 test images every --eval-every steps. BN-LSTM
 accuracy is measured as the paper measures it, with population statistics
@@ -27,8 +27,6 @@ summary.md holds the tables; results.json every run; gradient_flow.json the norm
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 from pathlib import Path
 
@@ -42,7 +40,7 @@ import numpy as np  # noqa: E402
 
 from bnjax.support.checks import OneLineArgumentParser  # noqa: E402
 from bnjax.data.datasets import load_mnist  # noqa: E402
-from bnjax.nets.recurrent import PAPER_SETTINGS, SEQUENCES, sequence_length  # noqa: E402
+from bnjax.nets.recurrent import SEQUENCES, paper_settings, sequence_length  # noqa: E402
 from bnjax.support.atomic import atomic_write, write_json  # noqa: E402
 from bnjax.training.config import TrainConfig
 from bnjax.training.evaluation import evaluate  # noqa: E402
@@ -67,7 +65,7 @@ def model_label(config: dict) -> str:
 
 def sweep_configs(task: str, seeds: int, epochs: int, max_steps: int | None, eval_every: int,
                   precise_batches: int) -> list[TrainConfig]:
-    return [TrainConfig(**{**PAPER_SETTINGS, "lstm_bn_scale_init": scale}, batch_norm=batch_norm, sequence=task,
+    return [TrainConfig(**{**paper_settings(batch_norm), "lstm_bn_scale_init": scale}, sequence=task,
                         epochs=epochs, max_steps=max_steps, seed=seed, eval_every=eval_every, shuffle=True,
                         eval_statistics="precise" if batch_norm else "running",
                         precise_bn_batches=precise_batches)
@@ -122,8 +120,8 @@ def gradient_flow(task: str, data, seeds: int) -> dict:
     images, labels = to_float_images(jnp.asarray(data.x_train[:100])), jnp.asarray(data.y_train[:100])
     norms = {}
     for label, batch_norm, scale in MODELS:
-        per_seed = [hidden_gradient_norms(TrainConfig(**{**PAPER_SETTINGS, "lstm_bn_scale_init": scale},
-                                                      batch_norm=batch_norm, sequence=task, seed=seed), images, labels)
+        per_seed = [hidden_gradient_norms(TrainConfig(**{**paper_settings(batch_norm), "lstm_bn_scale_init": scale},
+                                                      sequence=task, seed=seed), images, labels)
                     for seed in range(seeds)]
         norms[label] = np.mean(per_seed, axis=0).tolist()
     return norms
@@ -223,7 +221,7 @@ def main(argv=None) -> None:
     if args.task not in flows:
         flows[args.task] = gradient_flow(args.task, load_mnist(), args.seeds)
         write_json(flow_path, flows)
-    wanted = {run_key(dataclasses.asdict(config)) for config in configs}
+    wanted = {run_key(config.to_dict()) for config in configs}
     plot_curves([run for run in results["runs"] if run_key(run["config"]) in wanted], args.task,
                 args.out / f"{args.task}.png")
     plot_flow(flows[args.task], args.task, args.out / f"gradient_flow_{args.task}.png")

@@ -13,18 +13,22 @@ import jax
 from bnjax.data.datasets import DataError
 from bnjax.support.atomic import atomic_write, write_json
 from bnjax.support.provenance import environment
-from bnjax.training.config import TrainConfig
+from bnjax.training.config import LEGACY_BN_FIELDS, TrainConfig
 
 
 def run_key(config: dict) -> str:
     """A run is identified by its whole config (seed included). Saved configs
     are completed with today's defaults first, so results saved before a new
     TrainConfig field existed still match a run that leaves it at its default."""
-    known = {field.name for field in dataclasses.fields(TrainConfig)}
-    unknown = set(config) - known
-    if unknown:  # saved by a newer bnjax: never the same run as one of ours
+    if not is_ours(config):  # saved by a newer bnjax: never the same run as one of ours
         return json.dumps(config, sort_keys=True)
-    return json.dumps(dataclasses.asdict(TrainConfig(**config)), sort_keys=True)
+    return json.dumps(TrainConfig.from_dict(config).to_dict(), sort_keys=True)
+
+
+def is_ours(config: dict) -> bool:
+    """Whether a saved config has only fields this bnjax knows (today's, or
+    the flat form's BN fields that `TrainConfig.from_dict` reads)."""
+    return set(config) <= {field.name for field in dataclasses.fields(TrainConfig)} | set(LEGACY_BN_FIELDS)
 
 
 # The number curves every saved run holds, one value per evaluation; those it
@@ -55,6 +59,8 @@ def load_results(path: Path) -> dict:
             raise SystemExit(f"error: {path}: run {index} {problem}; move the file away to start a fresh sweep")
         for key in CURVES + OPTIONAL_CURVES:
             run[key] = [math.nan if value is None else value for value in run.get(key, [])]
+        if is_ours(run["config"]):  # the form TrainConfig.to_dict writes, from whichever bnjax saved it
+            run["config"] = TrainConfig.from_dict(run["config"]).to_dict()
     return results
 
 
@@ -95,13 +101,13 @@ def save_results(path: Path, results: dict) -> None:
 def unfinished(results: dict, configs: list[TrainConfig]) -> list[TrainConfig]:
     """The configs whose runs are not saved in `results` yet, in order."""
     done = {run_key(run["config"]) for run in results["runs"]}
-    return [config for config in configs if run_key(dataclasses.asdict(config)) not in done]
+    return [config for config in configs if run_key(config.to_dict()) not in done]
 
 
 def add_run(path: Path, results: dict, config: TrainConfig, history, extra: dict | None = None) -> None:
     """Append one finished run (its config, History and any `extra` measurements
     of the final state) and save the file atomically."""
-    results["runs"].append({"config": dataclasses.asdict(config), **history.to_dict(), **(extra or {})})
+    results["runs"].append({"config": config.to_dict(), **history.to_dict(), **(extra or {})})
     save_results(path, results)
 
 

@@ -33,10 +33,10 @@ import numpy as np  # noqa: E402
 from scipy import ndimage  # noqa: E402  (a dependency of jax)
 
 from bnjax.support.checks import OneLineArgumentParser  # noqa: E402
-from bnjax.bn.batchnorm import RUNNING_AVERAGES  # noqa: E402
+from bnjax.bn.batchnorm import RUNNING_AVERAGES, Renorm  # noqa: E402
 from bnjax.data.datasets import load_mnist  # noqa: E402
 from bnjax.support.atomic import atomic_write  # noqa: E402
-from bnjax.training.config import TrainConfig
+from bnjax.training.config import TrainConfig, default_bn
 from bnjax.training.evaluation import batch_statistics_accuracy  # noqa: E402
 from bnjax.training.evaluation import evaluate  # noqa: E402
 from bnjax.training.precise_bn import recompute_batch_stats  # noqa: E402
@@ -93,17 +93,17 @@ def mean_std(values) -> str:
 def rules_configs(seeds: int, size: Size = SIZES["cpu"]) -> list[TrainConfig]:
     settings = ([(lr, rule, 0.99) for lr in (0.001, 0.01) for rule in RUNNING_AVERAGES]
                 + [(0.01, rule, momentum) for momentum in (0.9, 0.999) for rule in ("ema", "debiased_ema")])
-    return [TrainConfig(batch_norm=True, activation="sigmoid", learning_rate=lr, bn_running_average=rule,
-                        bn_momentum=momentum, max_steps=size.rule_steps, eval_every=size.rule_eval_every, seed=seed,
+    return [TrainConfig(batch_norm=True, activation="sigmoid", learning_rate=lr, bn=default_bn(momentum=momentum, running_average=rule),
+                        max_steps=size.rule_steps, eval_every=size.rule_eval_every, seed=seed,
                         eval_statistics="precise" if (rule, momentum) == ("ema", 0.99) else "running",
                         precise_bn_batches=PRECISE_BATCHES)
             for lr, rule, momentum in settings for seed in range(seeds)]
 
 
 def rule_label(config: dict) -> str:
-    if config["bn_running_average"] == "cumulative":
+    if config["bn"]["running_average"] == "cumulative":
         return "cumulative"
-    return f"{config['bn_running_average']} {config['bn_momentum']:g}"
+    return f"{config['bn']['running_average']} {config['bn']['momentum']:g}"
 
 
 def startup_lag(steps, running, precise, within: float = 0.05):
@@ -145,7 +145,7 @@ def summarize_rules(runs: list[dict], out: Path) -> str:
             f"{np.mean(tail.max(1) - tail.min(1)):.4f} | {np.mean(precise_tail.max(1) - precise_tail.min(1)):.4f} | "
             f"{np.mean(precise_curves - running):.4f} | {', '.join('never' if lag is None else str(lag) for lag in lags)} "
             f"| {loss_difference:.2g} |")
-        rule, momentum = group[0]["config"]["bn_running_average"], group[0]["config"]["bn_momentum"]
+        rule, momentum = group[0]["config"]["bn"]["running_average"], group[0]["config"]["bn"]["momentum"]
         if rule == "cumulative" or momentum == 0.99:
             rule_panel = axes[0] if lr == 0.001 else axes[1]
             rule_panel.plot(steps, running.mean(0), color=colors[rule], label=f"running: {name}")
@@ -241,13 +241,13 @@ GROUPED_EXAMPLES = 8192  # training examples (and test images, up to the test se
 def norm_batch_configs(seeds: int, size: Size = SIZES["cpu"]) -> list[TrainConfig]:
     return [TrainConfig(batch_norm=True, activation="relu", batch_size=size.norm_batch, max_steps=size.norm_steps,
                         eval_every=size.norm_steps // 4, seed=seed,
-                        bn_ghost_batch_size=None if nbs == size.norm_batch else nbs)
+                        bn=None if nbs == size.norm_batch else default_bn(ghost_batch_size=nbs))
             for nbs in size.norm_sizes for seed in range(seeds)]
 
 
 def normalization_batch(config) -> int:
-    config = config if isinstance(config, dict) else dataclasses.asdict(config)
-    return config["batch_size"] if config["bn_ghost_batch_size"] is None else config["bn_ghost_batch_size"]
+    config = config if isinstance(config, dict) else config.to_dict()
+    return config["bn"]["ghost_batch_size"] or config["batch_size"]
 
 
 def measure_norm_batch(config: TrainConfig, history, state, data) -> dict:
@@ -325,15 +325,15 @@ def renorm_configs(seeds: int, size: Size = SIZES["cpu"]) -> list[TrainConfig]:
         steps = size.renorm_examples // batch_size
         for renorm in (False, True):
             configs += [TrainConfig(batch_norm=True, activation="relu", batch_size=batch_size, epochs=1,
-                                    steps_per_epoch=steps, eval_every=steps // 8, bn_renorm=renorm,
-                                    bn_renorm_warmup_steps=RENORM_WARMUP if renorm else 0, seed=seed)
+                                    steps_per_epoch=steps, eval_every=steps // 8, bn=default_bn(
+                                        renorm=Renorm(warmup_steps=RENORM_WARMUP)) if renorm else None, seed=seed)
                         for seed in range(seeds)]
     return configs
 
 
 def measure_renorm(config: TrainConfig, history, state, data) -> dict:
     record = {"test_population_accuracy": population_accuracy(state, data)}
-    print(f"renorm {config.bn_renorm} batch {config.batch_size} seed {config.seed}: running "
+    print(f"renorm {config.bn_layer().renorm is not None} batch {config.batch_size} seed {config.seed}: running "
           f"{history.val_accuracy[-1]:.4f}, population {record['test_population_accuracy']:.4f}", flush=True)
     return record
 
@@ -350,7 +350,7 @@ def summarize_renorm(runs: list[dict], out: Path) -> str:
     for panel, batch_size in zip(axes, RENORM_BATCH_SIZES):
         for renorm, color in ((False, "tab:red"), (True, "tab:blue")):
             group = [run for run in runs if run["config"]["batch_size"] == batch_size
-                     and run["config"]["bn_renorm"] == renorm]
+                     and (run["config"]["bn"]["renorm"] is not None) == renorm]
             if not group:
                 continue
             name = "Batch Renorm" if renorm else "BN"

@@ -36,7 +36,7 @@ from bnjax.engine.launch import Observer, train_many
 from bnjax.engine.strategy import Strategy, default_strategy
 from bnjax.support.atomic import unwritable_reason
 from bnjax.support.compilation_cache import use_persistent_cache
-from bnjax.training.config import TrainConfig
+from bnjax.training.config import TrainConfig, describe_bn
 from bnjax.training.schedule import resolve_steps
 from experiments.results import add_run, load_results, run_key, save_results, unfinished
 
@@ -103,7 +103,7 @@ def copy_committed_runs(results: dict, results_path: Path, configs: list[TrainCo
     if twin is None or not twin.exists():
         return 0
     committed = load_results(twin)
-    wanted = {run_key(dataclasses.asdict(config)) for config in configs}
+    wanted = {run_key(config.to_dict()) for config in configs}
     have = {run_key(run["config"]) for run in results["runs"]}
     origin = {"file": str(twin), "environment": committed.get("environment", {})}
     copied = [{**run, "copied_from": origin} for run in committed["runs"] if run_key(run["config"]) in wanted - have]
@@ -132,7 +132,10 @@ def varying_fields(configs: list[TrainConfig]) -> list[str]:
 
 
 def describe(config: TrainConfig, fields: list[str]) -> str:
-    return " ".join(f"{name}={getattr(config, name)}" for name in fields) or "run"
+    shown = {name: getattr(config, name) for name in fields}
+    if shown.get("bn") is not None:
+        shown["bn"] = describe_bn(shown["bn"])
+    return " ".join(f"{name}={value}" for name, value in shown.items()) or "run"
 
 
 def importable(function):

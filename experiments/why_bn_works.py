@@ -30,8 +30,6 @@ The paper-like length is `--steps 5625 --eval-every 250` (the article's 3 epochs
 
 from __future__ import annotations
 
-import argparse
-import functools
 import re
 from pathlib import Path
 
@@ -45,25 +43,35 @@ import numpy as np  # noqa: E402
 
 from bnjax.support.checks import OneLineArgumentParser  # noqa: E402
 from bnjax.data.datasets import load_mnist  # noqa: E402
-from bnjax.training.config import TrainConfig  # noqa: E402
+from bnjax.bn.noisy import NoisyBatchNorm  # noqa: E402
+from bnjax.training.config import TrainConfig, default_bn  # noqa: E402
 from bnjax.training.landscape import gradient_line, gradient_shift, layer_inputs, moments_shift  # noqa: E402
 from bnjax.training.steps import cross_entropy_loss, to_float_images, train_step_body  # noqa: E402
 from experiments.results import load_results, run_resumable, save_figure  # noqa: E402
 from experiments.sweep import add_sweep_flags, output_folder, positive_int, run_sweep, sweep_strategy  # noqa: E402
 
-VARIANTS = {"plain": dict(batch_norm=False), "BN": dict(batch_norm=True), "noisy BN": dict(batch_norm=True, bn_noise=True)}
+VARIANTS = ("plain", "BN", "noisy BN")
 SETTINGS = [(0.001, "relu"), (0.01, "relu"), (0.001, "sigmoid"), (0.01, "sigmoid")]  # (learning rate, activation)
 PROBE_BATCH = 64
 STEP_SIZES = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)  # x the run's learning rate, along the gradient
 COLORS = {"plain": "tab:blue", "BN": "tab:red", "noisy BN": "tab:green"}
 
 
+def variant_settings(variant: str) -> dict:
+    """The TrainConfig fields of one of VARIANTS."""
+    noisy = dict(bn=default_bn(NoisyBatchNorm)) if variant == "noisy BN" else {}
+    return dict(batch_norm=variant != "plain", **noisy)
+
+
 def variant_of(config: dict) -> str:
-    return "noisy BN" if config.get("bn_noise") else "BN" if config["batch_norm"] else "plain"
+    """Which of VARIANTS a saved config (`TrainConfig.to_dict`'s form) is."""
+    if not config["batch_norm"]:
+        return "plain"
+    return "noisy BN" if config["bn"]["layer"] == "NoisyBatchNorm" else "BN"
 
 
 def study_configs(steps: int, eval_every: int, seeds: int) -> list[TrainConfig]:
-    return [TrainConfig(**VARIANTS[variant], activation=activation, learning_rate=learning_rate,
+    return [TrainConfig(**variant_settings(variant), activation=activation, learning_rate=learning_rate,
                         max_steps=steps, eval_every=eval_every, seed=seed)
             for learning_rate, activation in SETTINGS for variant in VARIANTS for seed in range(seeds)]
 

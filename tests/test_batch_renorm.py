@@ -3,7 +3,6 @@ Keras 3's `BatchNormalization(renorm=True)` on numbers exported once from it
 (tests/fixtures/make_batch_renorm_fixtures.py), plus what Keras has no
 counterpart for (the warm-up) and one-line errors."""
 
-import dataclasses
 from pathlib import Path
 
 import jax
@@ -11,8 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from bnjax.__main__ import config_from_settings
 from bnjax.bn.batchnorm import BatchNorm, Renorm, clip_limits
-from bnjax.training.config import TrainConfig
+from bnjax.training.config import TrainConfig, default_bn
 from bnjax.training.steps import create_train_state, train_step, to_float_images
 from tolerances import assert_within, bn_round_off, feature_scale
 
@@ -133,7 +133,7 @@ def test_warm_up_opens_the_clipping_linearly_from_plain_bn():
 
 
 def test_renorm_trains_the_article_net_and_keeps_eval_mode_unchanged(tiny_data):
-    config = TrainConfig(batch_norm=True, bn_renorm=True, bn_renorm_warmup_steps=2)
+    config = TrainConfig(batch_norm=True, bn=default_bn(renorm=Renorm(warmup_steps=2)))
     state = create_train_state(config, jax.random.key(0))
     images, labels = to_float_images(jnp.asarray(tiny_data.x_train[:32])), jnp.asarray(tiny_data.y_train[:32])
     for _ in range(3):
@@ -141,23 +141,33 @@ def test_renorm_trains_the_article_net_and_keeps_eval_mode_unchanged(tiny_data):
     assert np.isfinite(float(metrics["loss"]))
     stats = state.batch_stats["BatchNorm_0"]
     assert set(stats) == {"mean", "var", "std", "renorm_mean", "renorm_std", "count"} and int(stats["count"]) == 3
-    np.testing.assert_allclose(stats["var"], np.maximum(np.square(stats["std"]) - config.bn_epsilon, 0), rtol=1e-6)
+    np.testing.assert_allclose(stats["var"], np.maximum(np.square(stats["std"]) - config.bn_layer().epsilon, 0), rtol=1e-6)
 
 
-@pytest.mark.parametrize("changes, message", [
-    (dict(bn_renorm_r_max=0.5), "bn_renorm_r_max must be a number >= 1 (r is clipped to [1/r_max, r_max]), got 0.5"),
-    (dict(bn_renorm_d_max=-1.0), "bn_renorm_d_max must be a number >= 0 (d is clipped to [-d_max, d_max]), got -1.0"),
-    (dict(bn_renorm_momentum=1.0), "bn_renorm_momentum must be a number in [0, 1), got 1.0"),
-    (dict(bn_renorm_warmup_steps=-3), "bn_renorm_warmup_steps must be a non-negative integer, got -3"),
-    (dict(bn_renorm=True, bn_running_average="cumulative"),
-     "bn_renorm keeps Keras's moving averages; use bn_running_average 'ema' with it, not 'cumulative'"),
-    (dict(bn_renorm=True, bn_frozen=True),
-     "bn_frozen uses the running statistics, also in training: bn_renorm does not apply"),
+@pytest.mark.parametrize("settings, message", [
+    (["bn.renorm=true", "bn.renorm.r_max=0.5"],
+     "bn.renorm: r_max must be a number >= 1 (r is clipped to [1/r_max, r_max]), got 0.5"),
+    (["bn.renorm=true", "bn.renorm.d_max=-1"],
+     "bn.renorm: d_max must be a number >= 0 (d is clipped to [-d_max, d_max]), got -1.0"),
+    (["bn.renorm=true", "bn.renorm.momentum=1"], "bn.renorm: momentum must be a number in [0, 1), got 1.0"),
+    (["bn.renorm=true", "bn.renorm.warmup_steps=-3"],
+     "bn.renorm: warmup_steps must be a non-negative integer, got -3"),
+    (["bn.renorm=true", "bn.running_average=cumulative"],
+     "bn: renorm keeps Keras's moving averages; use running_average 'ema' with it, not 'cumulative'"),
+    (["bn.renorm=true", "bn.frozen=true"], "bn: frozen uses the running statistics, also in training: renorm does not apply"),
+    (["bn.renorm.r_max=2"], "bn.renorm.r_max is a setting of Batch Renorm, which this run does not use; add --set bn.renorm=true"),
 ])
-def test_bad_renorm_settings_are_refused_in_one_line(changes, message):
+def test_bad_renorm_settings_are_refused_in_one_line(settings, message):
     with pytest.raises(ValueError) as error:
-        dataclasses.replace(TrainConfig(batch_norm=True), **changes)
+        config_from_settings(["batch_norm=true", *settings])
     assert str(error.value) == message
+
+
+def test_renorm_true_is_the_default_renorm_and_renorm_needs_bn():
+    assert config_from_settings(["batch_norm=true", "bn.renorm=true"]).bn.renorm == Renorm()
+    with pytest.raises(ValueError, match=r"^bn=BatchNorm\(epsilon=0.001, renorm=Renorm\(.*\)\) is a BN setting, and this "
+                                         r"run has no BN \(batch_norm=False\)"):
+        config_from_settings(["bn.renorm=true"])
 
 
 def test_renorm_module_refuses_bad_limits_in_one_line():

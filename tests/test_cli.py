@@ -58,8 +58,11 @@ def test_bad_input_ends_with_one_line_naming_it(setting, message):
 def test_fields_lists_every_field_with_its_default(capsys):
     cli.main(["--fields"])
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == len(cli.FIELDS) + 1 and lines[0].split() == ["field", "default", "takes"]
-    assert any(line.split()[:2] == ["bn_momentum", "0.99"] for line in lines)
+    assert len(lines) == len(cli.SETTING_TYPES) + 1 and lines[0].split() == ["field", "default", "takes"]
+    assert any(line.split()[:2] == ["bn.momentum", "0.99"] for line in lines)
+    assert any(line.split()[:2] == ["bn.renorm.r_max", "3.0"] for line in lines)
+    assert any(line.split()[:2] == ["bn.layer", "'BatchNorm'"] and line.endswith("one of BatchNorm, NoisyBatchNorm")
+               for line in lines)
     assert any(line.split()[:3] == ["activation", "'relu'", "one"] and line.endswith("one of elu, gelu, relu, sigmoid, tanh")
                for line in lines)
     assert any(line.split()[0] == "max_steps" and line.endswith("an integer or none") for line in lines)
@@ -134,13 +137,13 @@ def test_a_bn_runs_lagging_test_accuracy_is_explained_once(monkeypatch, capsys):
     ({}, True),
     ({"batch_norm": False}, False),  # no running averages
     ({"eval_statistics": "precise"}, False),  # precise BN is shown beside them already
-    ({"bn_running_average": "cumulative"}, True),
+    ({"bn": cli.default_bn(running_average="cumulative")}, True),
 ])
 def test_which_runs_get_the_note(changes, explained):
     config = cli.TrainConfig(**{"batch_norm": True, **changes})
     note = cli.running_average_lag_note(config, 100, RECORD)
     assert (note is not None) == explained
-    if note and config.bn_running_average != "ema":
+    if note and config.bn_layer().running_average != "ema":
         assert "initial values" not in note  # the 0.99**t weight is the EMA's
     assert cli.running_average_lag_note(config, 100, {**RECORD, "val_accuracy": 0.7}) is None  # a small gap
 
@@ -186,8 +189,8 @@ def test_a_config_a_sweep_trained_gets_one_line_on_how_to_get_the_sweeps_numbers
     launch = {"loop": "engine", "cpu_cores": 1, "program": [[0, 0.001]]}
     (tmp_path / "outputs" / "demo").mkdir(parents=True)
     (tmp_path / "outputs" / "demo" / "results.json").write_text(json.dumps(
-        {"runs": [{"config": dataclasses.asdict(TrainConfig())},
-                  {"config": dataclasses.asdict(config), "launch": launch}]}))
+        {"runs": [{"config": TrainConfig().to_dict()},
+                  {"config": config.to_dict(), "launch": launch}]}))
     monkeypatch.chdir(tmp_path)
     assert cli.saved_twin_note(config) == (
         "note: outputs/demo/results.json run 1 is this config, trained by a sweep (1 CPU core(s), 1 run(s) in its "
@@ -252,3 +255,25 @@ def test_the_readmes_replay_example_names_a_committed_run_with_a_launch_record()
     path, run = re.search(r"python -m bnjax --replay (\S+) --run (\d+)", (root / "README.md").read_text()).groups()
     saved = json.loads((root / path).read_text())["runs"][int(run)]
     assert {"loop", "cpu_cores", "xla_flags", "strategy", "program", "index_in_program"} <= set(saved["launch"])
+
+
+def test_bn_settings_are_set_one_by_one_and_the_flat_names_point_to_them():
+    config = cli.config_from_settings(["batch_norm=true", "bn.momentum=0.9", "bn.ghost_batch_size=8"])
+    assert config.bn == cli.default_bn(momentum=0.9, ghost_batch_size=8)
+    assert cli.changed_settings(config) == {"batch_norm": True, "bn.momentum": 0.9, "bn.ghost_batch_size": 8}
+    noisy = cli.config_from_settings(["batch_norm=true", "bn.layer=NoisyBatchNorm", "bn.noise_shift=0.5"])
+    assert type(noisy.bn).__name__ == "NoisyBatchNorm" and noisy.bn.noise_shift == 0.5
+    for old, new in (("bn_momentum", "bn.momentum"), ("bn_renorm_r_max", "bn.renorm.r_max"),
+                     ("bn_noise", "bn.layer=NoisyBatchNorm"), ("bn_two_pass_variance", "bn.use_fast_variance")):
+        with pytest.raises(ValueError, match=rf"^unknown TrainConfig field {old!r}; BN's settings are set as {new}"):
+            cli.config_from_settings([f"{old}=1"])
+    with pytest.raises(ValueError, match=r"^bn \(NoisyBatchNorm\) has no setting 'foo'|^unknown TrainConfig field 'bn.foo'"):
+        cli.config_from_settings(["bn.foo=1"])
+
+
+def test_a_bn_setting_on_a_run_without_bn_is_refused_in_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--set", "bn.renorm=true", "--set", "max_steps=1"])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(error.strip().splitlines()) == 1
+    assert error.startswith("error: bn=BatchNorm(") and "this run has no BN (batch_norm=False)" in error

@@ -17,7 +17,7 @@ from bnjax.engine import launch as engine
 from bnjax.engine.launch import train_many
 from bnjax.engine.loop import program_key
 from bnjax.engine.strategy import Strategy, default_strategy
-from bnjax.nets.recurrent import PAPER_SETTINGS
+from bnjax.nets.recurrent import paper_settings
 from bnjax.support import host, xla_flags
 from bnjax.training.config import TrainConfig
 from bnjax.training.schedule import resolve_steps
@@ -375,7 +375,7 @@ def test_the_bn_lstm_trains_as_stacked_runs_of_the_one_loop(tiny_data):
     # The recurrent net (bnjax/nets/recurrent.py), per-step statistics and all, is
     # one more model of the same loop: two seeds in one vmapped program of 3
     # steps per dispatch give each run's own History and state.
-    lstm = TrainConfig(**{**PAPER_SETTINGS, "lstm_hidden_size": 8, "batch_size": 32}, batch_norm=True,
+    lstm = TrainConfig(**{**paper_settings(batch_norm=True), "lstm_hidden_size": 8, "batch_size": 32},
                        max_steps=6, eval_every=3, eval_batch_size=32, eval_statistics="precise", precise_bn_batches=2)
     configs = [dataclasses.replace(lstm, seed=seed) for seed in (0, 1)]
     together = train_many(configs, tiny_data, strategy=Strategy(steps_per_dispatch=3, models_per_program=2))

@@ -1,5 +1,5 @@
 """Ghost batches inside a device (`BatchNorm(ghost_batch_size=...)`,
-`TrainConfig(bn_ghost_batch_size=...)`): each group of consecutive examples is
+`TrainConfig(bn=default_bn(ghost_batch_size=...))`): each group of consecutive examples is
 normalized as a BN over that group alone would normalize it, and the running
 averages take the mean of the groups' statistics."""
 
@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 
 from bnjax.bn.batchnorm import BatchNorm, Renorm
-from bnjax.training.config import TrainConfig
+from bnjax.training.config import TrainConfig, default_bn
 from bnjax.training.precise_bn import recompute_batch_stats
 from bnjax.training.steps import create_train_state
 from bnjax.training.train import train
+from bnjax.__main__ import config_from_settings
 from conftest import make_dataset
 from tolerances import assert_within, mean_round_off, normalized_round_off, variance_round_off
 
@@ -89,19 +90,27 @@ def test_variants_that_do_not_take_ghost_batches_are_refused():
         apply_train(BatchNorm(ghost_batch_size=4, renorm=Renorm()), X)
 
 
-@pytest.mark.parametrize("fields, message", [
-    (dict(bn_ghost_batch_size=5), "bn_ghost_batch_size 5 must divide batch_size 32"),
-    (dict(bn_ghost_batch_size=0), "bn_ghost_batch_size must be None or a positive integer, got 0"),
-    (dict(bn_ghost_batch_size=True), "bn_ghost_batch_size must be None or a positive integer, got True"),
-    (dict(bn_ghost_batch_size=16, eval_statistics="batch", eval_batch_size=1000),
-     "bn_ghost_batch_size 16 must divide eval_batch_size 1000 (eval_statistics 'batch' evaluates test batches in "
+@pytest.mark.parametrize("settings, fields, message", [
+    (dict(ghost_batch_size=5), {}, "bn.ghost_batch_size 5 must divide batch_size 32"),
+    (dict(ghost_batch_size=16), dict(eval_statistics="batch", eval_batch_size=1000),
+     "bn.ghost_batch_size 16 must divide eval_batch_size 1000 (eval_statistics 'batch' evaluates test batches in "
      "train mode)"),
-    (dict(bn_ghost_batch_size=8, bn_renorm=True), "bn_ghost_batch_size applies to plain BN only, not with bn_renorm"),
-    (dict(bn_ghost_batch_size=8, model="lstm"), "model 'lstm' takes bn_ghost_batch_size=None only, got 8"),
+    (dict(ghost_batch_size=8), dict(model="lstm", activation="tanh"),
+     "the BN-LSTM's per-step BN takes ghost_batch_size=None only, got 8"),
 ])
-def test_config_refuses_bad_ghost_batch_sizes_in_one_line(fields, message):
+def test_config_refuses_bad_ghost_batch_sizes_in_one_line(settings, fields, message):
     with pytest.raises(ValueError) as error:
-        TrainConfig(batch_norm=True, **fields)
+        TrainConfig(batch_norm=True, bn=default_bn(**settings), **fields)
+    assert str(error.value) == message
+
+
+@pytest.mark.parametrize("value, message", [
+    ("0", "bn: ghost_batch_size must be None or a positive integer, got 0"),
+    ("x", "bn.ghost_batch_size must be an integer or none, got 'x'"),
+])
+def test_the_command_line_refuses_bad_ghost_batch_sizes_in_one_line(value, message):
+    with pytest.raises(ValueError) as error:
+        config_from_settings(["batch_norm=true", f"bn.ghost_batch_size={value}"])
     assert str(error.value) == message
 
 
@@ -111,8 +120,8 @@ def test_ghost_batches_reach_a_run_through_the_loop():
     base = TrainConfig(batch_norm=True, model="mlp", batch_size=16, max_steps=6, eval_every=3, eval_batch_size=16,
                        eval_statistics="batch")
     plain = train(base, data)[0]
-    whole = train(dataclasses.replace(base, bn_ghost_batch_size=16), data)[0]
-    ghost = train(dataclasses.replace(base, bn_ghost_batch_size=4), data)[0]
+    whole = train(dataclasses.replace(base, bn=default_bn(ghost_batch_size=16)), data)[0]
+    ghost = train(dataclasses.replace(base, bn=default_bn(ghost_batch_size=4)), data)[0]
     # One ghost batch of the whole batch (training and evaluation batches of
     # 16, evaluated with their own statistics) is plain BN computed in another order:
     # float32 round-off, grown by 6 training steps to at most 7e-8 relative on
@@ -130,7 +139,7 @@ def test_precise_bn_estimates_whole_batches_whatever_the_ghost_batch_size():
     data = make_dataset(num_train=256, num_test=64)
     config = TrainConfig(batch_norm=True, model="mlp", batch_size=16)
     state = create_train_state(config, jax.random.key(0))
-    ghost_state = create_train_state(dataclasses.replace(config, bn_ghost_batch_size=4), jax.random.key(0))
+    ghost_state = create_train_state(dataclasses.replace(config, bn=default_bn(ghost_batch_size=4)), jax.random.key(0))
     precise = recompute_batch_stats(state, data.x_train, batch_size=16, num_batches=8)
     ghost_precise = recompute_batch_stats(ghost_state, data.x_train, batch_size=16, num_batches=8)
     for a, b in zip(jax.tree_util.tree_leaves(precise), jax.tree_util.tree_leaves(ghost_precise)):

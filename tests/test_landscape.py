@@ -11,7 +11,7 @@ import pytest
 
 from bnjax.bn.batchnorm import BatchNorm
 from bnjax.bn.noisy import NoisyBatchNorm
-from bnjax.training.config import TrainConfig
+from bnjax.training.config import TrainConfig, default_bn
 from bnjax.training.landscape import gradient_line, gradient_shift, layer_inputs, moments_shift
 
 RNG = np.random.default_rng(0)
@@ -126,8 +126,9 @@ def test_bad_noise_is_refused_in_one_line(settings, message):
 
 
 def test_bn_noise_needs_bn_and_the_cnn_or_mlp():
-    assert isinstance(TrainConfig(batch_norm=True, bn_noise=True).batch_norm_layer(), NoisyBatchNorm)
-    with pytest.raises(ValueError, match=r"^bn_noise adds noise after BN, and this model has no BN"):
-        TrainConfig(bn_noise=True)
-    with pytest.raises(ValueError, match="model 'lstm' takes bn_noise=False only"):
-        dataclasses.replace(TrainConfig(model="lstm", activation="tanh"), batch_norm=True, bn_noise=True)
+    noisy = default_bn(NoisyBatchNorm)
+    assert isinstance(TrainConfig(batch_norm=True, bn=noisy).bn_layer(), NoisyBatchNorm)
+    with pytest.raises(ValueError, match=r"^bn=NoisyBatchNorm\(epsilon=0.001\) is a BN setting, and this run has no BN"):
+        TrainConfig(bn=noisy)
+    with pytest.raises(ValueError, match="^the BN-LSTM's per-step BN is a plain BatchNorm, got NoisyBatchNorm$"):
+        dataclasses.replace(TrainConfig(model="lstm", activation="tanh"), batch_norm=True, bn=noisy)

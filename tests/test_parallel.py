@@ -102,10 +102,10 @@ def test_every_bn_of_the_cnn_averages_over_the_devices():
     # statistic sums: |mean| + std for a mean, mean^2 + var for a variance.
     relative = network_round_off(one_device, variables, images.reshape(32, 28, 28, 1))
     assert_within(logits.reshape(32, 10), whole_logits, relative * np.abs(whole_logits).max())
-    take = 1 - config.bn_momentum
+    take = 1 - config.bn_layer().momentum
     for layer in (f"BatchNorm_{i}" for i in range(5)):
         whole, old = whole_updates["batch_stats"][layer], variables["batch_stats"][layer]
-        mean, var = ((np.asarray(whole[name]) - config.bn_momentum * np.asarray(old[name])) / take
+        mean, var = ((np.asarray(whole[name]) - config.bn_layer().momentum * np.asarray(old[name])) / take
                      for name in ("mean", "var"))
         sizes = {"mean": np.abs(mean) + np.sqrt(np.maximum(var, 0)), "var": np.square(mean) + np.maximum(var, 0)}
         for name in ("mean", "var"):

@@ -12,7 +12,7 @@ from experiments import article, plot_article
 
 def fake_run(config: TrainConfig, final: float, precise: list[float] | None) -> dict:
     steps = [3000, 4000, 5625]  # the last two in the last epoch (steps 3751-5625)
-    run = {"config": dataclasses.asdict(config), "steps": steps, "val_accuracy": [0.5, 0.6, final],
+    run = {"config": config.to_dict(), "steps": steps, "val_accuracy": [0.5, 0.6, final],
            "val_loss": [1.0, 0.9, 0.8], "train_accuracy": [0.5, 0.7, 0.9], "train_loss": [1.0, 0.8, 0.6],
            "wall_time_s": [1.0, 2.0, 3.0], "diverged": False, "precise_val_accuracy": [],
            "eval_statistics_time_s": 0.0}

@@ -11,8 +11,8 @@ import optax
 import pytest
 
 from bnjax.bn.batchnorm import BatchNorm, Renorm
-from bnjax.nets.recurrent import LSTM, PAPER_SETTINGS, image_sequences, pixel_permutation
-from bnjax.training.config import TrainConfig
+from bnjax.nets.recurrent import LSTM, image_sequences, paper_settings, pixel_permutation
+from bnjax.training.config import TrainConfig, default_bn
 from bnjax.training.steps import model_of
 from bnjax.training.steps import create_train_state, train_step
 from bnjax.training.train import train
@@ -206,7 +206,7 @@ def test_shared_statistics_are_the_pooled_statistics_of_all_steps():
 
 @pytest.mark.slow
 def test_a_short_bn_lstm_run_learns_mnist_rows(mnist):
-    config = TrainConfig(**{**PAPER_SETTINGS, "lstm_hidden_size": 32}, batch_norm=True, sequence="rows",
+    config = TrainConfig(**{**paper_settings(batch_norm=True), "lstm_hidden_size": 32}, sequence="rows",
                          max_steps=150, eval_every=150, eval_statistics="precise", precise_bn_batches=20)
     subset = mnist._replace(x_test=mnist.x_test[:2000], y_test=mnist.y_test[:2000])
     history, state = train(config, subset)
@@ -220,13 +220,15 @@ def test_a_short_bn_lstm_run_learns_mnist_rows(mnist):
     (dict(lstm_t_max=0), "lstm_t_max must be None or an integer from 1 to the 'rows' sequence's 28 steps, got 0"),
     (dict(lstm_hidden_size=0), "lstm_hidden_size must be a positive integer, got 0"),
     (dict(lstm_bn_scale_init=0.0), "lstm_bn_scale_init must be a positive finite number, got 0.0"),
-    (dict(bn_renorm=True), "model 'lstm' takes bn_renorm=False only, got True"),
+    (dict(bn=default_bn(renorm=Renorm())), "the BN-LSTM's per-step BN takes renorm=None only, got Renorm(r_max=3.0, "
+                                            "d_max=5.0, momentum=0.99, warmup_steps=0)"),
+    (dict(ghost_bn=True), "model 'lstm' takes ghost_bn=False only, got True"),
     (dict(optimizer="adagrad"), "unknown optimizer 'adagrad'; allowed: adam, rmsprop, sgd"),
     (dict(grad_clip_norm=-1.0), "grad_clip_norm must be a positive finite number, got -1.0"),
 ])
 def test_bad_settings_name_the_value_and_what_is_allowed(fields, message):
     with pytest.raises(ValueError) as error:
-        TrainConfig(**{**PAPER_SETTINGS, **fields})
+        TrainConfig(**{**paper_settings(batch_norm=True), **fields})
     assert str(error.value) == message
 
 
@@ -239,7 +241,7 @@ def test_lstm_fields_on_another_model_and_wrong_images_are_refused():
 
 @pytest.mark.slow
 def test_rmsprop_with_clipping_trains_through_the_one_step():
-    config = TrainConfig(**{**PAPER_SETTINGS, "lstm_hidden_size": 8}, batch_norm=True)
+    config = TrainConfig(**{**paper_settings(batch_norm=True), "lstm_hidden_size": 8})
     state = create_train_state(config, jax.random.key(0))
     images, labels = scaled_rows(8) / 28, jnp.arange(8) % 10
     stepped, metrics = train_step(state, images, labels)
@@ -259,7 +261,7 @@ def test_the_gradient_reaching_each_step_is_measured_through_the_hidden_offsets(
     # experiments/recurrent_bn.py's gradient-flow measure: || dLoss/dh_t || for every t.
     from experiments.recurrent_bn import hidden_gradient_norms
     images, labels = scaled_rows(16) / 28, jnp.arange(16) % 10
-    config = TrainConfig(**{**PAPER_SETTINGS, "lstm_hidden_size": HIDDEN}, batch_norm=True)
+    config = TrainConfig(**{**paper_settings(batch_norm=True), "lstm_hidden_size": HIDDEN})
     norms = hidden_gradient_norms(config, images, labels)
     assert norms.shape == (28,) and np.all(norms > 0)
     # h_T reaches the loss through the output layer alone: dLoss/dh_T = (softmax - one-hot) W_out^T / N.

@@ -20,7 +20,7 @@ CONFIG = TrainConfig(max_steps=4, eval_every=2)
 
 
 def saved_run(**changes) -> dict:
-    run = {"config": dataclasses.asdict(CONFIG), "steps": [2, 4], "val_accuracy": [0.5, 0.6],
+    run = {"config": CONFIG.to_dict(), "steps": [2, 4], "val_accuracy": [0.5, 0.6],
            "val_loss": [1.0, 0.9], "train_accuracy": [0.4, 0.5], "train_loss": [1.2, 1.1],
            "wall_time_s": [1.0, 2.0], "precise_val_accuracy": [], "precise_val_loss": [], "batch_val_accuracy": [],
            "batch_val_loss": [], "probes": [], "diverged": False, "total_wall_time_s": 2.0, "eval_time_s": 0.1,
@@ -48,9 +48,9 @@ MALFORMED = {
     "run-not-object": (json.dumps({"runs": [[1, 2]]}).encode(), "run 0 is list, not an object"),
     "no-config": (json.dumps({"runs": [{k: v for k, v in saved_run().items() if k != "config"}]}).encode(),
                   "run 0 has no config"),
-    "invalid-config": (json.dumps({"runs": [saved_run(config={**dataclasses.asdict(CONFIG), "batch_size": 0})]}).encode(),
+    "invalid-config": (json.dumps({"runs": [saved_run(config={**CONFIG.to_dict(), "batch_size": 0})]}).encode(),
                        r"run 0 has an invalid config \(batch_size must be a positive integer, got 0\)"),
-    "config-wrong-type": (json.dumps({"runs": [saved_run(config={**dataclasses.asdict(CONFIG), "activation": 7})]}).encode(),
+    "config-wrong-type": (json.dumps({"runs": [saved_run(config={**CONFIG.to_dict(), "activation": 7})]}).encode(),
                           "run 0 has an invalid config"),
     "steps-not-increasing": (json.dumps({"runs": [saved_run(steps=[4, 2])]}).encode(),
                              r"run 0 has steps \[4, 2\], not increasing positive integers"),
@@ -108,7 +108,7 @@ def test_the_article_figures_take_runs_evaluated_at_different_steps(tmp_path):
     path = tmp_path / "results.json"
     configs = [dataclasses.replace(CONFIG, batch_norm=bn, seed=seed) for bn in (False, True) for seed in range(3)]
     write_json(path, {"environment": {}, "dataset": "mnist",
-                      "runs": [{**run, "config": dataclasses.asdict(config)} for config, run in zip(configs, runs * 2)]})
+                      "runs": [{**run, "config": config.to_dict()} for config, run in zip(configs, runs * 2)]})
     plot_article.plot_all(path)
     assert "1 diverged" in (tmp_path / "summary.md").read_text()
     assert len(list(tmp_path.glob("*.png"))) == 1

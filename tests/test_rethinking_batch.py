@@ -2,12 +2,11 @@
 the shifted test sets, and one part's measurement and summary end to end on
 synthetic data."""
 
-import dataclasses
 
 import numpy as np
 import pytest
 
-from bnjax.training.config import TrainConfig
+from bnjax.training.config import TrainConfig, default_bn
 from bnjax.training.train import train
 from conftest import make_dataset
 from experiments import rethinking_batch as study
@@ -20,15 +19,16 @@ def test_every_part_trains_the_configs_its_question_needs():
     # Precise BN is measured once per (lr, seed): in the 'ema 0.99' runs.
     precise = [(config.learning_rate, config.seed) for config in rules if config.eval_statistics == "precise"]
     assert sorted(precise) == sorted((lr, seed) for lr in (0.001, 0.01) for seed in range(3))
-    assert all(config.bn_running_average == "ema" and config.bn_momentum == 0.99 for config in rules
+    assert all(config.bn_layer().running_average == "ema" and config.bn_layer().momentum == 0.99 for config in rules
                if config.eval_statistics == "precise")
     for size in study.SIZES.values():
         norm = study.norm_batch_configs(1, size)
         assert [study.normalization_batch(config) for config in norm] == list(size.norm_sizes)
         assert all(config.batch_size == size.norm_batch for config in norm)
-        assert norm[-1].bn_ghost_batch_size is None and norm[0].bn_ghost_batch_size == 2
+        assert norm[-1].bn_layer().ghost_batch_size is None and norm[0].bn_layer().ghost_batch_size == 2
         renorm = study.renorm_configs(1, size)
-        assert [(config.batch_size, config.bn_renorm, config.steps_per_epoch) for config in renorm] == [
+        assert [(config.batch_size, config.bn_layer().renorm is not None, config.steps_per_epoch)
+                for config in renorm] == [
             (batch, renorm, size.renorm_examples // batch) for batch in study.RENORM_BATCH_SIZES
             for renorm in (False, True)]
         assert {config.epochs for config in study.samples_configs(1, size) + study.shift_configs(1, size)} == {
@@ -72,13 +72,13 @@ def test_norm_batch_measurement_and_summary(tmp_path, monkeypatch):
     runs = []
     for size in (8, None):
         config = TrainConfig(batch_norm=True, model="mlp", batch_size=256, max_steps=2, eval_every=2,
-                             bn_ghost_batch_size=size)
+                             bn=default_bn(ghost_batch_size=size) if size else None)
         history, state = train(config, data)
         record = study.measure_norm_batch(config, history, state, data)
         assert set(record) == {"train_batch_accuracy", "test_batch_accuracy", "test_population_accuracy",
                                "train_population_accuracy"}
         assert all(0.0 <= value <= 1.0 for value in record.values())
-        runs.append({"config": dataclasses.asdict(config), **history.to_dict(), **record})
+        runs.append({"config": config.to_dict(), **history.to_dict(), **record})
     table = study.summarize_norm_batch(runs, tmp_path)
     assert (tmp_path / "norm_batch.png").exists()
     rows = [line for line in table.splitlines() if line.startswith("| 8 |") or line.startswith("| 256 |")]

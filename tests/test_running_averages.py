@@ -14,7 +14,7 @@ import pytest
 from bnjax.bn.batchnorm import BatchNorm, batch_statistics
 from bnjax.engine.launch import train_many
 from bnjax.engine.strategy import Strategy
-from bnjax.training.config import TrainConfig
+from bnjax.training.config import TrainConfig, default_bn
 from bnjax.training.train import train
 
 FIXTURE = np.load(Path(__file__).parent / "fixtures" / "running_averages.npz")
@@ -100,8 +100,8 @@ def test_eval_mode_reads_the_rule_s_average_and_moves_nothing():
 
 
 def test_unknown_rules_are_refused_in_one_line():
-    with pytest.raises(ValueError, match="unknown bn_running_average 'median'; allowed: cumulative, debiased_ema, ema"):
-        TrainConfig(batch_norm=True, bn_running_average="median")
+    with pytest.raises(ValueError, match="^bn: unknown running_average 'median'; allowed: cumulative, debiased_ema, ema$"):
+        TrainConfig.from_dict({"batch_norm": True, "bn": {"running_average": "median"}})
     with pytest.raises(ValueError, match="unknown running_average 'EMA'; allowed: cumulative, debiased_ema, ema"):
         BatchNorm(running_average="EMA").init(jax.random.key(0), jnp.ones((2, 3)), use_running_average=True)
 
@@ -109,7 +109,7 @@ def test_unknown_rules_are_refused_in_one_line():
 @pytest.mark.slow
 def test_a_rule_reaches_single_and_stacked_runs_through_the_loop(tiny_data):
     config = TrainConfig(model="mlp", batch_norm=True, activation="sigmoid", max_steps=7, eval_every=3,
-                         bn_running_average="cumulative")
+                         bn=default_bn(running_average="cumulative"))
     history, state = train(config, tiny_data)
     assert history.steps == [3, 6, 7]
     assert [int(layer["count"]) for layer in state.batch_stats.values()] == [7, 7, 7]
@@ -117,7 +117,7 @@ def test_a_rule_reaches_single_and_stacked_runs_through_the_loop(tiny_data):
                          strategy=Strategy(models_per_program=2, steps_per_dispatch=3))
     np.testing.assert_allclose(stacked[0][0].val_loss, history.val_loss, rtol=1e-5, atol=1e-5)
     assert [int(layer["count"]) for layer in stacked[1][1].batch_stats.values()] == [7, 7, 7]
-    default = train(dataclasses.replace(config, bn_running_average="ema"), tiny_data)
+    default = train(dataclasses.replace(config, bn=None), tiny_data)
     assert default[0].val_loss != history.val_loss  # the rule changes what eval mode reads
 
 
@@ -146,9 +146,9 @@ def test_two_pass_variance_keeps_what_one_pass_loses():
 def test_two_pass_variance_reaches_the_model_through_the_config(tiny_data):
     config = TrainConfig(model="mlp", batch_norm=True, max_steps=2, eval_every=2)
     one_pass = train(config, tiny_data)[1].batch_stats
-    two_pass = train(dataclasses.replace(config, bn_two_pass_variance=True), tiny_data)[1].batch_stats
+    two_pass = train(dataclasses.replace(config, bn=default_bn(use_fast_variance=False)), tiny_data)[1].batch_stats
     differences = [float(np.max(np.abs(a - b))) for a, b in zip(jax.tree_util.tree_leaves(one_pass),
                                                                  jax.tree_util.tree_leaves(two_pass))]
     assert max(differences) < 1e-4 and max(differences) > 0  # the same statistics, computed another way
-    with pytest.raises(ValueError, match="bn_two_pass_variance must be True or False, got 'yes'"):
-        TrainConfig(bn_two_pass_variance="yes")
+    with pytest.raises(ValueError, match="^bn: use_fast_variance must be True or False, got 'yes'$"):
+        TrainConfig.from_dict({"batch_norm": True, "bn": {"use_fast_variance": "yes"}})

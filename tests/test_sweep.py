@@ -83,7 +83,7 @@ def test_a_study_without_out_writes_into_runs_and_copies_only_the_committed_runs
     assert "demo: results go to runs/demo/ (runs already in outputs/demo/ are copied from there" in capsys.readouterr().out
     assert sweep.output_folder(parser.parse_args(["--out", "outputs/demo"]), "demo") == Path("outputs/demo")
     committed = {"environment": {"cpu": "the committing machine"},
-                 "runs": [{"config": dataclasses.asdict(config), **History(steps=[4], val_accuracy=[0.5], val_loss=[1.0],
+                 "runs": [{"config": config.to_dict(), **History(steps=[4], val_accuracy=[0.5], val_loss=[1.0],
                                                                   train_accuracy=[0.5], train_loss=[1.0],
                                                                   wall_time_s=[1.0]).to_dict()}
                           for config in CONFIGS]}
@@ -93,7 +93,7 @@ def test_a_study_without_out_writes_into_runs_and_copies_only_the_committed_runs
     results = {"runs": []}
     assert sweep.copy_committed_runs(results, Path("runs/demo/results.json"), CONFIGS[:1]) == 1
     saved = json.loads((tmp_path / "runs" / "demo" / "results.json").read_text())
-    assert [run["config"] for run in saved["runs"]] == [dataclasses.asdict(CONFIGS[0])]  # only what was asked for
+    assert [run["config"] for run in saved["runs"]] == [CONFIGS[0].to_dict()]  # only what was asked for
     assert saved["runs"][0]["copied_from"] == {"file": "outputs/demo/results.json",
                                                "environment": {"cpu": "the committing machine"}}
     assert sweep.copy_committed_runs(results, Path("runs/demo/results.json"), CONFIGS[:1]) == 0  # not twice

@@ -9,7 +9,7 @@ import optax
 import pytest
 
 from bnjax.engine.launch import train_many
-from bnjax.training.config import TrainConfig
+from bnjax.training.config import TrainConfig, default_bn
 from bnjax.training.history import DIVERGED_LOSS, has_diverged
 from bnjax.training.schedule import resolve_steps
 from bnjax.training.steps import create_train_state, eval_step, train_step
@@ -25,8 +25,7 @@ BAD_VALUES = [
     ("optimizer", "adamw2", "unknown optimizer 'adamw2'; allowed: adam, rmsprop, sgd"),
     ("activation", "swish!", "unknown activation 'swish!'; allowed: elu, gelu, relu, sigmoid, tanh"),
     ("kernel_init", "he", "unknown kernel_init 'he'; allowed: glorot_uniform, lecun_normal"),
-    ("bn_momentum", 1.0, r"bn_momentum must be a number in \[0, 1\), got 1.0"),
-    ("bn_epsilon", 0, "bn_epsilon must be a positive finite number, got 0"),
+    ("bn", 0.99, "bn must be None or a bnjax.BatchNorm\\(...\\) of BN's settings, got 0.99"),
     ("eval_every", 0, "eval_every must be a positive integer, got 0"),
     ("max_steps", 0, "max_steps must be a positive integer or None, got 0"),
     ("steps_per_epoch", -5, "steps_per_epoch must be a positive integer or None, got -5"),
@@ -45,7 +44,7 @@ BAD_VALUES = [
 
 def test_ablation_fields_are_for_the_convnet_only():
     with pytest.raises(ValueError, match="bn_position and bn_use_bias apply to model 'convnet' only, not 'mlp'"):
-        TrainConfig(model="mlp", bn_position="after")
+        TrainConfig(model="mlp", batch_norm=True, bn_position="after")
 
 
 @pytest.mark.parametrize("field, value, message", BAD_VALUES, ids=[f"{f}={v!r}" for f, v, _ in BAD_VALUES])
@@ -57,7 +56,8 @@ def test_bad_config_value_raises_naming_it(field, value, message):
 def test_defaults_are_the_article_recipe():
     config = TrainConfig()
     assert (config.optimizer, config.learning_rate, config.batch_size, config.epochs) == ("adam", 0.001, 32, 3)
-    assert (config.shuffle, config.kernel_init, config.bn_momentum, config.bn_epsilon) == (False, "glorot_uniform", 0.99, 1e-3)
+    bn = config.bn_layer()
+    assert (config.shuffle, config.kernel_init, bn.momentum, bn.epsilon) == (False, "glorot_uniform", 0.99, 1e-3)
     assert resolve_steps(config, 60000) == (1875, 5625)
 
 
@@ -71,7 +71,7 @@ def batch(data, size=32):
 
 
 def test_train_step_updates_running_stats_by_the_formula(tiny_data):
-    config = TrainConfig(batch_norm=True, bn_momentum=0.9)
+    config = TrainConfig(batch_norm=True, bn=default_bn(momentum=0.9))
     state = create_train_state(config, jax.random.key(0))
     images, labels = batch(tiny_data)
     new_state, metrics = train_step(state, images, labels)

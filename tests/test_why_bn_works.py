@@ -18,7 +18,7 @@ def test_the_grid_is_the_articles_settings_times_three_nets_and_the_seeds():
     configs = why_bn_works.study_configs(steps=1000, eval_every=50, seeds=3)
     assert len(configs) == 4 * 3 * 3
     assert {(c.learning_rate, c.activation) for c in configs} == set(why_bn_works.SETTINGS)
-    assert {why_bn_works.variant_of(dataclasses.asdict(c)) for c in configs} == set(why_bn_works.VARIANTS)
+    assert {why_bn_works.variant_of(c.to_dict()) for c in configs} == set(why_bn_works.VARIANTS)
     assert all(c.optimizer == "adam" and c.batch_size == 32 and c.max_steps == 1000 for c in configs)
 
 
@@ -43,7 +43,7 @@ def test_the_probe_sees_the_noise_move_layer_inputs_and_the_report_reads_the_run
         assert [sorted(probe) == sorted(history.probes[0]) for probe in history.probes] == [True, True]
         assert all(np.isfinite(value) for probe in history.probes for value in probe.values())
         assert all(0.0 <= probe["loss_spread"] and -1.0 <= probe["ics_cosine"] <= 1.0 for probe in history.probes)
-    shift = {why_bn_works.variant_of(dataclasses.asdict(c)): h.probes[0]["mean_shift"] for c, (h, _) in
+    shift = {why_bn_works.variant_of(c.to_dict()): h.probes[0]["mean_shift"] for c, (h, _) in
              zip(configs, trained)}
     # One optimizer step moves a BN net's layer inputs by little; the noise
     # (a shift of up to one standard deviation of the BN output) by much more.

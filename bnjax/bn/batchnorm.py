@@ -257,26 +257,24 @@ def batch_norm_eval(x, scale, bias, running_mean, running_var, epsilon: float = 
     return normalize(x, running_mean, running_var, scale, bias, epsilon)
 
 
-def check_variant(running_average: str, renorm: bool, frozen: bool, ghost_batch_size, unbiased_running_var: bool = False,
-                  prefix: str = "") -> None:
-    """The rules of which BN variants go together, for `BatchNorm` (prefix "")
-    and `TrainConfig` (prefix "bn_", its field names): one-line ValueErrors."""
-    check_running_average(running_average, f"{prefix}running_average")
+def check_variant(running_average: str, renorm: bool, frozen: bool, ghost_batch_size,
+                  unbiased_running_var: bool = False) -> None:
+    """The rules of which BN variants go together: one-line ValueErrors."""
+    check_running_average(running_average, "running_average")
     if renorm and running_average != "ema":
-        raise ValueError(f"{prefix}renorm keeps Keras's moving averages; use {prefix}running_average 'ema' with it, "
-                         f"not {running_average!r}")
+        raise ValueError(f"renorm keeps Keras's moving averages; use running_average 'ema' with it, not "
+                         f"{running_average!r}")
     if renorm and unbiased_running_var:
-        raise ValueError(f"{prefix}renorm keeps Keras's moving averages of the biased variance; "
-                         f"unbiased_running_var does not apply")
+        raise ValueError("renorm keeps Keras's moving averages of the biased variance; "
+                         "unbiased_running_var does not apply")
     if renorm and frozen:
-        raise ValueError(f"{prefix}frozen uses the running statistics, also in training: {prefix}renorm does not apply")
+        raise ValueError("frozen uses the running statistics, also in training: renorm does not apply")
     if ghost_batch_size is None:
         return
     if not is_integer(ghost_batch_size) or ghost_batch_size < 1:
-        raise ValueError(f"{prefix}ghost_batch_size must be None or a positive integer, got {ghost_batch_size!r}")
+        raise ValueError(f"ghost_batch_size must be None or a positive integer, got {ghost_batch_size!r}")
     if renorm or frozen:
-        raise ValueError(f"{prefix}ghost_batch_size applies to plain BN only, not with "
-                         f"{prefix}{'renorm' if renorm else 'frozen'}")
+        raise ValueError(f"ghost_batch_size applies to plain BN only, not with {'renorm' if renorm else 'frozen'}")
 
 
 # ---------------------------------------------------------------- Batch Renormalization
@@ -314,21 +312,21 @@ class Renorm:
     warmup_steps: int = 0  # r_max from 1 and d_max from 0 to their values over these many updates
 
     def __post_init__(self):
-        check_renorm_settings(self.r_max, self.d_max, self.momentum, self.warmup_steps, prefix="")
+        check_renorm_settings(self.r_max, self.d_max, self.momentum, self.warmup_steps)
 
 
-def check_renorm_settings(r_max, d_max, momentum, warmup_steps, prefix: str = "") -> None:
-    """One-line ValueErrors naming the bad value (fields named `prefix` + name)."""
+def check_renorm_settings(r_max, d_max, momentum, warmup_steps) -> None:
+    """One-line ValueErrors naming the bad value."""
     def real(value):
         return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
 
     if not real(r_max) or r_max < 1:
-        raise ValueError(f"{prefix}r_max must be a number >= 1 (r is clipped to [1/r_max, r_max]), got {r_max!r}")
+        raise ValueError(f"r_max must be a number >= 1 (r is clipped to [1/r_max, r_max]), got {r_max!r}")
     if not real(d_max) or d_max < 0:
-        raise ValueError(f"{prefix}d_max must be a number >= 0 (d is clipped to [-d_max, d_max]), got {d_max!r}")
+        raise ValueError(f"d_max must be a number >= 0 (d is clipped to [-d_max, d_max]), got {d_max!r}")
     if not real(momentum) or not 0 <= momentum < 1:
-        raise ValueError(f"{prefix}momentum must be a number in [0, 1), got {momentum!r}")
-    check_integer(f"{prefix}warmup_steps", warmup_steps, minimum=0)
+        raise ValueError(f"momentum must be a number in [0, 1), got {momentum!r}")
+    check_integer("warmup_steps", warmup_steps, minimum=0)
 
 
 def clip_limits(renorm: Renorm, count):

@@ -41,7 +41,7 @@ ProbeFactory = Callable[[TrainConfig, object], Callable[[TrainState], dict]]
 def checkpoint_file(checkpoint_dir: str | os.PathLike, config: TrainConfig) -> Path:
     """Where `train_many(..., checkpoint_dir=...)` keeps `config`'s run: a file
     named by a hash of the whole config."""
-    digest = hashlib.sha1(json.dumps(dataclasses.asdict(config), sort_keys=True).encode()).hexdigest()[:16]
+    digest = hashlib.sha1(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
     return Path(checkpoint_dir) / f"run-{digest}.msgpack"
 
 
@@ -367,7 +367,7 @@ def replay(run: dict, data) -> History:
                          "before runs recorded their launch), so it cannot be replayed as it was trained")
     if launch["devices"] > jax.device_count():
         raise ValueError(f"the run trained over {launch['devices']} devices; this process sees {jax.device_count()}")
-    config = TrainConfig(**run["config"])
+    config = TrainConfig.from_dict(run["config"])
     program = [dataclasses.replace(config, seed=seed, learning_rate=learning_rate)
                for seed, learning_rate in launch["program"]]
     strategy = Strategy(**launch["strategy"])

@@ -55,7 +55,8 @@ STACKED_GHOST_BN_FROM = (0, 10)
 
 def program_key(config: TrainConfig) -> tuple:
     """Runs with equal keys share one architecture and schedule: one program."""
-    return tuple((k, v) for k, v in sorted(dataclasses.asdict(config).items()) if k not in PER_RUN_FIELDS)
+    return tuple((field.name, getattr(config, field.name)) for field in dataclasses.fields(config)
+                 if field.name not in PER_RUN_FIELDS)
 
 
 # ---------------------------------------------------------------- training steps

@@ -37,6 +37,8 @@ pMNIST); "rows", one row of 28 pixels per step (28 steps: fits a 2-core CPU).
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -44,21 +46,75 @@ import numpy as np
 
 from bnjax.bn.batchnorm import KERAS_BN, KERAS_MOMENTUM, BatchNorm, batch_statistics, normalize, running_average_weights
 from bnjax.nets.models import get_activation
-from bnjax.support.checks import check_choice
+from bnjax.support.checks import check_choice, is_integer
 
 SEQUENCES = {"rows": (28, 28), "pixels": (784, 1), "permuted_pixels": (784, 1)}  # (steps, values per step)
 BN_LAYERS = ("bn_hidden", "bn_input", "bn_cell")
 
-# The paper's sequential-MNIST settings (section 5.1; where the text is silent,
-# its code: github.com/cooijmanstim/recurrent-batch-normalization,
-# sequential_mnist.py and experiments/sequential*mnist_*.sh): 100 hidden units,
-# RMSProp with learning rate 1e-3 and decay 0.9 (the text calls it momentum),
-# gradient norm clipped at 1, batches of 100, BN epsilon 1e-5, gamma 0.1,
-# variances in two passes as Theano's `var`. `TrainConfig(**PAPER_SETTINGS,
-# batch_norm=True, sequence="pixels")` is the paper's BN-LSTM on MNIST.
-PAPER_SETTINGS = dict(model="lstm", activation="tanh", optimizer="rmsprop", learning_rate=1e-3, rmsprop_decay=0.9,
-                      grad_clip_norm=1.0, batch_size=100, bn_epsilon=1e-5, bn_two_pass_variance=True,
-                      lstm_hidden_size=100, lstm_bn_scale_init=0.1)
+
+
+def paper_settings(batch_norm: bool) -> dict:
+    """The paper's sequential-MNIST settings, as `TrainConfig` fields (section
+    5.1; where the text is silent, its code: github.com/cooijmanstim/recurrent-
+    batch-normalization, sequential_mnist.py and experiments/sequential*mnist_*.sh):
+    100 hidden units, RMSProp with learning rate 1e-3 and decay 0.9 (the text
+    calls it momentum), gradient norm clipped at 1, batches of 100, and with
+    BN epsilon 1e-5, gamma 0.1, variances in two passes as Theano's `var`.
+    `TrainConfig(**paper_settings(batch_norm=True), sequence="pixels")` is
+    the paper's BN-LSTM on MNIST.
+
+    Args:
+      batch_norm: the BN-LSTM (True) or the plain LSTM (False).
+    Returns:
+      A dict of TrainConfig fields.
+    """
+    settings = dict(model="lstm", activation="tanh", optimizer="rmsprop", learning_rate=1e-3, rmsprop_decay=0.9,
+                    grad_clip_norm=1.0, batch_size=100, lstm_hidden_size=100, lstm_bn_scale_init=0.1,
+                    batch_norm=batch_norm)
+    if batch_norm:
+        settings["bn"] = BatchNorm(momentum=KERAS_MOMENTUM, epsilon=1e-5, use_fast_variance=False)
+    return settings
+
+
+# The fields of a run (`TrainConfig`) that model "lstm" takes at their defaults
+# only: it has its own initializers, one device's per-step statistics and
+# float32 arithmetic. And the fields of model "lstm" alone.
+FIXED_FOR_LSTM = ("kernel_init", "ghost_bn", "compute_dtype")
+LSTM_FIELDS = ("sequence", "lstm_hidden_size", "lstm_t_max", "lstm_bn_scale_init", "permutation_seed")
+
+
+def check_lstm_bn(bn: BatchNorm) -> None:
+    """The BN settings the BN-LSTM's per-step BN takes (momentum, epsilon,
+    running_average, use_fast_variance): Batch Renorm, frozen BN, ghost
+    batches, PyTorch's unbiased running variance and noisy BN are not
+    variants of it. One-line ValueError otherwise."""
+    if type(bn) is not BatchNorm:
+        raise ValueError(f"the BN-LSTM's per-step BN is a plain BatchNorm, got {type(bn).__name__}")
+    defaults = {field.name: field.default for field in dataclasses.fields(BatchNorm)}
+    for name in ("renorm", "frozen", "ghost_batch_size", "unbiased_running_var"):
+        if getattr(bn, name) != defaults[name]:
+            raise ValueError(f"the BN-LSTM's per-step BN takes {name}={defaults[name]!r} only, "
+                             f"got {getattr(bn, name)!r}")
+
+
+def check_lstm_settings(run, defaults: dict) -> None:
+    """A run's settings against the LSTM's rules: with model "lstm",
+    FIXED_FOR_LSTM at their `defaults`, its BN `check_lstm_bn`'s and
+    lstm_t_max within the sequence; with any other model, LSTM_FIELDS at
+    their defaults. `run` is a TrainConfig. One-line ValueError otherwise."""
+    if run.model != "lstm":
+        if any(getattr(run, name) != defaults[name] for name in LSTM_FIELDS):
+            raise ValueError(f"sequence and the lstm_ fields apply to model 'lstm' only, not {run.model!r}")
+        return
+    for name in FIXED_FOR_LSTM:
+        if getattr(run, name) != defaults[name]:
+            raise ValueError(f"model 'lstm' takes {name}={defaults[name]!r} only, got {getattr(run, name)!r}")
+    if run.bn is not None:
+        check_lstm_bn(run.bn)
+    steps = sequence_length(run.sequence)
+    if run.lstm_t_max is not None and (not is_integer(run.lstm_t_max) or not 1 <= run.lstm_t_max <= steps):
+        raise ValueError(f"lstm_t_max must be None or an integer from 1 to the {run.sequence!r} sequence's "
+                         f"{steps} steps, got {run.lstm_t_max!r}")
 
 
 def sequence_length(sequence: str) -> int:
@@ -171,11 +227,7 @@ class LSTM(nn.Module):
     bn: BatchNorm = KERAS_BN
 
     def __post_init__(self):
-        defaults = BatchNorm()
-        for name in ("renorm", "frozen", "ghost_batch_size", "unbiased_running_var"):
-            if getattr(self.bn, name) != getattr(defaults, name):
-                raise ValueError(f"the BN-LSTM's per-step BN takes {name}={getattr(defaults, name)!r} only, "
-                                 f"got {getattr(self.bn, name)!r}")
+        check_lstm_bn(self.bn)
         super().__post_init__()
 
     @nn.compact

@@ -19,7 +19,6 @@ other numbers.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 from pathlib import Path
@@ -37,7 +36,7 @@ def save_checkpoint(path: str | os.PathLike, state, history, config) -> None:
     """Write the run's state atomically. A run over several processes'
     devices is saved by process 0 alone (the engine's loop decides)."""
     payload = {
-        "config": dataclasses.asdict(config),
+        "config": config.to_dict(),
         "state": serialization.to_state_dict(jax.device_get(state)),
         "history": history.to_dict(),
     }
@@ -54,8 +53,12 @@ def restore_checkpoint(path: str | os.PathLike, template_state, config):
     fields that differ, and if the file is not a readable checkpoint."""
     payload = read_checkpoint(path)
     # A field the checkpoint predates counts as saved at its default.
-    saved_config = {**{field.name: field.default for field in dataclasses.fields(config)}, **payload["config"]}
-    current = dataclasses.asdict(config)
+    try:
+        saved_config = type(config).from_dict(payload["config"]).to_dict()
+    except ValueError as error:
+        raise ValueError(f"checkpoint {path} is from another config ({error}); use another path or delete it") \
+            from None
+    current = config.to_dict()
     differing = sorted(key for key in set(current) | set(saved_config) if current.get(key) != saved_config.get(key))
     if differing:
         details = ", ".join(f"{key}: saved {saved_config.get(key)!r} vs {current.get(key)!r}" for key in differing)

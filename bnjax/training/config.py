@@ -1,40 +1,44 @@
 """What one training run is: `TrainConfig`, checked field by field when made.
 
-Every field is data (a number, a string, a bool), so a config can be saved
-beside its results, compared with a checkpoint's and set from the command
-line (`python -m bnjax --set learning_rate=0.01`). A bad value raises a
-ValueError naming the field, the value and what is allowed.
+Every field is data (a number, a string, a bool; BN's settings one unbound
+`BatchNorm`, a dataclass of such values), so a config can be saved beside
+its results (`to_dict` / `from_dict`), compared with a checkpoint's and set
+from the command line (`python -m bnjax --set learning_rate=0.01
+--set bn.momentum=0.9`). A bad value raises a ValueError naming the field,
+the value and what is allowed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-from bnjax.bn.batchnorm import RUNNING_AVERAGES, BatchNorm, Renorm, check_renorm_settings, check_variant
+from bnjax.bn.batchnorm import KERAS_EPSILON, KERAS_MOMENTUM, BatchNorm, Renorm
 from bnjax.bn.noisy import NoisyBatchNorm
 from bnjax.nets.models import ACTIVATIONS, BN_POSITIONS, KERNEL_INITS
-from bnjax.nets.recurrent import SEQUENCES, sequence_length
-from bnjax.support.checks import check_bool, check_choice, check_integer, check_positive_real, is_integer, is_real
+from bnjax.nets.recurrent import SEQUENCES, check_lstm_settings
+from bnjax.support.checks import check_bool, check_choice, check_integer, check_positive_real, is_real
 
 OPTIMIZERS = ("adam", "sgd", "rmsprop")
 # The article's CNN; the BN paper's 3 x 100 MLP; an LSTM or BN-LSTM reading
-# the image as a sequence (nets/recurrent.py; PAPER_SETTINGS there).
+# the image as a sequence (`paper_settings` gives the BN-LSTM paper's).
 MODELS = ("convnet", "mlp", "lstm")
-# Fields model "lstm" takes at their defaults only (nets/recurrent.py: its own
-# initializers, per-step statistics without Renorm or frozen BN, one device's
-# statistics, float32 arithmetic), and the fields of model "lstm" alone.
-NOT_FOR_LSTM = ("kernel_init", "bn_renorm", "bn_frozen", "ghost_bn", "bn_ghost_batch_size", "bn_noise",
-                "compute_dtype")
-LSTM_ONLY = ("sequence", "lstm_hidden_size", "lstm_t_max", "lstm_bn_scale_init", "permutation_seed")
 EVAL_STATISTICS = ("running", "precise", "batch")  # training/evaluation.py
 COMPUTE_DTYPES = ("float32", "bfloat16")
 MATMUL_PRECISIONS = ("default", "high", "highest")  # JAX's, for float32 products (support/provenance.py says what each is)
 # The fields that take one of a few names, and those names (python -m bnjax --fields shows them).
 CHOICES = {"activation": sorted(ACTIVATIONS), "model": MODELS, "optimizer": OPTIMIZERS,
-           "kernel_init": sorted(KERNEL_INITS), "bn_running_average": RUNNING_AVERAGES, "eval_statistics": EVAL_STATISTICS,
+           "kernel_init": sorted(KERNEL_INITS), "eval_statistics": EVAL_STATISTICS,
            "bn_position": BN_POSITIONS, "compute_dtype": COMPUTE_DTYPES, "matmul_precision": MATMUL_PRECISIONS,
            "sequence": tuple(SEQUENCES)}
 MAX_SEED = 2**32 - 1  # jax.random.key(seed) keeps the low 32 bits
+# The BN layers a run's `bn` may be, by name (as `to_dict` writes them).
+BN_LAYERS = {"BatchNorm": BatchNorm, "NoisyBatchNorm": NoisyBatchNorm}
+# BatchNorm's fields that a net sets for each of its BN layers (its feature
+# axis, train or eval mode, dtypes, initializers, whether it learns a scale
+# and a bias, the device axis) rather than the run.
+SET_BY_THE_NET = ("use_running_average", "axis", "dtype", "param_dtype", "use_bias", "use_scale", "bias_init",
+                  "scale_init", "axis_name", "axis_index_groups", "force_float32_reductions")
+BN_FIELD_DEFAULTS = {field.name: field.default for field in dataclasses.fields(BatchNorm)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +47,14 @@ class TrainConfig:
     batch 32, 3 epochs of one pass (1875 steps) each, batches in a fixed order."""
 
     batch_norm: bool = False
+    # BN's settings when batch_norm is on, as one value: an unbound
+    # `BatchNorm` (or `NoisyBatchNorm`), checked by its own checks when it is
+    # made, that every BN layer of the net copies. None: the article's, Keras's
+    # momentum 0.99 and epsilon 1e-3 (`default_bn`). The net sets each layer's
+    # own fields (SET_BY_THE_NET), so `bn` leaves those at BatchNorm's defaults.
+    # E.g. `bn=default_bn(momentum=0.9, renorm=Renorm(r_max=2.0))`, the default
+    # settings with two changed (a bare `BatchNorm()` has flax's epsilon, 1e-5).
+    bn: BatchNorm | None = None
     activation: str = "relu"
     model: str = "convnet"
     learning_rate: float = 0.001
@@ -60,35 +72,6 @@ class TrainConfig:
     seed: int = 0
     shuffle: bool = False  # False: the same fixed order every epoch, as the article
     kernel_init: str = "glorot_uniform"  # Keras's default; "lecun_normal" is Flax's
-    bn_momentum: float = 0.99
-    bn_epsilon: float = 1e-3
-    # How BN's running statistics average the batch statistics: "ema" (Keras,
-    # Flax, PyTorch), "debiased_ema" (Haiku), "cumulative" (PyTorch momentum=None);
-    # `running_average_weights` has the equations.
-    bn_running_average: str = "ema"
-    # BN's batch variance in two passes, E[(x - E[x])^2], instead of one,
-    # E[x^2] - E[x]^2 (`batch_statistics` says when it matters).
-    bn_two_pass_variance: bool = False
-    # Batch Renormalization (Ioffe 2017; `batch_renorm_train`):
-    # r clipped to [1/r_max, r_max], d to [-d_max, d_max], both opened up
-    # linearly over the first warm-up steps; its averages use their own momentum.
-    bn_renorm: bool = False
-    bn_renorm_r_max: float = 3.0
-    bn_renorm_d_max: float = 5.0
-    bn_renorm_momentum: float = 0.99
-    bn_renorm_warmup_steps: int = 0
-    # Frozen BN (fine-tuning): BN normalizes with its running statistics in
-    # training too, never updates them, and its scale and bias get no gradient.
-    bn_frozen: bool = False
-    # Ghost batches inside a device: in training every BN normalizes each group
-    # of this many consecutive examples of a device's batch by the group's own
-    # statistics (the normalization batch size; None: the whole batch).
-    # `ghost_batch_statistics.`
-    bn_ghost_batch_size: int | None = None
-    # Noisy BN (Santurkar et al. 2018; `NoisyBatchNorm`): in training every
-    # BN output is shifted and rescaled per feature by noise drawn afresh at
-    # each step, so that layer inputs' distributions move.
-    bn_noise: bool = False
     eval_every: int = 100  # steps between evaluations on the whole test set
     eval_batch_size: int = 1000
     # Each evaluation uses BN's running averages (val_accuracy); "precise" or
@@ -127,35 +110,15 @@ class TrainConfig:
     permutation_seed: int = 0
 
     def __post_init__(self):
+        for name in ("batch_norm", "shuffle", "ghost_bn", "bn_use_bias"):
+            check_bool(name, getattr(self, name))
         for name, allowed in CHOICES.items():
             check_choice(name, getattr(self, name), allowed)
-        if self.bn_noise is True and not self.batch_norm:
-            raise ValueError("bn_noise adds noise after BN, and this model has no BN (batch_norm=False); "
-                             "set batch_norm=True")
-        if self.eval_statistics != "running" and not self.batch_norm:
-            raise ValueError(f"eval_statistics {self.eval_statistics!r} needs BN statistics, and this model has no "
-                             "BN (batch_norm=False); use 'running' or batch_norm=True")
-        check_renorm_settings(self.bn_renorm_r_max, self.bn_renorm_d_max, self.bn_renorm_momentum,
-                              self.bn_renorm_warmup_steps, prefix="bn_renorm_")
-        check_variant(self.bn_running_average, self.bn_renorm, self.bn_frozen, self.bn_ghost_batch_size, prefix="bn_")
-        if self.bn_ghost_batch_size is not None:
-            self._check_ghost_batch_size()
+        self._check_bn()
+        defaults = {field.name: field.default for field in dataclasses.fields(self)}
+        check_lstm_settings(self, defaults)
         if self.model != "convnet" and (self.bn_position != "before" or self.bn_use_bias):
             raise ValueError(f"bn_position and bn_use_bias apply to model 'convnet' only, not {self.model!r}")
-        defaults = {field.name: field.default for field in dataclasses.fields(self)}
-        if self.model == "lstm":
-            for name in NOT_FOR_LSTM:
-                if getattr(self, name) != defaults[name]:
-                    raise ValueError(f"model 'lstm' takes {name}={defaults[name]!r} only, got {getattr(self, name)!r}")
-            steps = sequence_length(self.sequence)
-            if self.lstm_t_max is not None and (not is_integer(self.lstm_t_max) or not 1 <= self.lstm_t_max <= steps):
-                raise ValueError(f"lstm_t_max must be None or an integer from 1 to the {self.sequence!r} sequence's "
-                                 f"{steps} steps, got {self.lstm_t_max!r}")
-        elif any(getattr(self, name) != defaults[name] for name in LSTM_ONLY):
-            raise ValueError(f"sequence and the lstm_ fields apply to model 'lstm' only, not {self.model!r}")
-        for name in ("batch_norm", "shuffle", "ghost_bn", "bn_use_bias", "bn_two_pass_variance", "bn_renorm",
-                     "bn_frozen", "bn_noise"):
-            check_bool(name, getattr(self, name))
         for name in ("batch_size", "epochs", "eval_every", "eval_batch_size", "precise_bn_batches", "lstm_hidden_size"):
             check_integer(name, getattr(self, name))
         for name in ("steps_per_epoch", "max_steps", "num_devices"):
@@ -165,30 +128,160 @@ class TrainConfig:
         if self.seed > MAX_SEED:
             raise ValueError(f"seed must be an integer from 0 to {MAX_SEED} (JAX's PRNG key takes 32 bits: a larger "
                              f"seed would give a smaller seed's run), got {self.seed!r}")
-        for name in ("learning_rate", "adam_eps", "bn_epsilon", "lstm_bn_scale_init"):
+        for name in ("learning_rate", "adam_eps", "lstm_bn_scale_init"):
             check_positive_real(name, getattr(self, name))
         if self.grad_clip_norm is not None:
             check_positive_real("grad_clip_norm", self.grad_clip_norm)
-        for name in ("adam_b1", "adam_b2", "bn_momentum", "rmsprop_decay"):
+        for name in ("adam_b1", "adam_b2", "rmsprop_decay"):
             value = getattr(self, name)
             if not is_real(value) or not 0.0 <= value < 1.0:
                 raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
 
-    def _check_ghost_batch_size(self) -> None:
-        size = self.bn_ghost_batch_size
-        if self.batch_size % size:
-            raise ValueError(f"bn_ghost_batch_size {size} must divide batch_size {self.batch_size}")
-        if self.eval_statistics == "batch" and self.eval_batch_size % size:
-            raise ValueError(f"bn_ghost_batch_size {size} must divide eval_batch_size {self.eval_batch_size} "
-                             "(eval_statistics 'batch' evaluates test batches in train mode)")
+    def _check_bn(self) -> None:
+        """`bn` is a BatchNorm that leaves the net's fields to the net, and a
+        BN setting (bn, ghost_bn, BN's position or bias, BN statistics in
+        evaluation) is refused on a run without BN rather than ignored."""
+        if self.bn is not None:
+            if not isinstance(self.bn, BatchNorm):
+                raise ValueError(f"bn must be None or a bnjax.BatchNorm(...) of BN's settings, got {self.bn!r}")
+            for name in SET_BY_THE_NET:
+                if getattr(self.bn, name) is not BN_FIELD_DEFAULTS[name] \
+                        and getattr(self.bn, name) != BN_FIELD_DEFAULTS[name]:
+                    raise ValueError(f"bn.{name} is set by the net for each of its BN layers; leave it at "
+                                     f"{BN_FIELD_DEFAULTS[name]!r}, got {getattr(self.bn, name)!r}")
+            if self.bn == default_bn():  # one config, one spelling: None is the default settings
+                object.__setattr__(self, "bn", None)
+        if not self.batch_norm:
+            bn_settings = {"bn": self.bn, "ghost_bn": self.ghost_bn, "bn_position": self.bn_position,
+                           "bn_use_bias": self.bn_use_bias}
+            for name, value in bn_settings.items():
+                if value != TrainConfig.__dataclass_fields__[name].default:
+                    shown = describe_bn(value) if name == "bn" else repr(value)
+                    raise ValueError(f"{name}={shown} is a BN setting, and this run has no BN (batch_norm=False); "
+                                     "set batch_norm=True or leave it at its default")
+            if self.eval_statistics != "running":
+                raise ValueError(f"eval_statistics {self.eval_statistics!r} needs BN statistics, and this model has "
+                                 "no BN (batch_norm=False); use 'running' or batch_norm=True")
+        ghost_batch_size = None if self.bn is None else self.bn.ghost_batch_size
+        if ghost_batch_size is not None:
+            if self.batch_size % ghost_batch_size:
+                raise ValueError(f"bn.ghost_batch_size {ghost_batch_size} must divide batch_size {self.batch_size}")
+            if self.eval_statistics == "batch" and self.eval_batch_size % ghost_batch_size:
+                raise ValueError(f"bn.ghost_batch_size {ghost_batch_size} must divide eval_batch_size "
+                                 f"{self.eval_batch_size} (eval_statistics 'batch' evaluates test batches in train "
+                                 "mode)")
 
-    def batch_norm_layer(self, axis_name: str | None = None) -> BatchNorm:
-        """The bn_ fields as the one BatchNorm value every net takes (`bn=`).
-        `axis_name`: the mesh axis BN averages its statistics over (`make_model` names it)."""
-        renorm = (Renorm(self.bn_renorm_r_max, self.bn_renorm_d_max, self.bn_renorm_momentum,
-                         self.bn_renorm_warmup_steps) if self.bn_renorm else None)
-        settings = dict(momentum=self.bn_momentum, epsilon=self.bn_epsilon, axis_name=axis_name,
-                        running_average=self.bn_running_average, use_fast_variance=not self.bn_two_pass_variance,
-                        renorm=renorm, frozen=self.bn_frozen, ghost_batch_size=self.bn_ghost_batch_size)
-        return NoisyBatchNorm(**settings) if self.bn_noise else BatchNorm(**settings)
+    def bn_layer(self, axis_name: str | None = None) -> BatchNorm:
+        """The BatchNorm every BN layer of the run's net copies: `bn`, or the
+        default settings, averaging its statistics over the mesh axis
+        `axis_name` (`make_model` names it)."""
+        return (self.bn or default_bn()).clone(axis_name=axis_name)
 
+    def to_dict(self) -> dict:
+        """The config as JSON-ready data: `bn` as the settings the run's BN
+        layers use (`bn_to_dict`, the default settings written out), None on
+        a run without BN."""
+        fields = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+        return {**fields, "bn": bn_to_dict(self.bn_layer()) if self.batch_norm else None}
+
+    @classmethod
+    def from_dict(cls, fields: dict) -> TrainConfig:
+        """The config `to_dict` wrote, or the flat form of results and
+        checkpoints saved before `bn` was one field (its `bn_*` fields, which
+        a run without BN ignored); missing fields take their defaults.
+        ValueError names an unknown field or a bad value."""
+        fields = dict(fields)
+        if any(name in LEGACY_BN_FIELDS for name in fields):
+            fields = _from_flat_form(fields)
+        unknown = sorted(set(fields) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"unknown TrainConfig field {unknown[0]!r}; python -m bnjax --fields lists them")
+        if isinstance(fields.get("bn"), dict):
+            fields["bn"] = bn_from_dict(fields["bn"])
+        return cls(**fields)
+
+
+def default_bn(layer: type = BatchNorm, **changes) -> BatchNorm:
+    """The article's BN settings, Keras's momentum 0.99 and epsilon 1e-3, as a
+    `layer` (BatchNorm or NoisyBatchNorm), with `changes` to any setting:
+    `TrainConfig(batch_norm=True, bn=default_bn(momentum=0.9))`."""
+    return layer(**{**default_bn_settings(), **changes})
+
+
+def bn_to_dict(bn: BatchNorm) -> dict:
+    """BN's settings as data: the layer's class ("layer") and each of its
+    fields the net does not set, a Renorm as a dict of its own."""
+    settings = {name: getattr(bn, name) for name in bn_settings_of(type(bn))}
+    if settings.get("renorm") is not None:
+        settings["renorm"] = dataclasses.asdict(settings["renorm"])
+    return {"layer": type(bn).__name__, **settings}
+
+
+def bn_from_dict(settings: dict) -> BatchNorm:
+    """The BatchNorm `bn_to_dict` wrote; settings it lacks are the default
+    settings' (`default_bn`). ValueError, prefixed "bn", names a bad one."""
+    settings = dict(settings)
+    layer = settings.pop("layer", "BatchNorm")
+    check_choice("bn.layer", layer, BN_LAYERS)
+    known = bn_settings_of(BN_LAYERS[layer])
+    unknown = sorted(set(settings) - set(known))
+    if unknown:
+        raise ValueError(f"bn ({layer}) has no setting {unknown[0]!r}; its settings: {', '.join(known)}")
+    if isinstance(settings.get("renorm"), dict):
+        settings["renorm"] = _made("bn.renorm", Renorm, settings["renorm"])
+    elif settings.get("renorm") is True:  # Keras's idiom: the default Renorm
+        settings["renorm"] = Renorm()
+    elif settings.get("renorm") is False:
+        settings["renorm"] = None
+    return _made("bn", BN_LAYERS[layer], {**default_bn_settings(), **settings})
+
+
+def describe_bn(bn: BatchNorm) -> str:
+    """BN's settings in one line, those that differ from the layer's defaults:
+    "BatchNorm(momentum=0.9, renorm=Renorm(r_max=2.0, ...))"."""
+    defaults = {name: BN_FIELD_DEFAULTS.get(name, getattr(type(bn), name, None)) for name in bn_settings_of(type(bn))}
+    shown = [f"{name}={getattr(bn, name)!r}" for name in bn_settings_of(type(bn)) if getattr(bn, name) != defaults[name]]
+    return f"{type(bn).__name__}({', '.join(shown)})"
+
+
+def default_bn_settings() -> dict:
+    return {"momentum": KERAS_MOMENTUM, "epsilon": KERAS_EPSILON}
+
+
+def bn_settings_of(layer: type) -> list[str]:
+    """The fields of BN layer class `layer` a run sets: all but SET_BY_THE_NET."""
+    return [field.name for field in dataclasses.fields(layer)
+            if field.name not in SET_BY_THE_NET and field.name not in ("parent", "name")]
+
+
+def _made(name: str, kind: type, settings: dict):
+    try:
+        return kind(**settings)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{name}: {error}") from None
+
+
+# The flat form of results and checkpoints written before `bn` was one field:
+# each old field and the BatchNorm setting it held.
+LEGACY_BN_FIELDS = {"bn_momentum": "momentum", "bn_epsilon": "epsilon", "bn_running_average": "running_average",
+                    "bn_two_pass_variance": "use_fast_variance", "bn_frozen": "frozen",
+                    "bn_ghost_batch_size": "ghost_batch_size", "bn_renorm": "renorm", "bn_renorm_r_max": "r_max",
+                    "bn_renorm_d_max": "d_max", "bn_renorm_momentum": "momentum", "bn_renorm_warmup_steps":
+                        "warmup_steps", "bn_noise": "layer"}
+
+
+def _from_flat_form(fields: dict) -> dict:
+    flat = {name: fields.pop(name) for name in list(fields) if name in LEGACY_BN_FIELDS}
+    if not fields.get("batch_norm", False):  # these runs trained without BN, whatever the BN fields said
+        for name in ("ghost_bn", "bn_position", "bn_use_bias"):
+            fields.pop(name, None)
+        return fields
+    settings = {LEGACY_BN_FIELDS[name]: value for name, value in flat.items()
+                if name in ("bn_momentum", "bn_epsilon", "bn_running_average", "bn_frozen", "bn_ghost_batch_size")}
+    if "bn_two_pass_variance" in flat:
+        settings["use_fast_variance"] = not flat["bn_two_pass_variance"]
+    if flat.get("bn_renorm"):
+        settings["renorm"] = {LEGACY_BN_FIELDS[name]: flat[name] for name in flat if name.startswith("bn_renorm_")}
+    if flat.get("bn_noise"):
+        settings["layer"] = "NoisyBatchNorm"
+    return {**fields, "bn": settings}

@@ -8,7 +8,7 @@ three kinds of statistics (`TrainConfig.eval_statistics`):
   batch     train mode on each test batch of `eval_batch_size`: every batch
             normalized by its own statistics (Haiku's `test_local_stats=True`,
             Equinox's `mode="batch"`), or each ghost batch of it by its own
-            under `bn_ghost_batch_size`, as in training; the updated running
+            under `ghost_batch_size`, as in training; the updated running
             averages are dropped.
 
 One door for all three: `evaluate_runs(state, images, labels,
@@ -184,7 +184,7 @@ def batch_statistics_accuracy(state, images_uint8, labels, group_size: int):
     """Test accuracy in train mode at any test batch size: the images are cut
     into groups of `group_size` (a remainder is dropped), and each group is
     normalized with its own statistics (each ghost batch of it by its own,
-    under `bn_ghost_batch_size`). The returned running averages are thrown away.
+    under `ghost_batch_size`). The returned running averages are thrown away.
     One run (no runs axis). A door of its own beside `evaluate(statistics="batch")`
     because it measures something else: how accuracy depends on the test batch
     size (the eval-modes and rethinking-batch studies, from 1 to the

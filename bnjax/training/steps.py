@@ -42,7 +42,7 @@ def make_model(config: TrainConfig, num_devices: int = 1, conv_implementation: s
     """The config's net. Over several devices with synchronized BN, every BN
     averages its statistics over DATA_AXIS: the statistics of the global batch.
     `conv_implementation` ("lax" or "matmul": `conv_as_matmul`) applies to the CNN's convolutions."""
-    bn = config.batch_norm_layer(axis_name=DATA_AXIS if num_devices > 1 and not config.ghost_bn else None)
+    bn = config.bn_layer(axis_name=DATA_AXIS if num_devices > 1 and not config.ghost_bn else None)
     if config.model == "lstm":
         return LSTM(batch_norm=config.batch_norm, bn=bn, sequence=config.sequence,
                     hidden_size=config.lstm_hidden_size, t_max=config.lstm_t_max,
