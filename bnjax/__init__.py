@@ -3,8 +3,9 @@
     import bnjax
 
     norm = functools.partial(bnjax.BatchNorm, momentum=0.9)   # where flax takes nn.BatchNorm
-    batch_stats = bnjax.update_bn(model, variables, batches)  # precise BN for any linen model
-    report = bnjax.checkup(model, variables, train_batches, eval_batches, metric)  # which BN statistics to trust
+    batch_stats = bnjax.update_bn(model, variables, batches, train=True)  # precise BN for any linen model
+    report = bnjax.checkup(model, variables, train_batches, eval_batches, bnjax.accuracy,  # which statistics to trust
+                           train_kwargs={"train": True}, eval_kwargs={"train": False})
 
     bnjax.use_cpu_flags()         # bnjax's XLA:CPU flags, before any JAX computation, as python -m bnjax does
     bnjax.use_persistent_cache()  # compiled programs kept on disk, as python -m bnjax does

@@ -9,7 +9,6 @@ import pytest
 from flax import nnx
 
 import bnjax
-import bnjax
 from bnjax.nets.nnx_model import NNXConvNet, linen_to_nnx
 from bnjax.training.config import TrainConfig
 from bnjax.training.evaluation import batch_statistics_accuracy, evaluate

@@ -10,7 +10,6 @@ import pytest
 from flax import nnx
 
 import bnjax
-import bnjax
 from bnjax.nets.models import ConvNet
 from bnjax.nets.nnx_model import NNXConvNet, linen_to_nnx
 from bnjax.training.precise_bn import recompute_batch_stats
@@ -133,3 +132,35 @@ def test_bad_requests_are_refused_in_one_line():
         bnjax.update_bn(model, variables, [], train=True)
     with pytest.raises(ValueError, match="^update_bn needs a model with BN layers"):
         bnjax.update_bn(model, {"params": variables["params"]}, BATCHES, train=True)
+
+
+class EvalByDefault(nn.Module):
+    """A user's model whose call defaults to eval mode, as many do."""
+    norm: type = bnjax.BatchNorm
+
+    @nn.compact
+    def __call__(self, inputs, train: bool = False):
+        x = nn.relu(self.norm(use_running_average=not train)(nn.Dense(16, use_bias=False)(inputs.reshape(
+            len(inputs), -1))))
+        return self.norm(use_running_average=not train)(nn.Dense(10, use_bias=False)(x))
+
+
+@pytest.mark.parametrize("norm", [bnjax.BatchNorm, nn.BatchNorm], ids=["bnjax", "flax"])
+def test_a_model_left_in_eval_mode_is_refused_not_silently_wrong(norm):
+    model = EvalByDefault(norm)
+    variables = model.init(jax.random.key(0), BATCHES[0])
+    message = (r"^update_bn runs the model in train mode, but its BN layer BatchNorm_0 ran in eval mode "
+               r"\(use_running_average=True\): pass the model's train-mode argument")
+    with pytest.raises(ValueError, match=message):
+        bnjax.update_bn(model, variables, BATCHES)
+    with pytest.raises(ValueError, match=message):
+        bnjax.checkup(model, variables, BATCHES, [(BATCHES[0], DATA.y_train[:32])], bnjax.accuracy,
+                      train_kwargs={"train": False})
+    found = bnjax.update_bn(model, variables, BATCHES, train=True)  # the call the front door's docstring shows
+    assert float(jnp.abs(found["BatchNorm_1"]["mean"] - variables["batch_stats"]["BatchNorm_1"]["mean"]).max()) > 0
+
+
+def test_a_frozen_layer_in_train_mode_is_no_error():
+    model = EvalByDefault(lambda **settings: bnjax.BatchNorm(frozen=True, **settings))
+    variables = model.init(jax.random.key(0), BATCHES[0])
+    assert set(bnjax.update_bn(model, variables, BATCHES, train=True)) == {"BatchNorm_0", "BatchNorm_1"}

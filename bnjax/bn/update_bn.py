@@ -56,6 +56,25 @@ def layer_statistics(module, x, mask=None):
     return mean, var
 
 
+def in_eval_mode(module, args, kwargs) -> bool:
+    """Whether a BN layer's call (its `args` and `kwargs` as intercepted) is
+    in eval mode: use_running_average True, at the call or in the layer."""
+    at_call = args[1] if len(args) > 1 else kwargs.get("use_running_average")
+    return bool(module.use_running_average if at_call is None else at_call)
+
+
+def refuse_eval_mode(module, args, kwargs) -> None:
+    """A one-line ValueError when a BN layer runs in eval mode in update_bn's
+    pass: the layers above it would see other inputs than in training, and
+    the re-estimated statistics would silently follow the running averages.
+    (A frozen layer normalizes with its running statistics in train mode
+    too, as in training: that is no error.)"""
+    if in_eval_mode(module, args, kwargs):
+        raise ValueError(f"update_bn runs the model in train mode, but its BN layer {'/'.join(module.path)} ran in "
+                         "eval mode (use_running_average=True): pass the model's train-mode argument, "
+                         "update_bn(..., train=True) or checkup(..., train_kwargs={'train': True})")
+
+
 def statistics_by_layer(model, variables, batch, **apply_kwargs) -> dict:
     """{path of each BN layer: (batch mean, batch variance)} for one batch."""
     found = {}
@@ -63,6 +82,7 @@ def statistics_by_layer(model, variables, batch, **apply_kwargs) -> dict:
     def record(next_fun, args, kwargs, context):
         module = context.module
         if context.method_name == "__call__" and isinstance(module, BN_LAYERS):
+            refuse_eval_mode(module, args, kwargs)
             if module.path in found:
                 raise ValueError(f"BN layer {'/'.join(module.path)} is called more than once in one forward pass; "
                                  "update_bn takes each layer's statistics from one call")
