@@ -47,7 +47,8 @@ from bnjax.support.provenance import environment
 from bnjax.training import evaluation
 from bnjax.nets.recurrent import sequence_length
 from bnjax.bn.batchnorm import Renorm
-from bnjax.training.config import TrainConfig, default_bn
+from bnjax.bn.batchnorm import keras_bn
+from bnjax.training.config import TrainConfig
 from bnjax.training.runs import stack_runs
 from bnjax.training.schedule import resolve_steps
 from bnjax.training.steps import DATA_AXIS, create_train_state, matmul_precision, train_step
@@ -189,8 +190,8 @@ def programs(topology: str, devices) -> list[tuple[str, callable]]:
         ("engine: interval program, 6 stacked runs (matmul)", lambda: engine_interval(BN, [one], 6, "matmul")),
         ("evaluation: precise BN statistics", lambda: evaluation_program(BN, one, "precise")),
         ("evaluation: batch statistics", lambda: evaluation_program(BN, one, "batch")),
-        ("ghost BN (ghost batches of 8)", lambda: plain_train_step(dataclasses.replace(BN, bn=default_bn(ghost_batch_size=8)), one)),
-        ("Batch Renorm", lambda: plain_train_step(dataclasses.replace(BN, bn=default_bn(renorm=Renorm())), one)),
+        ("ghost BN (ghost batches of 8)", lambda: plain_train_step(dataclasses.replace(BN, bn=keras_bn(ghost_batch_size=8)), one)),
+        ("Batch Renorm", lambda: plain_train_step(dataclasses.replace(BN, bn=keras_bn(renorm=Renorm())), one)),
         (f"BN-LSTM ({LSTM.sequence}: {sequence_length(LSTM.sequence)} time steps)",
          lambda: plain_train_step(LSTM, one)),
         ("bfloat16 (compute_dtype)", lambda: plain_train_step(dataclasses.replace(BN, compute_dtype="bfloat16"), one)),

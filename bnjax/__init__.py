@@ -26,13 +26,28 @@ studies, the benchmarks) do.
 """
 
 import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # what type checkers and IDEs see; at run time each name is imported on first use (below)
+    from bnjax import nnx
+    from bnjax.bn.batchnorm import BatchNorm, Renorm, keras_bn
+    from bnjax.bn.checkup import Checkup, accuracy, checkup
+    from bnjax.bn.update_bn import update_bn
+    from bnjax.data.datasets import load_dataset, load_mnist
+    from bnjax.engine.launch import Observer, train_many
+    from bnjax.engine.strategy import Strategy
+    from bnjax.support.compilation_cache import use_persistent_cache
+    from bnjax.support.xla_flags import use_cpu_flags
+    from bnjax.training.config import TrainConfig
+    from bnjax.training.history import History
+    from bnjax.training.train import train
 
 # The front door's names and the modules they live in, imported when first
 # used: `import bnjax` stays quick, and `python -m bnjax` starts listening for
 # Ctrl-C before the slow imports.
 _EXPORTS = {
-    "BatchNorm": "bnjax.bn.batchnorm", "KERAS_BN": "bnjax.bn.batchnorm", "Renorm": "bnjax.bn.batchnorm",
-    "nnx": "bnjax.bn.nnx", "update_bn": "bnjax.bn.update_bn",
+    "BatchNorm": "bnjax.bn.batchnorm", "keras_bn": "bnjax.bn.batchnorm", "Renorm": "bnjax.bn.batchnorm",
+    "nnx": "bnjax.nnx", "update_bn": "bnjax.bn.update_bn",
     "checkup": "bnjax.bn.checkup", "Checkup": "bnjax.bn.checkup", "accuracy": "bnjax.bn.checkup",
     "TrainConfig": "bnjax.training.config", "History": "bnjax.training.history", "train": "bnjax.training.train",
     "train_many": "bnjax.engine.launch", "Observer": "bnjax.engine.launch", "Strategy": "bnjax.engine.strategy",

@@ -70,7 +70,7 @@ import typing  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import bnjax
-from bnjax.bn.batchnorm import RUNNING_AVERAGES, Renorm
+from bnjax.bn.batchnorm import RUNNING_AVERAGES, Renorm, keras_bn
 from bnjax.support.checks import OneLineArgumentParser
 from bnjax.data.datasets import DATASETS, SOURCES, DataError, load_dataset
 from bnjax.engine.launch import Observer, launch_like, replay
@@ -81,7 +81,7 @@ from bnjax.support.provenance import environment
 from bnjax.support.xla_flags import use_cpu_flags
 from bnjax.training.checkpoint import saved_step
 from bnjax.training.config import (BN_LAYERS, CHOICES, LEGACY_BN_FIELDS, TrainConfig, bn_from_dict, bn_settings_of,
-                                   bn_to_dict, default_bn)
+                                   bn_to_dict)
 from bnjax.training.history import DIVERGED_LOSS
 
 # What `--set` takes, by name: TrainConfig's fields but `bn`, each of whose
@@ -192,7 +192,7 @@ def setting_defaults() -> dict:
     """Each `--set` name's default: TrainConfig's, and for bn. the default
     BN settings' (those of NoisyBatchNorm alone, and of Renorm, at their own)."""
     bn = {f"bn.{name}": value for layer in BN_LAYERS.values() for name, value in bn_to_dict(layer()).items()}
-    bn |= {f"bn.{name}": value for name, value in bn_to_dict(default_bn()).items()}
+    bn |= {f"bn.{name}": value for name, value in bn_to_dict(keras_bn()).items()}
     return ({name: value for name, value in TrainConfig().to_dict().items() if name != "bn"} | bn
             | {"bn.renorm": False} | {f"bn.renorm.{name}": value for name, value in dataclasses.asdict(Renorm()).items()})
 

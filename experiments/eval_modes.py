@@ -38,7 +38,8 @@ import numpy as np  # noqa: E402
 from bnjax.support.checks import OneLineArgumentParser  # noqa: E402
 from bnjax.data.datasets import load_mnist  # noqa: E402
 from bnjax.support.atomic import atomic_write  # noqa: E402
-from bnjax.training.config import TrainConfig, default_bn
+from bnjax.bn.batchnorm import keras_bn
+from bnjax.training.config import TrainConfig
 from bnjax.training.evaluation import batch_statistics_accuracy  # noqa: E402
 from bnjax.training.evaluation import evaluate
 from bnjax.training.precise_bn import precise_statistics, sample_batches  # noqa: E402
@@ -55,7 +56,7 @@ BATCH_STATS_TEST_BATCH = 1000  # test batch size of the "batch" curve
 
 def study_configs(seeds: int, epochs: int) -> list[TrainConfig]:
     settings = [(0.01, momentum) for momentum in MOMENTA] + [(0.001, 0.99)]
-    return [TrainConfig(batch_norm=True, activation="sigmoid", learning_rate=learning_rate, bn=default_bn(momentum=momentum),
+    return [TrainConfig(batch_norm=True, activation="sigmoid", learning_rate=learning_rate, bn=keras_bn(momentum=momentum),
                         epochs=epochs, seed=seed)
             for learning_rate, momentum in settings for seed in range(seeds)]
 

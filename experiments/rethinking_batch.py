@@ -36,7 +36,8 @@ from bnjax.support.checks import OneLineArgumentParser  # noqa: E402
 from bnjax.bn.batchnorm import RUNNING_AVERAGES, Renorm  # noqa: E402
 from bnjax.data.datasets import load_mnist  # noqa: E402
 from bnjax.support.atomic import atomic_write  # noqa: E402
-from bnjax.training.config import TrainConfig, default_bn
+from bnjax.bn.batchnorm import keras_bn
+from bnjax.training.config import TrainConfig
 from bnjax.training.evaluation import batch_statistics_accuracy  # noqa: E402
 from bnjax.training.evaluation import evaluate  # noqa: E402
 from bnjax.training.precise_bn import recompute_batch_stats  # noqa: E402
@@ -93,7 +94,7 @@ def mean_std(values) -> str:
 def rules_configs(seeds: int, size: Size = SIZES["cpu"]) -> list[TrainConfig]:
     settings = ([(lr, rule, 0.99) for lr in (0.001, 0.01) for rule in RUNNING_AVERAGES]
                 + [(0.01, rule, momentum) for momentum in (0.9, 0.999) for rule in ("ema", "debiased_ema")])
-    return [TrainConfig(batch_norm=True, activation="sigmoid", learning_rate=lr, bn=default_bn(momentum=momentum, running_average=rule),
+    return [TrainConfig(batch_norm=True, activation="sigmoid", learning_rate=lr, bn=keras_bn(momentum=momentum, running_average=rule),
                         max_steps=size.rule_steps, eval_every=size.rule_eval_every, seed=seed,
                         eval_statistics="precise" if (rule, momentum) == ("ema", 0.99) else "running",
                         precise_bn_batches=PRECISE_BATCHES)
@@ -241,7 +242,7 @@ GROUPED_EXAMPLES = 8192  # training examples (and test images, up to the test se
 def norm_batch_configs(seeds: int, size: Size = SIZES["cpu"]) -> list[TrainConfig]:
     return [TrainConfig(batch_norm=True, activation="relu", batch_size=size.norm_batch, max_steps=size.norm_steps,
                         eval_every=size.norm_steps // 4, seed=seed,
-                        bn=None if nbs == size.norm_batch else default_bn(ghost_batch_size=nbs))
+                        bn=None if nbs == size.norm_batch else keras_bn(ghost_batch_size=nbs))
             for nbs in size.norm_sizes for seed in range(seeds)]
 
 
@@ -325,7 +326,7 @@ def renorm_configs(seeds: int, size: Size = SIZES["cpu"]) -> list[TrainConfig]:
         steps = size.renorm_examples // batch_size
         for renorm in (False, True):
             configs += [TrainConfig(batch_norm=True, activation="relu", batch_size=batch_size, epochs=1,
-                                    steps_per_epoch=steps, eval_every=steps // 8, bn=default_bn(
+                                    steps_per_epoch=steps, eval_every=steps // 8, bn=keras_bn(
                                         renorm=Renorm(warmup_steps=RENORM_WARMUP)) if renorm else None, seed=seed)
                         for seed in range(seeds)]
     return configs

@@ -44,7 +44,8 @@ import numpy as np  # noqa: E402
 from bnjax.support.checks import OneLineArgumentParser  # noqa: E402
 from bnjax.data.datasets import load_mnist  # noqa: E402
 from bnjax.bn.noisy import NoisyBatchNorm  # noqa: E402
-from bnjax.training.config import TrainConfig, default_bn  # noqa: E402
+from bnjax.bn.batchnorm import keras_bn  # noqa: E402
+from bnjax.training.config import TrainConfig  # noqa: E402
 from bnjax.training.landscape import gradient_line, gradient_shift, layer_inputs, moments_shift  # noqa: E402
 from bnjax.training.steps import cross_entropy_loss, to_float_images, train_step_body  # noqa: E402
 from experiments.results import load_results, run_resumable, save_figure  # noqa: E402
@@ -59,7 +60,7 @@ COLORS = {"plain": "tab:blue", "BN": "tab:red", "noisy BN": "tab:green"}
 
 def variant_settings(variant: str) -> dict:
     """The TrainConfig fields of one of VARIANTS."""
-    noisy = dict(bn=default_bn(NoisyBatchNorm)) if variant == "noisy BN" else {}
+    noisy = dict(bn=keras_bn(NoisyBatchNorm)) if variant == "noisy BN" else {}
     return dict(batch_norm=variant != "plain", **noisy)
 
 

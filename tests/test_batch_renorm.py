@@ -12,7 +12,8 @@ import pytest
 
 from bnjax.__main__ import config_from_settings
 from bnjax.bn.batchnorm import BatchNorm, Renorm, clip_limits
-from bnjax.training.config import TrainConfig, default_bn
+from bnjax.bn.batchnorm import keras_bn
+from bnjax.training.config import TrainConfig
 from bnjax.training.steps import create_train_state, train_step, to_float_images
 from tolerances import assert_within, bn_round_off, feature_scale
 
@@ -133,7 +134,7 @@ def test_warm_up_opens_the_clipping_linearly_from_plain_bn():
 
 
 def test_renorm_trains_the_article_net_and_keeps_eval_mode_unchanged(tiny_data):
-    config = TrainConfig(batch_norm=True, bn=default_bn(renorm=Renorm(warmup_steps=2)))
+    config = TrainConfig(batch_norm=True, bn=keras_bn(renorm=Renorm(warmup_steps=2)))
     state = create_train_state(config, jax.random.key(0))
     images, labels = to_float_images(jnp.asarray(tiny_data.x_train[:32])), jnp.asarray(tiny_data.y_train[:32])
     for _ in range(3):

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bnjax.bn.batchnorm import KERAS_BN, BatchNorm, RunningAverage, batch_norm_eval, batch_norm_train, batch_statistics
+from bnjax.bn.batchnorm import BatchNorm, keras_bn, RunningAverage, batch_norm_eval, batch_norm_train, batch_statistics
 from bnjax.nets.models import MLP, ConvNet
 from bnjax.nets.recurrent import LSTM
 from tolerances import assert_within, mean_round_off, variance_round_off
@@ -91,8 +91,8 @@ def test_variables_have_flax_names_and_shapes():
 
 def test_defaults_are_flax_and_the_nets_use_keras():
     assert BatchNorm().momentum == 0.99 and BatchNorm().epsilon == 1e-5  # flax.linen.BatchNorm's
-    assert KERAS_BN.momentum == 0.99 and KERAS_BN.epsilon == 1e-3  # the article's, which bnjax's nets use
-    assert ConvNet().bn == KERAS_BN and MLP().bn == KERAS_BN and LSTM().bn == KERAS_BN
+    assert keras_bn().momentum == 0.99 and keras_bn().epsilon == 1e-3  # the article's, which bnjax's nets use
+    assert ConvNet().bn is None and MLP().bn is None and LSTM().bn is None  # None: keras_bn()
 
 
 def test_pure_functions_follow_the_equations():

@@ -137,7 +137,7 @@ def test_a_bn_runs_lagging_test_accuracy_is_explained_once(monkeypatch, capsys):
     ({}, True),
     ({"batch_norm": False}, False),  # no running averages
     ({"eval_statistics": "precise"}, False),  # precise BN is shown beside them already
-    ({"bn": cli.default_bn(running_average="cumulative")}, True),
+    ({"bn": cli.keras_bn(running_average="cumulative")}, True),
 ])
 def test_which_runs_get_the_note(changes, explained):
     config = cli.TrainConfig(**{"batch_norm": True, **changes})
@@ -259,7 +259,7 @@ def test_the_readmes_replay_example_names_a_committed_run_with_a_launch_record()
 
 def test_bn_settings_are_set_one_by_one_and_the_flat_names_point_to_them():
     config = cli.config_from_settings(["batch_norm=true", "bn.momentum=0.9", "bn.ghost_batch_size=8"])
-    assert config.bn == cli.default_bn(momentum=0.9, ghost_batch_size=8)
+    assert config.bn == cli.keras_bn(momentum=0.9, ghost_batch_size=8)
     assert cli.changed_settings(config) == {"batch_norm": True, "bn.momentum": 0.9, "bn.ghost_batch_size": 8}
     noisy = cli.config_from_settings(["batch_norm=true", "bn.layer=NoisyBatchNorm", "bn.noise_shift=0.5"])
     assert type(noisy.bn).__name__ == "NoisyBatchNorm" and noisy.bn.noise_shift == 0.5

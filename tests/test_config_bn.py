@@ -13,7 +13,8 @@ import pytest
 
 from bnjax.bn.batchnorm import BatchNorm, Renorm
 from bnjax.bn.noisy import NoisyBatchNorm
-from bnjax.training.config import TrainConfig, bn_from_dict, default_bn
+from bnjax.bn.batchnorm import keras_bn
+from bnjax.training.config import TrainConfig, bn_from_dict
 from bnjax.training.train import train
 from conftest import make_dataset
 
@@ -21,7 +22,7 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 
 @pytest.mark.parametrize("fields, message", [
-    (dict(bn=default_bn(momentum=0.9)), "bn=BatchNorm(momentum=0.9, epsilon=0.001) is a BN setting"),
+    (dict(bn=keras_bn(momentum=0.9)), "bn=BatchNorm(momentum=0.9, epsilon=0.001) is a BN setting"),
     (dict(ghost_bn=True), "ghost_bn=True is a BN setting"),
     (dict(bn_use_bias=True), "bn_use_bias=True is a BN setting"),
     (dict(bn_position="after"), "bn_position='after' is a BN setting"),
@@ -34,9 +35,9 @@ def test_a_bn_setting_on_a_run_without_bn_is_refused_in_one_line(fields, message
 
 
 @pytest.mark.parametrize("bn, message", [
-    (default_bn(axis_name="data"), "bn.axis_name is set by the net for each of its BN layers; leave it at None, got "
+    (keras_bn(axis_name="data"), "bn.axis_name is set by the net for each of its BN layers; leave it at None, got "
                                    "'data'"),
-    (default_bn(use_scale=False), "bn.use_scale is set by the net for each of its BN layers; leave it at True, got "
+    (keras_bn(use_scale=False), "bn.use_scale is set by the net for each of its BN layers; leave it at True, got "
                                   "False"),
     ({"momentum": 0.9}, "bn must be None or a bnjax.BatchNorm(...) of BN's settings, got {'momentum': 0.9}"),
 ])
@@ -48,21 +49,21 @@ def test_bn_leaves_the_nets_fields_to_the_net(bn, message):
 
 def test_a_run_has_one_spelling_and_its_saved_form_says_what_its_bn_used():
     default = TrainConfig(batch_norm=True)
-    assert TrainConfig(batch_norm=True, bn=default_bn()) == default and default.bn is None
-    assert hash(TrainConfig(batch_norm=True, bn=default_bn(momentum=0.9))) == hash(
-        TrainConfig(batch_norm=True, bn=default_bn(momentum=0.9)))
+    assert TrainConfig(batch_norm=True, bn=keras_bn()) == default and default.bn is None
+    assert hash(TrainConfig(batch_norm=True, bn=keras_bn(momentum=0.9))) == hash(
+        TrainConfig(batch_norm=True, bn=keras_bn(momentum=0.9)))
     assert default.to_dict()["bn"] == {"layer": "BatchNorm", "momentum": 0.99, "epsilon": 0.001,
                                        "use_fast_variance": True, "running_average": "ema",
                                        "unbiased_running_var": False, "renorm": None, "frozen": False,
                                        "ghost_batch_size": None}
     assert TrainConfig().to_dict()["bn"] is None
-    for config in (default, TrainConfig(batch_norm=True, bn=default_bn(renorm=Renorm(r_max=2.0, warmup_steps=3))),
-                   TrainConfig(batch_norm=True, bn=default_bn(NoisyBatchNorm, noise_shift=0.5)), TrainConfig()):
+    for config in (default, TrainConfig(batch_norm=True, bn=keras_bn(renorm=Renorm(r_max=2.0, warmup_steps=3))),
+                   TrainConfig(batch_norm=True, bn=keras_bn(NoisyBatchNorm, noise_shift=0.5)), TrainConfig()):
         assert TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
 
 
 def test_the_layer_used_is_bn_with_the_device_axis():
-    config = TrainConfig(batch_norm=True, bn=default_bn(frozen=True))
+    config = TrainConfig(batch_norm=True, bn=keras_bn(frozen=True))
     assert config.bn_layer("data") == BatchNorm(momentum=0.99, epsilon=1e-3, frozen=True, axis_name="data")
     assert TrainConfig(batch_norm=True).bn_layer() == BatchNorm(momentum=0.99, epsilon=1e-3)
 

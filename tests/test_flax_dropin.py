@@ -173,6 +173,28 @@ def test_axis_name_equals_flax_over_a_named_axis():
     jax.tree_util.tree_map(np.testing.assert_array_equal, on_devices(ours), on_devices(theirs))
 
 
+def test_inputs_with_nothing_to_reduce_equal_flax():
+    # A 1-D input (flax's test_bind_stateful), and every axis a feature axis:
+    # the statistics are the values themselves, as flax computes them.
+    assert_same_as_flax(dict(), x=X[0, 0, 0])
+    assert_same_as_flax(dict(axis=(0, 1, 2, 3)))
+
+
+def test_per_example_inputs_under_vmap_equal_flax():
+    # How per-example code uses BN: each example alone, its statistics averaged over the vmapped axis.
+    examples = X.reshape(-1, X.shape[-1])[:16]
+    variables = nn.BatchNorm().init(jax.random.key(0), examples[0], use_running_average=True)
+
+    def per_example(module):
+        return jax.vmap(lambda example: module.apply(variables, example, use_running_average=False,
+                                                     mutable=["batch_stats"]), axis_name="batch")(examples)
+
+    ours, theirs = per_example(BatchNorm(axis_name="batch")), per_example(nn.BatchNorm(axis_name="batch"))
+    jax.tree_util.tree_map(np.testing.assert_array_equal, ours, theirs)
+    np.testing.assert_allclose(ours[0], nn.BatchNorm(use_running_average=False).init_with_output(
+        jax.random.key(0), examples)[0], rtol=1e-5, atol=1e-5)  # the batch's BN, example by example
+
+
 def test_drop_in_for_flax_in_a_partial():
     norm = functools.partial(bnjax.BatchNorm, use_running_average=False, momentum=0.9, epsilon=1e-5)
     flax_norm = functools.partial(nn.BatchNorm, use_running_average=False, momentum=0.9, epsilon=1e-5)
@@ -208,7 +230,8 @@ def test_each_variant_is_one_keyword_away_and_moves_something(variant):
     (dict(use_bias=1), "use_bias must be True or False, got 1"),
     (dict(scale_init=1.0), "scale_init must be an initializer (key, shape, dtype) -> array, got 1.0"),
     (dict(running_average="EMA"), "unknown running_average 'EMA'; allowed: cumulative, debiased_ema, ema"),
-    (dict(renorm=True), "renorm must be None or a Renorm(...), got True"),
+    (dict(renorm=True), "renorm must be None or a bnjax.Renorm(...) (Keras's renorm=True is renorm=bnjax.Renorm()), "
+                        "got True"),
 ])
 def test_bad_settings_are_refused_in_one_line_when_made(settings, message):
     with pytest.raises(ValueError) as error:
@@ -219,7 +242,6 @@ def test_bad_settings_are_refused_in_one_line_when_made(settings, message):
 @pytest.mark.parametrize("settings, call, message", [
     (dict(), dict(), 'Parameter "use_running_average" must be passed to the constructor or at call time.'),  # flax's
     (dict(axis=4), dict(use_running_average=False), "axis 4 is out of range for an input of 4 dimensions"),
-    (dict(axis=(0, 1, 2, 3)), dict(use_running_average=False), "axis (0, 1, 2, 3) leaves no axis of the input"),
     (dict(axis=0, ghost_batch_size=4), dict(use_running_average=False),
      "ghost_batch_size groups the examples along axis 0, which axis=0 makes a feature axis"),
     (dict(ghost_batch_size=4), dict(use_running_average=False, mask=jnp.ones(X.shape, bool)),

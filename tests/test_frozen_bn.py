@@ -1,4 +1,4 @@
-"""Frozen BN (`BatchNorm(frozen=True)`, `TrainConfig(bn=default_bn(frozen=True))`): equal
+"""Frozen BN (`BatchNorm(frozen=True)`, `TrainConfig(bn=keras_bn(frozen=True))`): equal
 to torchvision's FrozenBatchNorm2d on numbers exported once from it
 (tests/fixtures/make_frozen_bn_fixtures.py), and in training nothing of BN
 moves: neither its statistics nor its scale and bias."""
@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from bnjax.bn.batchnorm import BatchNorm
-from bnjax.training.config import TrainConfig, default_bn
+from bnjax.bn.batchnorm import keras_bn
+from bnjax.training.config import TrainConfig
 from bnjax.training.steps import create_train_state
 from bnjax.training.train import train
 
@@ -52,7 +53,7 @@ def test_train_mode_output_and_gradient_equal_torchvision():
 
 
 def test_a_frozen_bn_net_trains_everything_but_bn(tiny_data):
-    config = TrainConfig(batch_norm=True, bn=default_bn(frozen=True), model="mlp", max_steps=4, eval_every=4,
+    config = TrainConfig(batch_norm=True, bn=keras_bn(frozen=True), model="mlp", max_steps=4, eval_every=4,
                          eval_batch_size=32)
     start = create_train_state(config, jax.random.key(config.seed))
     history, state = train(config, tiny_data)

@@ -1,5 +1,5 @@
 """Ghost batches inside a device (`BatchNorm(ghost_batch_size=...)`,
-`TrainConfig(bn=default_bn(ghost_batch_size=...))`): each group of consecutive examples is
+`TrainConfig(bn=keras_bn(ghost_batch_size=...))`): each group of consecutive examples is
 normalized as a BN over that group alone would normalize it, and the running
 averages take the mean of the groups' statistics."""
 
@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from bnjax.bn.batchnorm import BatchNorm, Renorm
-from bnjax.training.config import TrainConfig, default_bn
+from bnjax.bn.batchnorm import keras_bn
+from bnjax.training.config import TrainConfig
 from bnjax.training.precise_bn import recompute_batch_stats
 from bnjax.training.steps import create_train_state
 from bnjax.training.train import train
@@ -100,7 +101,7 @@ def test_variants_that_do_not_take_ghost_batches_are_refused():
 ])
 def test_config_refuses_bad_ghost_batch_sizes_in_one_line(settings, fields, message):
     with pytest.raises(ValueError) as error:
-        TrainConfig(batch_norm=True, bn=default_bn(**settings), **fields)
+        TrainConfig(batch_norm=True, bn=keras_bn(**settings), **fields)
     assert str(error.value) == message
 
 
@@ -120,8 +121,8 @@ def test_ghost_batches_reach_a_run_through_the_loop():
     base = TrainConfig(batch_norm=True, model="mlp", batch_size=16, max_steps=6, eval_every=3, eval_batch_size=16,
                        eval_statistics="batch")
     plain = train(base, data)[0]
-    whole = train(dataclasses.replace(base, bn=default_bn(ghost_batch_size=16)), data)[0]
-    ghost = train(dataclasses.replace(base, bn=default_bn(ghost_batch_size=4)), data)[0]
+    whole = train(dataclasses.replace(base, bn=keras_bn(ghost_batch_size=16)), data)[0]
+    ghost = train(dataclasses.replace(base, bn=keras_bn(ghost_batch_size=4)), data)[0]
     # One ghost batch of the whole batch (training and evaluation batches of
     # 16, evaluated with their own statistics) is plain BN computed in another order:
     # float32 round-off, grown by 6 training steps to at most 7e-8 relative on
@@ -139,7 +140,7 @@ def test_precise_bn_estimates_whole_batches_whatever_the_ghost_batch_size():
     data = make_dataset(num_train=256, num_test=64)
     config = TrainConfig(batch_norm=True, model="mlp", batch_size=16)
     state = create_train_state(config, jax.random.key(0))
-    ghost_state = create_train_state(dataclasses.replace(config, bn=default_bn(ghost_batch_size=4)), jax.random.key(0))
+    ghost_state = create_train_state(dataclasses.replace(config, bn=keras_bn(ghost_batch_size=4)), jax.random.key(0))
     precise = recompute_batch_stats(state, data.x_train, batch_size=16, num_batches=8)
     ghost_precise = recompute_batch_stats(ghost_state, data.x_train, batch_size=16, num_batches=8)
     for a, b in zip(jax.tree_util.tree_leaves(precise), jax.tree_util.tree_leaves(ghost_precise)):

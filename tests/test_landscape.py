@@ -11,7 +11,8 @@ import pytest
 
 from bnjax.bn.batchnorm import BatchNorm
 from bnjax.bn.noisy import NoisyBatchNorm
-from bnjax.training.config import TrainConfig, default_bn
+from bnjax.bn.batchnorm import keras_bn
+from bnjax.training.config import TrainConfig
 from bnjax.training.landscape import gradient_line, gradient_shift, layer_inputs, moments_shift
 
 RNG = np.random.default_rng(0)
@@ -126,7 +127,7 @@ def test_bad_noise_is_refused_in_one_line(settings, message):
 
 
 def test_bn_noise_needs_bn_and_the_cnn_or_mlp():
-    noisy = default_bn(NoisyBatchNorm)
+    noisy = keras_bn(NoisyBatchNorm)
     assert isinstance(TrainConfig(batch_norm=True, bn=noisy).bn_layer(), NoisyBatchNorm)
     with pytest.raises(ValueError, match=r"^bn=NoisyBatchNorm\(epsilon=0.001\) is a BN setting, and this run has no BN"):
         TrainConfig(bn=noisy)

@@ -12,7 +12,8 @@ import pytest
 from bnjax.bn.batchnorm import BatchNorm
 from bnjax.nets import convert
 from bnjax.nets.models import ConvNet
-from bnjax.training.config import TrainConfig, default_bn
+from bnjax.bn.batchnorm import keras_bn
+from bnjax.training.config import TrainConfig
 from bnjax.training.precise_bn import recompute_batch_stats
 from bnjax.training.steps import TrainState
 from bnjax.training.steps import create_train_state, to_float_images
@@ -98,7 +99,7 @@ def test_bad_requests_name_the_value():
 
 def test_a_rule_s_update_count_is_kept():
     images = np.random.default_rng(0).integers(0, 256, size=(64, 28, 28, 1), dtype=np.uint8)
-    state = create_train_state(TrainConfig(model="mlp", batch_norm=True, bn=default_bn(running_average="cumulative")),
+    state = create_train_state(TrainConfig(model="mlp", batch_norm=True, bn=keras_bn(running_average="cumulative")),
                                jax.random.key(0))
     precise = recompute_batch_stats(state, images, batch_size=16, num_batches=4)
     assert {int(layer["count"]) for layer in precise.values()} == {0}

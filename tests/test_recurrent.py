@@ -12,7 +12,8 @@ import pytest
 
 from bnjax.bn.batchnorm import BatchNorm, Renorm
 from bnjax.nets.recurrent import LSTM, image_sequences, paper_settings, pixel_permutation
-from bnjax.training.config import TrainConfig, default_bn
+from bnjax.bn.batchnorm import keras_bn
+from bnjax.training.config import TrainConfig
 from bnjax.training.steps import model_of
 from bnjax.training.steps import create_train_state, train_step
 from bnjax.training.train import train
@@ -220,7 +221,7 @@ def test_a_short_bn_lstm_run_learns_mnist_rows(mnist):
     (dict(lstm_t_max=0), "lstm_t_max must be None or an integer from 1 to the 'rows' sequence's 28 steps, got 0"),
     (dict(lstm_hidden_size=0), "lstm_hidden_size must be a positive integer, got 0"),
     (dict(lstm_bn_scale_init=0.0), "lstm_bn_scale_init must be a positive finite number, got 0.0"),
-    (dict(bn=default_bn(renorm=Renorm())), "the BN-LSTM's per-step BN takes renorm=None only, got Renorm(r_max=3.0, "
+    (dict(bn=keras_bn(renorm=Renorm())), "the BN-LSTM's per-step BN takes renorm=None only, got Renorm(r_max=3.0, "
                                             "d_max=5.0, momentum=0.99, warmup_steps=0)"),
     (dict(ghost_bn=True), "model 'lstm' takes ghost_bn=False only, got True"),
     (dict(optimizer="adagrad"), "unknown optimizer 'adagrad'; allowed: adam, rmsprop, sgd"),

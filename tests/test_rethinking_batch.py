@@ -6,7 +6,8 @@ synthetic data."""
 import numpy as np
 import pytest
 
-from bnjax.training.config import TrainConfig, default_bn
+from bnjax.bn.batchnorm import keras_bn
+from bnjax.training.config import TrainConfig
 from bnjax.training.train import train
 from conftest import make_dataset
 from experiments import rethinking_batch as study
@@ -72,7 +73,7 @@ def test_norm_batch_measurement_and_summary(tmp_path, monkeypatch):
     runs = []
     for size in (8, None):
         config = TrainConfig(batch_norm=True, model="mlp", batch_size=256, max_steps=2, eval_every=2,
-                             bn=default_bn(ghost_batch_size=size) if size else None)
+                             bn=keras_bn(ghost_batch_size=size) if size else None)
         history, state = train(config, data)
         record = study.measure_norm_batch(config, history, state, data)
         assert set(record) == {"train_batch_accuracy", "test_batch_accuracy", "test_population_accuracy",

@@ -14,7 +14,8 @@ import pytest
 from bnjax.bn.batchnorm import BatchNorm, batch_statistics
 from bnjax.engine.launch import train_many
 from bnjax.engine.strategy import Strategy
-from bnjax.training.config import TrainConfig, default_bn
+from bnjax.bn.batchnorm import keras_bn
+from bnjax.training.config import TrainConfig
 from bnjax.training.train import train
 
 FIXTURE = np.load(Path(__file__).parent / "fixtures" / "running_averages.npz")
@@ -109,7 +110,7 @@ def test_unknown_rules_are_refused_in_one_line():
 @pytest.mark.slow
 def test_a_rule_reaches_single_and_stacked_runs_through_the_loop(tiny_data):
     config = TrainConfig(model="mlp", batch_norm=True, activation="sigmoid", max_steps=7, eval_every=3,
-                         bn=default_bn(running_average="cumulative"))
+                         bn=keras_bn(running_average="cumulative"))
     history, state = train(config, tiny_data)
     assert history.steps == [3, 6, 7]
     assert [int(layer["count"]) for layer in state.batch_stats.values()] == [7, 7, 7]
@@ -146,7 +147,7 @@ def test_two_pass_variance_keeps_what_one_pass_loses():
 def test_two_pass_variance_reaches_the_model_through_the_config(tiny_data):
     config = TrainConfig(model="mlp", batch_norm=True, max_steps=2, eval_every=2)
     one_pass = train(config, tiny_data)[1].batch_stats
-    two_pass = train(dataclasses.replace(config, bn=default_bn(use_fast_variance=False)), tiny_data)[1].batch_stats
+    two_pass = train(dataclasses.replace(config, bn=keras_bn(use_fast_variance=False)), tiny_data)[1].batch_stats
     differences = [float(np.max(np.abs(a - b))) for a, b in zip(jax.tree_util.tree_leaves(one_pass),
                                                                  jax.tree_util.tree_leaves(two_pass))]
     assert max(differences) < 1e-4 and max(differences) > 0  # the same statistics, computed another way

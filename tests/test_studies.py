@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from bnjax.training import evaluation
-from bnjax.training.config import TrainConfig, default_bn
+from bnjax.bn.batchnorm import keras_bn
+from bnjax.training.config import TrainConfig
 from bnjax.training.precise_bn import precise_statistics
 from bnjax.training.steps import create_train_state, make_model, to_float_images
 from bnjax.training.train import train
@@ -98,7 +99,7 @@ def test_momentum_changes_the_running_averages_only(tiny_data):
     (On the BN paper's MLP: the same BN layer, a fraction of the CNN's compile.)"""
     runs = {}
     for momentum in (0.9, 0.999):
-        config = TrainConfig(model="mlp", batch_norm=True, bn=default_bn(momentum=momentum), epochs=1, max_steps=8, batch_size=32)
+        config = TrainConfig(model="mlp", batch_norm=True, bn=keras_bn(momentum=momentum), epochs=1, max_steps=8, batch_size=32)
         runs[momentum] = train(config, tiny_data)[1]
     for a, b in zip(jax.tree_util.tree_leaves(runs[0.9].params), jax.tree_util.tree_leaves(runs[0.999].params)):
         np.testing.assert_array_equal(a, b)

@@ -9,7 +9,8 @@ import optax
 import pytest
 
 from bnjax.engine.launch import train_many
-from bnjax.training.config import TrainConfig, default_bn
+from bnjax.bn.batchnorm import keras_bn
+from bnjax.training.config import TrainConfig
 from bnjax.training.history import DIVERGED_LOSS, has_diverged
 from bnjax.training.schedule import resolve_steps
 from bnjax.training.steps import create_train_state, eval_step, train_step
@@ -71,7 +72,7 @@ def batch(data, size=32):
 
 
 def test_train_step_updates_running_stats_by_the_formula(tiny_data):
-    config = TrainConfig(batch_norm=True, bn=default_bn(momentum=0.9))
+    config = TrainConfig(batch_norm=True, bn=keras_bn(momentum=0.9))
     state = create_train_state(config, jax.random.key(0))
     images, labels = batch(tiny_data)
     new_state, metrics = train_step(state, images, labels)

@@ -42,7 +42,7 @@ from bnjax.support.checks import check_bool, check_choice, check_integer, is_int
 DEFAULT_MOMENTUM = 0.99
 DEFAULT_EPSILON = 1e-5
 # Keras's defaults, which the article used: bnjax's own nets pass them
-# explicitly (KERAS_BN). PyTorch's momentum=0.1 weights the *new* batch
+# explicitly (`keras_bn`). PyTorch's momentum=0.1 weights the *new* batch
 # statistic; Keras and Flax weight the *old* running value, so PyTorch 0.1 is
 # Keras/Flax 0.9.
 KERAS_MOMENTUM = 0.99
@@ -220,7 +220,8 @@ def batch_norm_train(x, scale, bias, running: dict, average: RunningAverage = Ru
     """
     count = running.get("count", 0) + 1
     keep, take = running_average_weights(average.rule, average.momentum, count)
-    axes = canonical_axes(x.ndim, statistics.get("reduction_axes") or range(x.ndim - 1))
+    given = statistics.get("reduction_axes")  # () is given: every axis a feature axis, nothing reduced
+    axes = canonical_axes(x.ndim, range(x.ndim - 1) if given is None else given)
     statistics = {**statistics, "reduction_axes": axes}
     axis_name = statistics.pop("axis_name", None)
     if ghost_batch_size is None:
@@ -344,7 +345,8 @@ def batch_renorm_train(x, scale, bias, stats: dict, renorm: Renorm, momentum: fl
     """Train mode of Batch Renorm. `stats`: this layer's `batch_stats` (mean,
     var, std, renorm_mean, renorm_std, count); `statistics`: how
     `batch_statistics` computes the batch's (axis_name included). Returns (y, new_stats)."""
-    axes = canonical_axes(x.ndim, statistics.get("reduction_axes") or range(x.ndim - 1))
+    given = statistics.get("reduction_axes")  # () is given: every axis a feature axis, nothing reduced
+    axes = canonical_axes(x.ndim, range(x.ndim - 1) if given is None else given)
     statistics = {**statistics, "reduction_axes": axes}
     mean, var = batch_statistics(x, statistics.pop("axis_name", None), **statistics)
     std = jnp.sqrt(var + epsilon)
@@ -389,7 +391,7 @@ class BatchNorm(nn.Module):
       use_running_average  None: given at the call; True: eval mode, False: train mode.
       axis                 the feature axis or axes (-1: NHWC; 1: NCHW); the others are reduced.
       momentum             0.99, of the running averages; in [0, 1].
-      epsilon              1e-5, added to the variance; > 0. (Keras: 1e-3, KERAS_BN.)
+      epsilon              1e-5, added to the variance; > 0. (Keras: 1e-3, `keras_bn`.)
       dtype                None: the output's dtype from the input's and the parameters'.
       param_dtype          float32, of scale and bias.
       use_bias, use_scale  True: learn bias / scale.
@@ -539,7 +541,8 @@ def check_settings(bn: BatchNorm) -> None:
         if not callable(getattr(bn, name)):
             raise ValueError(f"{name} must be an initializer (key, shape, dtype) -> array, got {getattr(bn, name)!r}")
     if bn.renorm is not None and not isinstance(bn.renorm, Renorm):
-        raise ValueError(f"renorm must be None or a Renorm(...), got {bn.renorm!r}")
+        raise ValueError(f"renorm must be None or a bnjax.Renorm(...) (Keras's renorm=True is renorm=bnjax.Renorm()), "
+                         f"got {bn.renorm!r}")
     check_variant(bn.running_average, bn.renorm is not None, bn.frozen, bn.ghost_batch_size, bn.unbiased_running_var)
 
 
@@ -554,8 +557,6 @@ def check_call(bn: BatchNorm, x, use_running_average, mask) -> None:
         raise ValueError(f"axis {bn.axis!r} is out of range for an input of {x.ndim} dimensions {tuple(x.shape)}")
     if use_running_average or bn.frozen:
         return
-    if len(canonical_axes(x.ndim, feature_axes)) == x.ndim:
-        raise ValueError(f"axis {bn.axis!r} leaves no axis of the input {tuple(x.shape)} to compute statistics over")
     if bn.ghost_batch_size is not None and 0 in canonical_axes(x.ndim, feature_axes):
         raise ValueError(f"ghost_batch_size groups the examples along axis 0, which axis={bn.axis!r} makes a "
                          f"feature axis")
@@ -564,5 +565,21 @@ def check_call(bn: BatchNorm, x, use_running_average, mask) -> None:
         raise ValueError(f"mask is not supported with {name}: they count the values per feature")
 
 
-# The article's BN settings (Keras's defaults), which bnjax's own nets use.
-KERAS_BN = BatchNorm(momentum=KERAS_MOMENTUM, epsilon=KERAS_EPSILON)
+def keras_bn(layer: type | None = None, **changes) -> BatchNorm:
+    """Keras's BN settings, the article's, which bnjax's own nets use
+    (momentum 0.99, epsilon 1e-3), as an unbound `layer` (BatchNorm, or a
+    subclass such as NoisyBatchNorm) with `changes` to any setting:
+    `keras_bn(momentum=0.9)`.
+
+    Made when called, never at import, and with no parent even when called
+    inside a compact method: a Flax module made at import would become a
+    child, and take a name, in the scope of whichever model's method
+    happened to import bnjax first.
+
+    Args:
+      layer: the BN class (default BatchNorm).
+      **changes: settings that differ from Keras's.
+    Returns:
+      The unbound layer, to hand a net as its `bn` or to copy."""
+    settings = {"momentum": KERAS_MOMENTUM, "epsilon": KERAS_EPSILON, **changes}
+    return (layer or BatchNorm)(**settings, parent=None)

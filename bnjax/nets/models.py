@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from bnjax.bn.batchnorm import KERAS_BN, BatchNorm
+from bnjax.bn.batchnorm import BatchNorm, keras_bn
 from bnjax.nets.conv import CONV_IMPLEMENTATIONS, conv_as_matmul
 from bnjax.support.checks import check_choice
 
@@ -79,9 +79,9 @@ class ConvNet(nn.Module):
     kernel_init: str = "glorot_uniform"
     # BN's settings as one value: every BN of the net is a copy of this layer
     # (`bn.copy()`, named BatchNorm_0, BatchNorm_1, ... as any BatchNorm).
-    # E.g. `bn=BatchNorm(momentum=0.9, epsilon=1e-5)`; bn/batchnorm.py checks it when it is made.
-    # The default is the article's: Keras's momentum 0.99 and epsilon 1e-3.
-    bn: BatchNorm = KERAS_BN
+    # E.g. `bn=BatchNorm(momentum=0.9, epsilon=1e-5)`, checked when it is made.
+    # None: the article's, Keras's momentum 0.99 and epsilon 1e-3 (`keras_bn`).
+    bn: BatchNorm | None = None
     # Ablations of the article's keypoints (experiments/ablations.py); the
     # defaults are the article's BN net.
     bn_position: str = "before"  # BN_POSITIONS; the output layer has no activation, so BN stays last there
@@ -108,7 +108,7 @@ class ConvNet(nn.Module):
             x = layer(x)
             if not self.batch_norm:
                 return activation(x) if hidden else x
-            batch_norm = self.bn.copy()
+            batch_norm = (self.bn or keras_bn()).copy()
             if not hidden:
                 return batch_norm(x, use_running_average=not train)
             if self.bn_position == "after":
@@ -145,7 +145,7 @@ class MLP(nn.Module):
     activation: str = "sigmoid"
     hidden_units: tuple[int, ...] = (100, 100, 100)
     kernel_init: str = "glorot_uniform"
-    bn: BatchNorm = KERAS_BN  # BN's settings, as ConvNet's
+    bn: BatchNorm | None = None  # BN's settings, as ConvNet's
     dtype: Any = None  # of the matrix products and activations, as ConvNet's
 
     @nn.compact
@@ -156,7 +156,7 @@ class MLP(nn.Module):
         for units in self.hidden_units:
             x = nn.Dense(units, use_bias=not self.batch_norm, kernel_init=kernel_init, dtype=self.dtype)(x)
             if self.batch_norm:
-                x = self.bn.copy()(x, use_running_average=not train)
+                x = (self.bn or keras_bn()).copy()(x, use_running_average=not train)
             # The input to this layer's nonlinearity, which the paper's figure 1(b, c) tracks.
             self.sow("intermediates", "sigmoid_input", x)
             x = activation(x)

@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bnjax.bn.batchnorm import KERAS_BN, KERAS_MOMENTUM, BatchNorm, batch_statistics, normalize, running_average_weights
+from bnjax.bn.batchnorm import KERAS_MOMENTUM, BatchNorm, keras_bn, batch_statistics, normalize, running_average_weights
 from bnjax.nets.models import get_activation
 from bnjax.support.checks import check_choice, is_integer
 
@@ -72,7 +72,7 @@ def paper_settings(batch_norm: bool) -> dict:
                     grad_clip_norm=1.0, batch_size=100, lstm_hidden_size=100, lstm_bn_scale_init=0.1,
                     batch_norm=batch_norm)
     if batch_norm:
-        settings["bn"] = BatchNorm(momentum=KERAS_MOMENTUM, epsilon=1e-5, use_fast_variance=False)
+        settings["bn"] = keras_bn(epsilon=1e-5, use_fast_variance=False)
     return settings
 
 
@@ -223,16 +223,18 @@ class LSTM(nn.Module):
     # BN's settings as one value, as the other nets take them. The per-step BN
     # uses its momentum, epsilon, axis_name, running_average and
     # use_fast_variance; Batch Renorm, frozen BN, ghost batches and PyTorch's
-    # unbiased running variance are not variants of it.
-    bn: BatchNorm = KERAS_BN
+    # unbiased running variance are not variants of it. None: Keras's (`keras_bn`).
+    bn: BatchNorm | None = None
 
     def __post_init__(self):
-        check_lstm_bn(self.bn)
+        if self.bn is not None:
+            check_lstm_bn(self.bn)
         super().__post_init__()
 
     @nn.compact
     def __call__(self, images, *, train: bool, hidden_offsets=None):
         activation = get_activation(self.activation)
+        bn_settings = self.bn or keras_bn()
         x = image_sequences(images, self.sequence, self.permutation_seed)  # (N, T, D)
         examples, steps, width = x.shape
         hidden = self.hidden_size
@@ -254,13 +256,14 @@ class LSTM(nn.Module):
             input_scale = self.param("input_scale", scale, (4 * hidden,))
             cell_scale = self.param("cell_scale", scale, (hidden,))
             cell_bias = self.param("cell_bias", nn.initializers.zeros, (hidden,))
-            running = {name: StepStatistics(t_max, features, self.bn.running_average, self.bn.momentum, name=name)
+            running = {name: StepStatistics(t_max, features, bn_settings.running_average, bn_settings.momentum,
+                                             name=name)
                        for name, features in zip(BN_LAYERS, (4 * hidden, 4 * hidden, hidden))}
             # Eval mode: step t's population statistics, fed to the scan step by step.
             population = {name: statistics.rows(steps) for name, statistics in running.items()}
 
         def bn(name, z, population_t, scale, bias):
-            return bn_at_step(self.bn, train, z, population_t[name] if not train else None, scale, bias)
+            return bn_at_step(bn_settings, train, z, population_t[name] if not train else None, scale, bias)
 
         def cell(carry, step):
             h, c = carry

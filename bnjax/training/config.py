@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from bnjax.bn.batchnorm import KERAS_EPSILON, KERAS_MOMENTUM, BatchNorm, Renorm
+from bnjax.bn.batchnorm import BatchNorm, Renorm, keras_bn
 from bnjax.bn.noisy import NoisyBatchNorm
 from bnjax.nets.models import ACTIVATIONS, BN_POSITIONS, KERNEL_INITS
 from bnjax.nets.recurrent import SEQUENCES, check_lstm_settings
@@ -50,9 +50,9 @@ class TrainConfig:
     # BN's settings when batch_norm is on, as one value: an unbound
     # `BatchNorm` (or `NoisyBatchNorm`), checked by its own checks when it is
     # made, that every BN layer of the net copies. None: the article's, Keras's
-    # momentum 0.99 and epsilon 1e-3 (`default_bn`). The net sets each layer's
+    # momentum 0.99 and epsilon 1e-3 (`keras_bn`). The net sets each layer's
     # own fields (SET_BY_THE_NET), so `bn` leaves those at BatchNorm's defaults.
-    # E.g. `bn=default_bn(momentum=0.9, renorm=Renorm(r_max=2.0))`, the default
+    # E.g. `bn=keras_bn(momentum=0.9, renorm=Renorm(r_max=2.0))`, the default
     # settings with two changed (a bare `BatchNorm()` has flax's epsilon, 1e-5).
     bn: BatchNorm | None = None
     activation: str = "relu"
@@ -149,7 +149,7 @@ class TrainConfig:
                         and getattr(self.bn, name) != BN_FIELD_DEFAULTS[name]:
                     raise ValueError(f"bn.{name} is set by the net for each of its BN layers; leave it at "
                                      f"{BN_FIELD_DEFAULTS[name]!r}, got {getattr(self.bn, name)!r}")
-            if self.bn == default_bn():  # one config, one spelling: None is the default settings
+            if self.bn == keras_bn():  # one config, one spelling: None is the default settings
                 object.__setattr__(self, "bn", None)
         if not self.batch_norm:
             bn_settings = {"bn": self.bn, "ghost_bn": self.ghost_bn, "bn_position": self.bn_position,
@@ -175,7 +175,7 @@ class TrainConfig:
         """The BatchNorm every BN layer of the run's net copies: `bn`, or the
         default settings, averaging its statistics over the mesh axis
         `axis_name` (`make_model` names it)."""
-        return (self.bn or default_bn()).clone(axis_name=axis_name)
+        return (self.bn or keras_bn()).clone(axis_name=axis_name)
 
     def to_dict(self) -> dict:
         """The config as JSON-ready data: `bn` as the settings the run's BN
@@ -201,13 +201,6 @@ class TrainConfig:
         return cls(**fields)
 
 
-def default_bn(layer: type = BatchNorm, **changes) -> BatchNorm:
-    """The article's BN settings, Keras's momentum 0.99 and epsilon 1e-3, as a
-    `layer` (BatchNorm or NoisyBatchNorm), with `changes` to any setting:
-    `TrainConfig(batch_norm=True, bn=default_bn(momentum=0.9))`."""
-    return layer(**{**default_bn_settings(), **changes})
-
-
 def bn_to_dict(bn: BatchNorm) -> dict:
     """BN's settings as data: the layer's class ("layer") and each of its
     fields the net does not set, a Renorm as a dict of its own."""
@@ -218,8 +211,8 @@ def bn_to_dict(bn: BatchNorm) -> dict:
 
 
 def bn_from_dict(settings: dict) -> BatchNorm:
-    """The BatchNorm `bn_to_dict` wrote; settings it lacks are the default
-    settings' (`default_bn`). ValueError, prefixed "bn", names a bad one."""
+    """The BatchNorm `bn_to_dict` wrote; settings it lacks are Keras's, the
+    run's default (`keras_bn`). ValueError, prefixed "bn", names a bad one."""
     settings = dict(settings)
     layer = settings.pop("layer", "BatchNorm")
     check_choice("bn.layer", layer, BN_LAYERS)
@@ -233,7 +226,7 @@ def bn_from_dict(settings: dict) -> BatchNorm:
         settings["renorm"] = Renorm()
     elif settings.get("renorm") is False:
         settings["renorm"] = None
-    return _made("bn", BN_LAYERS[layer], {**default_bn_settings(), **settings})
+    return _made("bn", keras_bn, {"layer": BN_LAYERS[layer], **settings})
 
 
 def describe_bn(bn: BatchNorm) -> str:
@@ -242,10 +235,6 @@ def describe_bn(bn: BatchNorm) -> str:
     defaults = {name: BN_FIELD_DEFAULTS.get(name, getattr(type(bn), name, None)) for name in bn_settings_of(type(bn))}
     shown = [f"{name}={getattr(bn, name)!r}" for name in bn_settings_of(type(bn)) if getattr(bn, name) != defaults[name]]
     return f"{type(bn).__name__}({', '.join(shown)})"
-
-
-def default_bn_settings() -> dict:
-    return {"momentum": KERAS_MOMENTUM, "epsilon": KERAS_EPSILON}
 
 
 def bn_settings_of(layer: type) -> list[str]:
