@@ -28,6 +28,8 @@ studies, the benchmarks) do.
 import importlib
 from typing import TYPE_CHECKING
 
+__version__ = "0.2.0"  # CHANGELOG.md says what each version changed
+
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time each name is imported on first use (below)
     from bnjax import nnx
     from bnjax.bn.batchnorm import BatchNorm, Renorm, keras_bn

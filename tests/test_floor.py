@@ -10,9 +10,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def declared_floors() -> dict[str, str]:
+    """The library's floor and the experiments extra's (what CI's floor pass installs)."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     floors = {}
-    for requirement in project["dependencies"]:
+    for requirement in project["dependencies"] + project["optional-dependencies"]["experiments"]:
         name, version = re.fullmatch(r"([\w-]+)>=([\w.]+)", requirement).groups()
         floors[name] = version
     return floors
