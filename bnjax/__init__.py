@@ -42,6 +42,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time each name is i
     from bnjax.support.xla_flags import use_cpu_flags
     from bnjax.training.config import TrainConfig
     from bnjax.training.history import History
+    from bnjax.training.tensorboard import TensorBoardLog, write_tensorboard
     from bnjax.training.train import train
 
 # The front door's names and the modules they live in, imported when first
@@ -53,6 +54,7 @@ _EXPORTS = {
     "checkup": "bnjax.bn.checkup", "Checkup": "bnjax.bn.checkup", "accuracy": "bnjax.bn.checkup",
     "TrainConfig": "bnjax.training.config", "History": "bnjax.training.history", "train": "bnjax.training.train",
     "train_many": "bnjax.engine.launch", "Observer": "bnjax.engine.launch", "Strategy": "bnjax.engine.strategy",
+    "write_tensorboard": "bnjax.training.tensorboard", "TensorBoardLog": "bnjax.training.tensorboard",
     "load_mnist": "bnjax.data.datasets", "load_dataset": "bnjax.data.datasets",
     "use_persistent_cache": "bnjax.support.compilation_cache", "use_cpu_flags": "bnjax.support.xla_flags",
 }

@@ -83,6 +83,7 @@ from bnjax.training.checkpoint import saved_step
 from bnjax.training.config import (BN_LAYERS, CHOICES, LEGACY_BN_FIELDS, TrainConfig, bn_from_dict, bn_settings_of,
                                    bn_to_dict)
 from bnjax.training.history import DIVERGED_LOSS
+from bnjax.training.tensorboard import TensorBoardLog
 
 # What `--set` takes, by name: TrainConfig's fields but `bn`, each of whose
 # settings is set by itself, "bn.momentum=0.9" (`bn.renorm=true` is the
@@ -237,6 +238,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", default=None, metavar="PATH",
                         help="save the whole run there at every evaluation; a run started with an existing "
                              "checkpoint of the same config resumes from it, to the numbers it would have reached")
+    parser.add_argument("--tensorboard", default=None, metavar="DIR",
+                        help="also write the run's curves and config as TensorBoard event files there "
+                             "(tensorboard --logdir DIR; needs tensorboardX)")
     parser.add_argument("--fields", action="store_true", help="list the TrainConfig fields and their defaults")
     parser.add_argument("--replay", default=None, metavar="FILE",
                         help="train a saved run (a --save file, or a results.json with --run) again as it was "
@@ -268,17 +272,31 @@ def _progress_printer(config: TrainConfig):
 
 
 class OneRun(Observer):
-    """The command line's say in its one run: progress lines, and its --checkpoint path."""
+    """The command line's say in its one run: progress lines, its --checkpoint
+    path and its --tensorboard log (a `TensorBoardLog`, or None)."""
 
-    def __init__(self, show_progress, checkpoint: str | None):
+    def __init__(self, show_progress, checkpoint: str | None, log=None):
         super().__init__()
-        self.show_progress, self.checkpoint = show_progress, checkpoint
+        self.show_progress, self.checkpoint, self.log = show_progress, checkpoint, log
 
     def checkpoint_path(self, config: TrainConfig) -> str | None:
         return self.checkpoint
 
     def on_eval(self, config: TrainConfig, step: int, total_steps: int, record: dict) -> None:
         self.show_progress(config, step, total_steps, record)
+        if self.log is not None:
+            self.log.add(record)
+
+
+def tensorboard_log(parser, args, config: TrainConfig):
+    """The run's `TensorBoardLog` under --tensorboard (None without it); one
+    line and exit 2, before any training, if it cannot be written."""
+    if args.tensorboard is None:
+        return None
+    try:
+        return TensorBoardLog(args.tensorboard, config)
+    except (ValueError, OSError) as error:
+        parser.exit(2, f"error: --tensorboard {args.tensorboard}: {error}\n")
 
 
 CURVES = ("steps", "val_accuracy", "val_loss", "precise_val_accuracy", "precise_val_loss", "batch_val_accuracy",
@@ -383,6 +401,7 @@ def run(parser, args) -> None:
         reason = unwritable_reason(path) if path else None
         if reason:  # before training, so that no result is lost at the end
             parser.exit(2, f"error: {flag} {path} {reason}\n")
+    log = tensorboard_log(parser, args, config)
     changed = changed_settings(config)
     print(f"training one run: {changed or 'the defaults (the article plain net)'}", flush=True)
     note = saved_twin_note(config)
@@ -404,7 +423,8 @@ def run(parser, args) -> None:
     try:
         # Through the engine, as the studies train (one run, this process);
         # with --checkpoint, the run is saved and resumed at that path.
-        [(history, _)] = bnjax.train_many([config], data, observer=OneRun(_progress_printer(config), args.checkpoint))
+        [(history, _)] = bnjax.train_many([config], data, observer=OneRun(_progress_printer(config), args.checkpoint,
+                                                                               log))
     except ValueError as error:  # e.g. a batch that does not divide over the devices
         parser.exit(2, f"error: {error}\n")
     outcome = f"diverged (training loss {history.train_loss[-1]:.4g})" if history.diverged else "done"
@@ -418,6 +438,9 @@ def run(parser, args) -> None:
         write_json(args.save, {"config": config.to_dict(), "environment": environment(),
                                **history.to_dict()})
         print(f"saved {args.save}")
+    if log is not None:
+        log.close(history)
+        print(f"TensorBoard: tensorboard --logdir {args.tensorboard}")
     if history.diverged:
         parser.exit(3, f"the run diverged: its training loss is NaN, infinite or above {DIVERGED_LOSS:.0f} "
                        "(bnjax.training.history.has_diverged)\n")

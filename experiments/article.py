@@ -28,7 +28,7 @@ from bnjax.training.config import TrainConfig
 from experiments import plot_article
 from experiments.results import load_results, run_key, run_resumable, unfinished
 from experiments.sweep import (COMMITTED, RUNS, add_sweep_flags, copy_committed_runs, output_folder, run_sweep,
-                               sweep_strategy)
+                               sweep_strategy, tensorboard_folder)
 
 # (learning_rate, activation) pairs.
 GRIDS = {
@@ -141,7 +141,8 @@ def main(argv=None) -> None:
     # on CPU one run per core side by side, in worker processes; on GPU/TPU
     # many runs per vmapped program.
     run_sweep(configs, results_path, load_data, strategy=sweep_strategy(args), name=f"{args.grid} grid",
-              results=results)
+              results=results,
+              tensorboard_dir=tensorboard_folder(args))
     plot_article.plot_all(results_path)
 
 

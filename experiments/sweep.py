@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import re
 import sys
 import time
 from pathlib import Path
@@ -37,7 +38,9 @@ from bnjax.engine.strategy import Strategy, default_strategy
 from bnjax.support.atomic import unwritable_reason
 from bnjax.support.compilation_cache import use_persistent_cache
 from bnjax.training.config import TrainConfig, describe_bn
+from bnjax.training.history import History
 from bnjax.training.schedule import resolve_steps
+from bnjax.training.tensorboard import write_tensorboard
 from experiments.results import add_run, load_results, run_key, save_results, unfinished
 
 
@@ -71,6 +74,9 @@ def add_sweep_flags(parser: argparse.ArgumentParser, seeds: int, epochs: int | N
     parser.add_argument("--parallel-runs", type=positive_int, default=None,
                         help="runs trained side by side, one CPU core each (default: the engine's choice, "
                              "all cores on CPU); 1 = one run at a time in this process")
+    parser.add_argument("--tensorboard", action="store_true",
+                        help="also write every run as TensorBoard event files under <out>/tensorboard/, one "
+                             "folder per run (tensorboard --logdir <out>/tensorboard; needs tensorboardX)")
     parser.add_argument("--distributed", action="store_true",
                         help="join the processes of a multi-host run first (jax.distributed.initialize(), which "
                              "finds a Cloud TPU pod slice or a SLURM job itself); process 0 writes the results")
@@ -213,6 +219,8 @@ def run_sweep(
     measure: Callable[[TrainConfig, object, object, object], dict] | None = None,
     name: str = "sweep",
     results: dict | None = None,
+    *,
+    tensorboard_dir: Path | None = None,
 ) -> dict:
     """Train the configs not yet saved in `results_path`; return all results.
 
@@ -220,7 +228,9 @@ def run_sweep(
     see `bnjax.Observer`. `measure(config, history, state, data) ->
     dict`, if given, measures each finished run's final state; its values are
     saved beside the run's History. `results`: the file's contents, if the
-    caller has read them already."""
+    caller has read them already. `tensorboard_dir`: every run of `configs`
+    also as TensorBoard event files there, one folder per run (`write_tensorboard`),
+    those saved before included."""
     reason = unwritable_reason(results_path)
     if reason:  # before any training: its results could not be saved
         print(f"error: cannot save results to {results_path}: {reason} (choose another --out)", file=sys.stderr)
@@ -233,6 +243,7 @@ def run_sweep(
     print(f"{name}: {len(configs)} runs; {len(configs) - len(todo)} already in {results_path}; "
           f"{len(todo)} to train", flush=True)
     if not todo:
+        write_tensorboard_runs(tensorboard_dir, results, configs)
         return results
     use_persistent_cache()  # a second sweep here loads its programs instead of compiling them
     data = load_data()
@@ -243,4 +254,33 @@ def run_sweep(
     # groups and processes of the uninterrupted sweep, so they get its numbers.
     train_many(configs, data, strategy=strategy, observer=observer)
     print(f"{name}: {len(todo)} runs in {(time.perf_counter() - start) / 60:.1f} min", flush=True)
+    write_tensorboard_runs(tensorboard_dir, results, configs)
     return results
+
+
+def write_tensorboard_runs(tensorboard_dir: Path | None, results: dict, configs: list[TrainConfig]) -> None:
+    """The saved runs of `configs` as TensorBoard event files under
+    `tensorboard_dir`, a folder per run named by the fields that tell the
+    runs apart; a run whose folder exists is left as it is."""
+    if tensorboard_dir is None:
+        return
+    fields, wanted = varying_fields(configs), set(configs)
+    written = 0
+    for run in results["runs"]:
+        config = TrainConfig.from_dict(run["config"])
+        folder = tensorboard_dir / (re.sub(r"[^\w.=-]+", "_", describe(config, fields)) or "run")
+        if config in wanted and not folder.exists():
+            history = History(**{field.name: run[field.name] for field in dataclasses.fields(History)
+                                 if field.name in run})
+            write_tensorboard(folder, config, history)
+            written += 1
+    print(f"TensorBoard: {written} runs written under {tensorboard_dir}: tensorboard --logdir {tensorboard_dir}",
+          flush=True)
+
+
+def tensorboard_folder(args: argparse.Namespace, part: str | None = None) -> Path | None:
+    """Where --tensorboard puts a study's TensorBoard runs: <out>/tensorboard
+    (/<part>, for a study of several sweeps), or None without --tensorboard."""
+    if not args.tensorboard:
+        return None
+    return args.out / "tensorboard" / part if part else args.out / "tensorboard"
