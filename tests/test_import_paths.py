@@ -83,3 +83,21 @@ def test_type_checkers_see_every_name_of_the_front_door_where_it_lives():
         for alias in node.names:
             seen[alias.name] = node.module if node.module != "bnjax" else f"bnjax.{alias.name}"
     assert seen == bnjax._EXPORTS
+
+
+def test_the_front_doors_functions_are_annotated():
+    import inspect
+    import typing
+
+    import bnjax
+    import bnjax.nnx
+
+    callables = [getattr(bnjax, name) for name in bnjax.__all__ if name != "nnx"]
+    callables += [bnjax.nnx.update_bn, bnjax.nnx.checkup]
+    for value in callables:
+        function = value.__init__ if inspect.isclass(value) else value
+        hints = typing.get_type_hints(function)  # every annotation resolves, too
+        names = [name for name in inspect.signature(function).parameters if name not in ("self", "cls")]
+        assert set(names) <= set(hints), f"{value.__qualname__}: {sorted(set(names) - set(hints))} unannotated"
+        if not inspect.isclass(value):
+            assert "return" in hints, f"{value.__qualname__}: no return annotation"

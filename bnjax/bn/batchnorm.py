@@ -565,7 +565,7 @@ def check_call(bn: BatchNorm, x, use_running_average, mask) -> None:
         raise ValueError(f"mask is not supported with {name}: they count the values per feature")
 
 
-def keras_bn(layer: type | None = None, **changes) -> BatchNorm:
+def keras_bn(layer: type | None = None, **changes: Any) -> BatchNorm:
     """Keras's BN settings, the article's, which bnjax's own nets use
     (momentum 0.99, epsilon 1e-3), as an unbound `layer` (BatchNorm, or a
     subclass such as NoisyBatchNorm) with `changes` to any setting:

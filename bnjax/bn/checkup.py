@@ -21,7 +21,10 @@ more than `tolerance`) and what would fix it.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -97,7 +100,8 @@ def verdict(running: float, precise: float, higher_is_better: bool, tolerance: f
                    f"for these weights (tolerance {tolerance})")
 
 
-def checkup(model, variables, train_batches, eval_batches, metric, *, train_kwargs: dict | None = None,
+def checkup(model: nn.Module, variables: Mapping[str, Any], train_batches: Iterable[Any],
+            eval_batches: Iterable[tuple[Any, Any]], metric: Callable[[Any, Any], float], *, train_kwargs: dict | None = None,
             eval_kwargs: dict | None = None, higher_is_better: bool = True, tolerance: float = 0.005) -> Checkup:
     """The check-up (module doc) of a linen `model` with `variables`.
     `train_batches`: inputs for precise BN (a list, or any iterable that can
@@ -136,7 +140,7 @@ def checkup(model, variables, train_batches, eval_batches, metric, *, train_kwar
     return Checkup(running, precise, batch, layer_gaps(variables["batch_stats"], precise_stats), stale, message)
 
 
-def accuracy(logits, labels) -> float:
+def accuracy(logits: jax.Array, labels: jax.Array) -> float:
     """The fraction of examples whose largest logit is their label: a metric for checkup.
 
     Args:

@@ -12,6 +12,8 @@ that need them, `count`, `std`, `renorm_mean`, `renorm_std`) in place.
 from __future__ import annotations
 
 import types
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -78,7 +80,8 @@ class BatchNorm(nnx.BatchNorm):
                                                  dtype=self.dtype))
 
 
-def update_bn(model, batches, *, variance: str = "batch_average", **call_kwargs) -> dict:
+def update_bn(model: nnx.Module, batches: Iterable[Any], *, variance: str = "batch_average",
+              **call_kwargs: Any) -> dict:
     """Precise BN for an NNX model whose BN layers are bnjax's or flax's: each
     layer's `mean` and `var` re-estimated for the model's current weights from
     `batches` (any iterable of what the model takes first), written into the
@@ -126,8 +129,9 @@ def _copy_in_mode(model, use_running_average: bool):
     return copy
 
 
-def checkup(model, train_batches, eval_batches, metric, *, higher_is_better: bool = True, tolerance: float = 0.005,
-            **call_kwargs):
+def checkup(model: nnx.Module, train_batches: Iterable[Any], eval_batches: Iterable[tuple[Any, Any]],
+            metric: Callable[[Any, Any], float], *, higher_is_better: bool = True, tolerance: float = 0.005,
+            **call_kwargs: Any) -> Checkup:
     """`bnjax.checkup` for an NNX model (bnjax's or flax's BN layers): the
     metric with the running averages, with precise statistics and with each
     evaluation batch's own, every BN layer's gap, and the verdict. The model

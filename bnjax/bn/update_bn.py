@@ -24,6 +24,9 @@ the batch's own statistics, as in training.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -113,7 +116,8 @@ def average(per_batch: list, variance: str):
     return mean, var
 
 
-def update_bn(model, variables, batches, *, variance: str = "batch_average", **apply_kwargs):
+def update_bn(model: nn.Module, variables: Mapping[str, Any], batches: Iterable[Any], *,
+              variance: str = "batch_average", **apply_kwargs: Any) -> dict:
     """Precise BN statistics of `model` (a linen Module) with `variables`,
     from `batches` (any iterable of what the model takes as its first
     argument: arrays or pytrees). `apply_kwargs` put the model in train mode

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
+from bnjax.data.sources import Dataset
 from bnjax.engine.loop import program_key, train_runs
 from bnjax.engine.strategy import Strategy, default_strategy
 from bnjax.engine.workers import WorkerPool
@@ -271,7 +272,7 @@ def _layout(configs: list[TrainConfig], strategy: Strategy, platform: str):
 
 def train_many(
     configs: list[TrainConfig],
-    data,
+    data: Dataset,
     strategy: Strategy | None = None,
     observer: Observer | None = None,
 ) -> list[tuple[History, TrainState] | None]:

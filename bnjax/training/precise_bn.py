@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bnjax.bn.batchnorm import keras_bn
 from bnjax.bn.update_bn import check_variance
 from bnjax.support.checks import check_integer
 from bnjax.training.steps import model_of, to_float_images
@@ -47,8 +48,9 @@ def statistics_of_each_batch(model, variables, batches):
     here; ghost batches are not split: these are the statistics of whole
     batches, an estimate of the population's; under Batch Renorm the layers below keep their r and d corrections,
     as in training)."""
-    one_batch = model.clone(bn=model.bn.clone(momentum=0.0, running_average="ema", axis_name=None, frozen=False,
-                                              ghost_batch_size=None))
+    bn = (model.bn or keras_bn()).clone(momentum=0.0, running_average="ema", axis_name=None, frozen=False,
+                                        ghost_batch_size=None)
+    one_batch = model.clone(bn=bn)
 
     def statistics_of(batch):
         _, updates = one_batch.apply(variables, batch, train=True, mutable=["batch_stats"])

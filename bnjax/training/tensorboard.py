@@ -24,6 +24,9 @@ import math
 import os
 from pathlib import Path
 
+from bnjax.training.config import TrainConfig
+from bnjax.training.history import History
+
 # Each History / record field and the TensorBoard tag it is written as.
 TAGS = {"train_accuracy": "accuracy/train", "val_accuracy": "accuracy/test_running",
         "precise_val_accuracy": "accuracy/test_precise", "batch_val_accuracy": "accuracy/test_batch",
@@ -69,7 +72,7 @@ class TensorBoardLog:
       config: the run's TrainConfig.
     """
 
-    def __init__(self, logdir: str | os.PathLike, config):
+    def __init__(self, logdir: str | os.PathLike, config: TrainConfig):
         self.config = config
         self.writer = _summary_writer(logdir)
 
@@ -103,7 +106,7 @@ class TensorBoardLog:
         self.writer.close()
 
 
-def write_tensorboard(logdir: str | os.PathLike, config, history) -> None:
+def write_tensorboard(logdir: str | os.PathLike, config: TrainConfig, history: History) -> None:
     """A finished run's History as TensorBoard event files in `logdir`: every
     evaluation's scalars and the config as hyperparameters (module doc). For
     runs trained by `train` or `train_many` and for saved results alike.

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bnjax.data.sources import Dataset
 from bnjax.training.checkpoint import save_checkpoint
 from bnjax.training.config import TrainConfig
 from bnjax.training.evaluation import default_eval_chunk, evaluate
@@ -38,7 +39,7 @@ from bnjax.training.steps import TrainState, matmul_precision, to_float_images, 
 
 def train(
     config: TrainConfig,
-    data,
+    data: Dataset,
     on_eval: EvalCallback | None = None,
     checkpoint_path: str | os.PathLike | None = None,
     probe: Callable[[TrainState], dict] | None = None,
