@@ -164,3 +164,22 @@ def test_a_frozen_layer_in_train_mode_is_no_error():
     model = EvalByDefault(lambda **settings: bnjax.BatchNorm(frozen=True, **settings))
     variables = model.init(jax.random.key(0), BATCHES[0])
     assert set(bnjax.update_bn(model, variables, BATCHES, train=True)) == {"BatchNorm_0", "BatchNorm_1"}
+
+
+@pytest.mark.parametrize("norm", [bnjax.nnx.BatchNorm, nnx.BatchNorm], ids=["bnjax", "flax"])
+def test_nnx_a_model_calling_its_bn_in_eval_mode_is_refused_not_silently_wrong(norm):
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.linear = nnx.Linear(784, 8, rngs=rngs)
+            self.norm = norm(8, rngs=rngs)
+
+        def __call__(self, x, train: bool = False):
+            return self.norm(self.linear(x.reshape(x.shape[0], -1)), use_running_average=not train)
+
+    net = Net(nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"^update_bn runs the model in train mode, but its BN layer norm kept its "
+                                         r"running statistics \(it ran in eval mode"):
+        bnjax.nnx.update_bn(net, BATCHES)
+    np.testing.assert_array_equal(net.norm.var[...], 1.0)  # nothing written
+    bnjax.nnx.update_bn(net, BATCHES, train=True)  # the right call
+    assert float(jnp.abs(net.norm.var[...] - 1.0).max()) > 0

@@ -112,6 +112,16 @@ def update_bn(model: nnx.Module, batches: Iterable[Any], *, variance: str = "bat
     if not per_layer:
         raise ValueError("update_bn found no batches to average (an empty iterable)")
     originals = {path: layer for path, layer in nnx.iter_graph(model) if isinstance(layer, nnx.BatchNorm)}
+    for path, per_batch in per_layer.items():
+        # With momentum 0 a train-mode call writes the batch's statistics; a layer whose mean and
+        # variance both came back exactly as they were ran in eval mode (use_running_average=True
+        # at its call), and its numbers would silently be the running averages'.
+        mean, var = per_batch[0]
+        unchanged = jnp.array_equal(mean, originals[path].mean[...]) & jnp.array_equal(var, originals[path].var[...])
+        if bool(unchanged):
+            raise ValueError(f"update_bn runs the model in train mode, but its BN layer {'/'.join(map(str, path))} "
+                             "kept its running statistics (it ran in eval mode: use_running_average=True at its "
+                             "call); call the model so that its BN layers use batch statistics")
     result = {}
     for path, per_batch in per_layer.items():
         mean, var = average(per_batch, variance)
