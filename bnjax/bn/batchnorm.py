@@ -57,6 +57,13 @@ def canonical_axes(ndim: int, axes) -> tuple[int, ...]:
     return tuple(sorted({axis + ndim if axis < 0 else axis for axis in axes}))
 
 
+def reduction_axes_of(ndim: int, reduction_axes=None) -> tuple[int, ...]:
+    """The axes BN's statistics reduce over: `reduction_axes` (an empty tuple
+    too: every axis a feature axis, nothing reduced), or every axis but the
+    last when None."""
+    return tuple(range(ndim - 1)) if reduction_axes is None else canonical_axes(ndim, reduction_axes)
+
+
 def broadcast_features(value, reduction_axes, ndim: int):
     """A per-feature value (mean, var, scale, ...) shaped to broadcast against
     an ndim input reduced over `reduction_axes`. With the features last, as
@@ -99,7 +106,7 @@ def batch_statistics(x, axis_name: str | None = None, *, reduction_axes=None, us
     if force_float32_reductions:
         dtype = jnp.promote_types(dtype, jnp.float32)
     x = jnp.asarray(x, dtype)
-    axes = tuple(range(x.ndim - 1)) if reduction_axes is None else canonical_axes(x.ndim, reduction_axes)
+    axes = reduction_axes_of(x.ndim, reduction_axes)
     where = None if mask is None else jnp.asarray(mask, bool)
 
     def mean_of(value):
@@ -220,8 +227,7 @@ def batch_norm_train(x, scale, bias, running: dict, average: RunningAverage = Ru
     """
     count = running.get("count", 0) + 1
     keep, take = running_average_weights(average.rule, average.momentum, count)
-    given = statistics.get("reduction_axes")  # () is given: every axis a feature axis, nothing reduced
-    axes = canonical_axes(x.ndim, range(x.ndim - 1) if given is None else given)
+    axes = reduction_axes_of(x.ndim, statistics.get("reduction_axes"))
     statistics = {**statistics, "reduction_axes": axes}
     axis_name = statistics.pop("axis_name", None)
     if ghost_batch_size is None:
@@ -345,8 +351,7 @@ def batch_renorm_train(x, scale, bias, stats: dict, renorm: Renorm, momentum: fl
     """Train mode of Batch Renorm. `stats`: this layer's `batch_stats` (mean,
     var, std, renorm_mean, renorm_std, count); `statistics`: how
     `batch_statistics` computes the batch's (axis_name included). Returns (y, new_stats)."""
-    given = statistics.get("reduction_axes")  # () is given: every axis a feature axis, nothing reduced
-    axes = canonical_axes(x.ndim, range(x.ndim - 1) if given is None else given)
+    axes = reduction_axes_of(x.ndim, statistics.get("reduction_axes"))
     statistics = {**statistics, "reduction_axes": axes}
     mean, var = batch_statistics(x, statistics.pop("axis_name", None), **statistics)
     std = jnp.sqrt(var + epsilon)
