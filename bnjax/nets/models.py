@@ -43,6 +43,12 @@ KERNEL_INITS: dict[str, Callable] = {
 }
 
 
+def bn_of(holder) -> BatchNorm:
+    """The BN settings every BN layer copies, of a net or a run (anything with
+    a `bn`): its `bn`, or Keras's, the article's (`keras_bn`), where that is None."""
+    return holder.bn or keras_bn()
+
+
 def get_activation(name: str) -> Callable:
     check_choice("activation", name, ACTIVATIONS)
     return ACTIVATIONS[name]
@@ -108,7 +114,7 @@ class ConvNet(nn.Module):
             x = layer(x)
             if not self.batch_norm:
                 return activation(x) if hidden else x
-            batch_norm = (self.bn or keras_bn()).copy()
+            batch_norm = bn_of(self).copy()
             if not hidden:
                 return batch_norm(x, use_running_average=not train)
             if self.bn_position == "after":
@@ -156,7 +162,7 @@ class MLP(nn.Module):
         for units in self.hidden_units:
             x = nn.Dense(units, use_bias=not self.batch_norm, kernel_init=kernel_init, dtype=self.dtype)(x)
             if self.batch_norm:
-                x = (self.bn or keras_bn()).copy()(x, use_running_average=not train)
+                x = bn_of(self).copy()(x, use_running_average=not train)
             # The input to this layer's nonlinearity, which the paper's figure 1(b, c) tracks.
             self.sow("intermediates", "sigmoid_input", x)
             x = activation(x)

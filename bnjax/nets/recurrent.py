@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bnjax.bn.batchnorm import KERAS_MOMENTUM, BatchNorm, keras_bn, batch_statistics, normalize, running_average_weights
-from bnjax.nets.models import get_activation
+from bnjax.nets.models import bn_of, get_activation
 from bnjax.support.checks import check_choice, is_integer
 
 SEQUENCES = {"rows": (28, 28), "pixels": (784, 1), "permuted_pixels": (784, 1)}  # (steps, values per step)
@@ -234,7 +234,7 @@ class LSTM(nn.Module):
     @nn.compact
     def __call__(self, images, *, train: bool, hidden_offsets=None):
         activation = get_activation(self.activation)
-        bn_settings = self.bn or keras_bn()
+        bn_settings = bn_of(self)
         x = image_sequences(images, self.sequence, self.permutation_seed)  # (N, T, D)
         examples, steps, width = x.shape
         hidden = self.hidden_size

@@ -14,7 +14,7 @@ import dataclasses
 
 from bnjax.bn.batchnorm import BatchNorm, Renorm, keras_bn
 from bnjax.bn.noisy import NoisyBatchNorm
-from bnjax.nets.models import ACTIVATIONS, BN_POSITIONS, KERNEL_INITS
+from bnjax.nets.models import ACTIVATIONS, BN_POSITIONS, KERNEL_INITS, bn_of
 from bnjax.nets.recurrent import SEQUENCES, check_lstm_settings
 from bnjax.support.checks import check_bool, check_choice, check_integer, check_positive_real, is_real
 
@@ -175,7 +175,7 @@ class TrainConfig:
         """The BatchNorm every BN layer of the run's net copies: `bn`, or the
         default settings, averaging its statistics over the mesh axis
         `axis_name` (`make_model` names it)."""
-        return (self.bn or keras_bn()).clone(axis_name=axis_name)
+        return bn_of(self).clone(axis_name=axis_name)
 
     def to_dict(self) -> dict:
         """The config as JSON-ready data: `bn` as the settings the run's BN

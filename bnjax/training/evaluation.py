@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from bnjax.bn.batchnorm import keras_bn
+from bnjax.nets.models import bn_of
 from bnjax.support.checks import check_choice
 from bnjax.training.config import EVAL_STATISTICS
 from bnjax.training.precise_bn import precise_statistics
@@ -135,7 +135,7 @@ def _batch_statistics_totals(state, images, labels):
         # model's cross-device axis (if any) is not bound outside shard_map;
         # a frozen BN, which would use its running statistics, thaws here.
         model = model_of(run)
-        model = model.clone(bn=(model.bn or keras_bn()).clone(axis_name=None, frozen=False))
+        model = model.clone(bn=bn_of(model).clone(axis_name=None, frozen=False))
         logits, _ = model.apply({"params": run.params, "batch_stats": run.batch_stats}, images, train=True,
                                 mutable=["batch_stats"])
         return logits_totals(logits, labels)

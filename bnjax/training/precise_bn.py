@@ -32,8 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bnjax.bn.batchnorm import keras_bn
 from bnjax.bn.update_bn import check_variance
+from bnjax.nets.models import bn_of
 from bnjax.support.checks import check_integer
 from bnjax.training.steps import model_of, to_float_images
 
@@ -48,7 +48,7 @@ def statistics_of_each_batch(model, variables, batches):
     here; ghost batches are not split: these are the statistics of whole
     batches, an estimate of the population's; under Batch Renorm the layers below keep their r and d corrections,
     as in training)."""
-    bn = (model.bn or keras_bn()).clone(momentum=0.0, running_average="ema", axis_name=None, frozen=False,
+    bn = bn_of(model).clone(momentum=0.0, running_average="ema", axis_name=None, frozen=False,
                                         ghost_batch_size=None)
     one_batch = model.clone(bn=bn)
 
