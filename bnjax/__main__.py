@@ -80,8 +80,8 @@ from bnjax.support.compilation_cache import use_persistent_cache
 from bnjax.support.provenance import environment
 from bnjax.support.xla_flags import use_cpu_flags
 from bnjax.training.checkpoint import saved_step
-from bnjax.training.config import (BN_LAYERS, CHOICES, LEGACY_BN_FIELDS, TrainConfig, bn_from_dict, bn_settings_of,
-                                   bn_to_dict)
+from bnjax.training.config import (BN_LAYERS, CHOICES, LEGACY_BN_FIELDS, TrainConfig, bn_from_dict, bn_settings_by_name,
+                                   bn_settings_of, bn_to_dict, settings_by_name)
 from bnjax.training.history import DIVERGED_LOSS
 from bnjax.training.tensorboard import TensorBoardLog
 
@@ -192,10 +192,12 @@ def running_average_lag_note(config: TrainConfig, step: int, record: dict) -> st
 def setting_defaults() -> dict:
     """Each `--set` name's default: TrainConfig's, and for bn. the default
     BN settings' (those of NoisyBatchNorm alone, and of Renorm, at their own)."""
-    bn = {f"bn.{name}": value for layer in BN_LAYERS.values() for name, value in bn_to_dict(layer()).items()}
-    bn |= {f"bn.{name}": value for name, value in bn_to_dict(keras_bn()).items()}
-    return ({name: value for name, value in TrainConfig().to_dict().items() if name != "bn"} | bn
-            | {"bn.renorm": False} | {f"bn.renorm.{name}": value for name, value in dataclasses.asdict(Renorm()).items()})
+    bn = {}
+    for layer in BN_LAYERS.values():  # those of NoisyBatchNorm alone, at its own defaults
+        bn |= bn_settings_by_name(bn_to_dict(layer()))
+    bn |= bn_settings_by_name(bn_to_dict(keras_bn())) | {f"bn.renorm.{name}": value for name, value
+                                                         in dataclasses.asdict(Renorm()).items()}
+    return settings_by_name(TrainConfig()) | bn
 
 
 def allowed_values(name: str) -> str:
@@ -220,13 +222,7 @@ def describe_fields() -> str:
 def changed_settings(config: TrainConfig) -> dict:
     """The run's settings that differ from the defaults, by `--set` name."""
     defaults = setting_defaults()
-    settings = {name: value for name, value in config.to_dict().items() if name != "bn"}
-    if config.bn is not None:
-        bn = bn_to_dict(config.bn)
-        settings |= {f"bn.{name}": value for name, value in bn.items() if name != "renorm"}
-        settings |= ({"bn.renorm": True} | {f"bn.renorm.{name}": value for name, value in bn["renorm"].items()}
-                     if bn["renorm"] else {})
-    return {name: value for name, value in settings.items() if value != defaults[name]}
+    return {name: value for name, value in settings_by_name(config).items() if value != defaults[name]}
 
 
 def _parser() -> argparse.ArgumentParser:

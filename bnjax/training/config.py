@@ -229,6 +229,22 @@ def bn_from_dict(settings: dict) -> BatchNorm:
     return _made("bn", keras_bn, {"layer": BN_LAYERS[layer], **settings})
 
 
+def settings_by_name(config: TrainConfig) -> dict:
+    """The config flat, by the names `python -m bnjax --set` takes: its fields
+    but `bn`, and on a BN run each of its BN settings (`bn_settings_by_name`)."""
+    fields = config.to_dict()
+    bn = fields.pop("bn")
+    return fields if bn is None else fields | bn_settings_by_name(bn)
+
+
+def bn_settings_by_name(bn: dict) -> dict:
+    """`bn_to_dict`'s settings by `--set` name: "bn.layer", "bn.momentum", ...,
+    "bn.renorm" (whether Batch Renorm is on) and its own, "bn.renorm.r_max", ..."""
+    renorm = bn.get("renorm")
+    flat = {f"bn.{name}": value for name, value in bn.items() if name != "renorm"} | {"bn.renorm": renorm is not None}
+    return flat | {f"bn.renorm.{name}": value for name, value in (renorm or {}).items()}
+
+
 def describe_bn(bn: BatchNorm) -> str:
     """BN's settings in one line, those that differ from the layer's defaults:
     "BatchNorm(momentum=0.9, renorm=Renorm(r_max=2.0, ...))"."""

@@ -24,7 +24,7 @@ import math
 import os
 from pathlib import Path
 
-from bnjax.training.config import TrainConfig
+from bnjax.training.config import TrainConfig, settings_by_name
 from bnjax.training.history import History
 
 # Each History / record field and the TensorBoard tag it is written as.
@@ -45,19 +45,12 @@ def _summary_writer(logdir: str | os.PathLike):
     return SummaryWriter(logdir=str(logdir))
 
 
-def hyperparameters(config) -> dict:
-    """A TrainConfig as TensorBoard's hyperparameters: flat names ("bn.momentum"),
-    values that are numbers, strings or booleans (None as "None")."""
-    flat = {}
-    for name, value in config.to_dict().items():
-        items = ({f"{name}.{key}": setting for key, setting in value.items()} if isinstance(value, dict)
-                 else {name: value})
-        for key, setting in items.items():
-            if isinstance(setting, dict):  # Batch Renorm's settings
-                flat.update({f"{key}.{inner}": part for inner, part in setting.items()})
-            else:
-                flat[key] = setting
-    return {name: value if isinstance(value, (bool, int, float, str)) else str(value) for name, value in flat.items()}
+def hyperparameters(config: TrainConfig) -> dict:
+    """A TrainConfig as TensorBoard's hyperparameters: the names `--set` takes
+    ("bn.momentum", `settings_by_name`), values that are numbers, strings or
+    booleans (None as "None")."""
+    return {name: value if isinstance(value, (bool, int, float, str)) else str(value)
+            for name, value in settings_by_name(config).items()}
 
 
 class TensorBoardLog:
