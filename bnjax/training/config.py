@@ -145,8 +145,7 @@ class TrainConfig:
             if not isinstance(self.bn, BatchNorm):
                 raise ValueError(f"bn must be None or a bnjax.BatchNorm(...) of BN's settings, got {self.bn!r}")
             for name in SET_BY_THE_NET:
-                if getattr(self.bn, name) is not BN_FIELD_DEFAULTS[name] \
-                        and getattr(self.bn, name) != BN_FIELD_DEFAULTS[name]:
+                if getattr(self.bn, name) != BN_FIELD_DEFAULTS[name]:
                     raise ValueError(f"bn.{name} is set by the net for each of its BN layers; leave it at "
                                      f"{BN_FIELD_DEFAULTS[name]!r}, got {getattr(self.bn, name)!r}")
             if self.bn == keras_bn():  # one config, one spelling: None is the default settings
