@@ -64,14 +64,12 @@ def reduction_axes_of(ndim: int, reduction_axes=None) -> tuple[int, ...]:
     return tuple(range(ndim - 1)) if reduction_axes is None else canonical_axes(ndim, reduction_axes)
 
 
-def broadcast_features(value, reduction_axes, ndim: int):
-    """A per-feature value (mean, var, scale, ...) shaped to broadcast against
-    an ndim input reduced over `reduction_axes`. With the features last, as
-    they are by default, the value broadcasts as it is, and is left so: the
-    compiled program (its gradient's reductions included) stays the one of a
-    (features,) vector, so numbers do not move with the shape."""
-    if tuple(reduction_axes) == tuple(range(ndim - 1)):
-        return value
+def broadcast_features(value, reduction_axes):
+    """A per-feature value (mean, var, scale, ...) with a size-1 axis at each
+    of `reduction_axes`, to broadcast against the input: as flax shapes them,
+    so that the program, its gradient included, is flax's operation for
+    operation (a (features,) vector broadcast implicitly gives the same
+    outputs but another gradient program, off by round-off)."""
     return jnp.expand_dims(value, tuple(reduction_axes))
 
 
@@ -124,11 +122,14 @@ def batch_statistics(x, axis_name: str | None = None, *, reduction_axes=None, us
         return mean, var
     # E[x] and E[x^2] average exactly across equally sized shards, which
     # E[(x - mean)^2] would not: one collective for both moments.
-    mean = mean_of(x)
-    mean, mean_of_squares = across_devices(mean, mean_of(_squared_magnitude(x)))
+    # The squares are taken before either mean and the clip reads max(0, .),
+    # as flax does: the gradient's program is then flax's, operation for
+    # operation, so a model trains to flax's numbers bit for bit.
+    squares = _squared_magnitude(x)
+    mean, mean_of_squares = across_devices(mean_of(x), mean_of(squares))
     # Biased ("population") variance: divide by N, not N - 1. Round-off can
     # make E[x^2] - E[x]^2 slightly negative, so clip at zero.
-    var = jnp.maximum(mean_of_squares - _squared_magnitude(mean), 0.0)
+    var = jnp.maximum(0.0, mean_of_squares - _squared_magnitude(mean))
     return mean, var
 
 
@@ -232,7 +233,7 @@ def batch_norm_train(x, scale, bias, running: dict, average: RunningAverage = Ru
     axis_name = statistics.pop("axis_name", None)
     if ghost_batch_size is None:
         mean, var = batch_statistics(x, axis_name, **statistics)
-        y = normalize(x, broadcast_features(mean, axes, x.ndim), broadcast_features(var, axes, x.ndim), scale, bias,
+        y = normalize(x, broadcast_features(mean, axes), broadcast_features(var, axes), scale, bias,
                       epsilon)
     else:
         group_mean, group_var = ghost_batch_statistics(x, ghost_batch_size, **statistics)
@@ -363,7 +364,7 @@ def batch_renorm_train(x, scale, bias, stats: dict, renorm: Renorm, momentum: fl
     d = jax.lax.stop_gradient(jnp.clip((mean - stats["renorm_mean"]) / stats["renorm_std"], -d_max, d_max))
     scale = 1.0 if scale is None else scale
     bias = 0.0 if bias is None else bias
-    shaped = {name: broadcast_features(value, axes, x.ndim) for name, value in (("mean", mean), ("var", var),
+    shaped = {name: broadcast_features(value, axes) for name, value in (("mean", mean), ("var", var),
                                                                                ("r", r), ("d", d))}
     y = normalize(x, shaped["mean"], shaped["var"], scale * shaped["r"], scale * shaped["d"] + bias, epsilon)
 
@@ -471,9 +472,9 @@ class BatchNorm(nn.Module):
                                                                                          statistics_dtype))
         # As flax: scale, then bias (the order their initializers draw keys in).
         scale = (broadcast_features(self.param("scale", self.scale_init, feature_shape, self.param_dtype),
-                                    reduction_axes, x.ndim) if self.use_scale else None)
+                                    reduction_axes) if self.use_scale else None)
         bias = (broadcast_features(self.param("bias", self.bias_init, feature_shape, self.param_dtype),
-                                   reduction_axes, x.ndim) if self.use_bias else None)
+                                   reduction_axes) if self.use_bias else None)
         output_dtype = canonicalize_dtype(*(value for value in (x, scale, bias) if value is not None),
                                           dtype=self.dtype)
         # `init` runs outside any device mapping, so there is no axis to average over.
@@ -502,8 +503,8 @@ def forward(bn, x, scale, bias, running: dict, use_running_average: bool, mask, 
         mean, var = running["mean"], running["var"]
         if not force_float32_reductions:
             mean, var = jnp.asarray(mean, bn.param_dtype), jnp.asarray(var, bn.param_dtype)
-        return batch_norm_eval(x, scale, bias, broadcast_features(mean, reduction_axes, x.ndim),
-                               broadcast_features(var, reduction_axes, x.ndim), bn.epsilon), None
+        return batch_norm_eval(x, scale, bias, broadcast_features(mean, reduction_axes),
+                               broadcast_features(var, reduction_axes), bn.epsilon), None
 
     statistics = dict(axis_name=axis_name, reduction_axes=reduction_axes, use_fast_variance=bn.use_fast_variance,
                       mask=mask, axis_index_groups=bn.axis_index_groups, dtype=bn.dtype,

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.linen.dtypes import canonicalize_dtype
 
-from bnjax.bn.batchnorm import Renorm, check_call, check_settings, forward
+from bnjax.bn.batchnorm import Renorm, broadcast_features, check_call, check_settings, forward
 from bnjax.bn.checkup import Checkup, _score, check_tolerance, layer_gaps, verdict
 from bnjax.bn.update_bn import average, check_variance, gather
 
@@ -69,8 +69,7 @@ class BatchNorm(nnx.BatchNorm):
             read = {**running, "mean": mean, "var": var}
         feature_axes = (self.axis % x.ndim,)
         reduction_axes = tuple(axis for axis in range(x.ndim) if axis not in feature_axes)
-        if reduction_axes != tuple(range(x.ndim - 1)):  # the features elsewhere than last: broadcast shapes
-            scale, bias = (None if value is None else jnp.expand_dims(value, reduction_axes) for value in (scale, bias))
+        scale, bias = (None if value is None else broadcast_features(value, reduction_axes) for value in (scale, bias))
         y, new_running = forward(self, x, scale, bias, read if use_running_average or self.frozen else running,
                                  use_running_average, mask, self.axis_name)
         if new_running is not None:  # train mode: the running statistics change here, in place
