@@ -4,7 +4,7 @@
     python -m bnjax --set batch_norm=true --set learning_rate=0.01 --set max_steps=200
     python -m bnjax --set batch_norm=true --set activation=sigmoid --save runs/one.json
     python -m bnjax --fields                                  # every field, its default and type
-    python -m bnjax --set max_steps=3000 --checkpoint runs/one.msgpack   # Ctrl-C, run again: it resumes
+    python -m bnjax --set max_steps=3000 --checkpoint runs/one.ckpt   # Ctrl-C, run again: it resumes
     python -m bnjax --replay outputs/article/results.json --run 3        # a saved run again, as it was launched
 
 Values are read by the field's type: true/false for booleans, integers,
@@ -79,7 +79,7 @@ from bnjax.support.atomic import unwritable_reason, write_json
 from bnjax.support.compilation_cache import use_persistent_cache
 from bnjax.support.provenance import environment
 from bnjax.support.xla_flags import use_cpu_flags
-from bnjax.training.checkpoint import saved_step
+from bnjax.training.checkpoint import checkpoint_exists, saved_step
 from bnjax.training.config import (BN_LAYERS, CHOICES, LEGACY_BN_FIELDS, TrainConfig, bn_from_dict, bn_settings_by_name,
                                    bn_settings_of, bn_to_dict, settings_by_name)
 from bnjax.training.history import DIVERGED_LOSS
@@ -381,6 +381,18 @@ def main(argv=None) -> None:
         CtrlC.armed = False
 
 
+def check_output_paths(parser, args) -> None:
+    """Refuse, before any training (whose result would be lost at the end),
+    a --save or --checkpoint path that cannot be written. A checkpoint is a
+    folder whose files are written inside it (an earlier bnjax's checkpoint
+    file is read, then replaced by the folder)."""
+    inside_checkpoint = args.checkpoint and not os.path.isfile(args.checkpoint) and os.path.join(args.checkpoint, "0")
+    for flag, path, written in (("--save", args.save, args.save), ("--checkpoint", args.checkpoint, inside_checkpoint)):
+        reason = unwritable_reason(written) if written else None
+        if reason:
+            parser.exit(2, f"error: {flag} {path} {reason}\n")
+
+
 def run(parser, args) -> None:
     """The program, once its arguments are parsed (`main` turns Ctrl-C into one line)."""
     if args.fields:
@@ -393,10 +405,7 @@ def run(parser, args) -> None:
         config = config_from_settings(args.set)
     except ValueError as error:
         parser.exit(2, f"error: {error}\n")
-    for flag, path in (("--save", args.save), ("--checkpoint", args.checkpoint)):
-        reason = unwritable_reason(path) if path else None
-        if reason:  # before training, so that no result is lost at the end
-            parser.exit(2, f"error: {flag} {path} {reason}\n")
+    check_output_paths(parser, args)
     log = tensorboard_log(parser, args, config)
     changed = changed_settings(config)
     print(f"training one run: {changed or 'the defaults (the article plain net)'}", flush=True)
@@ -410,7 +419,7 @@ def run(parser, args) -> None:
 
     use_persistent_cache()
     CtrlC.check()
-    if args.checkpoint and os.path.exists(args.checkpoint):
+    if args.checkpoint and checkpoint_exists(args.checkpoint):
         try:
             print(f"resuming {args.checkpoint} from step {saved_step(args.checkpoint)}", flush=True)
         except ValueError as error:  # damaged, or not a checkpoint: before any training

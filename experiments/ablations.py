@@ -36,8 +36,8 @@ from bnjax.training.config import TrainConfig
 from bnjax.training.steps import cross_entropy_loss, to_float_images  # noqa: E402
 from experiments.plot_article import seeds_phrase  # noqa: E402
 from experiments.results import last_full_interval, run_resumable, save_figure  # noqa: E402
-from experiments.sweep import (add_sweep_flags, output_folder, positive_int, run_sweep, sweep_strategy,  # noqa: E402
-                               tensorboard_folder)
+from experiments.sweep import (add_sweep_flags, output_folder, positive_int, run_folders, run_sweep,  # noqa: E402
+                               sweep_strategy)
 
 ACTIVATIONS = ("sigmoid", "tanh", "relu", "elu")
 LEARNING_RATES = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)  # a half-decade log grid
@@ -282,7 +282,7 @@ def run_study(name: str, args, load_data) -> None:
     configs = [dataclasses.replace(config, max_steps=args.max_steps) for config in make_configs(args)]
     results = run_sweep(configs, results_path, load_data, strategy=sweep_strategy(args),
                         measure=measure_bias if measure_state else None, name=name,
-                        tensorboard_dir=tensorboard_folder(args, name))
+                        **run_folders(args, name))
     summary = summarize(results["runs"], out)
     with atomic_write(out / "summary.md", "w") as file:
         file.write(summary + "\n")

@@ -27,8 +27,8 @@ from bnjax.support.provenance import describe_environment, environment, same_set
 from bnjax.training.config import TrainConfig
 from experiments import plot_article
 from experiments.results import load_results, run_key, run_resumable, unfinished
-from experiments.sweep import (COMMITTED, RUNS, add_sweep_flags, copy_committed_runs, output_folder, run_sweep,
-                               sweep_strategy, tensorboard_folder)
+from experiments.sweep import (COMMITTED, RUNS, add_sweep_flags, copy_committed_runs, output_folder, run_folders,
+                               run_sweep, sweep_strategy)
 
 # (learning_rate, activation) pairs.
 GRIDS = {
@@ -142,7 +142,7 @@ def main(argv=None) -> None:
     # many runs per vmapped program.
     run_sweep(configs, results_path, load_data, strategy=sweep_strategy(args), name=f"{args.grid} grid",
               results=results,
-              tensorboard_dir=tensorboard_folder(args))
+              **run_folders(args))
     plot_article.plot_all(results_path)
 
 

@@ -46,8 +46,7 @@ from bnjax.training.precise_bn import precise_statistics, sample_batches  # noqa
 from bnjax.training.steps import make_model  # noqa: E402
 from experiments.plot_article import seeds_phrase  # noqa: E402
 from experiments.results import load_results, run_resumable, save_figure  # noqa: E402
-from experiments.sweep import (add_sweep_flags, output_folder, run_sweep, sweep_strategy,  # noqa: E402
-                               tensorboard_folder)
+from experiments.sweep import (add_sweep_flags, output_folder, run_folders, run_sweep, sweep_strategy)  # noqa: E402
 
 MOMENTA = (0.9, 0.99, 0.999)
 TEST_BATCH_SIZES = (1, 2, 8, 100, 10000)
@@ -227,7 +226,7 @@ def main(argv=None) -> None:
     configs = [dataclasses.replace(config, max_steps=args.max_steps) for config in study_configs(args.seeds, args.epochs)]
     run_sweep(configs, results_path, load_mnist, strategy=sweep_strategy(args), make_probe=EvalModeProbe,
               measure=measure_final_state, name="eval_modes",
-              tensorboard_dir=tensorboard_folder(args))
+              **run_folders(args))
     plot_and_summarize(results_path)
     print(f"wrote {args.out}/eval_modes.png, running_average_lag.png, summary.md", flush=True)
 

@@ -32,8 +32,7 @@ from bnjax.data.datasets import load_mnist  # noqa: E402
 from bnjax.support.atomic import atomic_write  # noqa: E402
 from bnjax.training.config import TrainConfig  # noqa: E402
 from experiments.results import load_results, run_resumable, save_figure  # noqa: E402
-from experiments.sweep import (add_sweep_flags, output_folder, run_sweep, sweep_strategy,  # noqa: E402
-                               tensorboard_folder)
+from experiments.sweep import (add_sweep_flags, output_folder, run_folders, run_sweep, sweep_strategy)  # noqa: E402
 
 # (label, num_devices, ghost_bn)
 VARIANTS = [
@@ -94,7 +93,7 @@ def main(argv=None) -> None:
         for seed in range(args.seeds)
     ]
     run_sweep(configs, results_path, load_mnist, strategy=sweep_strategy(args, num_devices=8), name="ghost_bn",
-              tensorboard_dir=tensorboard_folder(args))
+              **run_folders(args))
     plot(results_path)
     print(f"wrote {args.out}/ghost_bn.png and summary.md", flush=True)
 

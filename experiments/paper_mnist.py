@@ -33,8 +33,8 @@ from bnjax.data.datasets import load_mnist  # noqa: E402
 from bnjax.training.config import TrainConfig
 from bnjax.training.steps import to_float_images  # noqa: E402
 from experiments.results import load_results, run_resumable, save_figure  # noqa: E402
-from experiments.sweep import (add_sweep_flags, output_folder, positive_int, run_sweep, sweep_strategy,  # noqa: E402
-                               tensorboard_folder)
+from experiments.sweep import (add_sweep_flags, output_folder, positive_int, run_folders, run_sweep,  # noqa: E402
+                               sweep_strategy)
 
 PERCENTILES = (15, 50, 85)
 UNIT = 0  # which sigmoid of the last hidden layer to follow
@@ -103,7 +103,7 @@ def main(argv=None) -> None:
                for seed in range(args.seeds) for batch_norm in (False, True)]
     run_sweep(configs, results_path, load_mnist, strategy=sweep_strategy(args),
               make_probe=sigmoid_input_percentiles, name="paper_mnist",
-              tensorboard_dir=tensorboard_folder(args))
+              **run_folders(args))
     plot(results_path)
     print(f"wrote {args.out}/paper_mnist.png", flush=True)
 

@@ -48,8 +48,8 @@ from bnjax.training.precise_bn import average_statistics, recompute_batch_stats 
 from bnjax.training.steps import cross_entropy_loss, model_of  # noqa: E402
 from bnjax.training.steps import create_train_state, to_float_images
 from experiments.results import run_key, run_resumable, save_figure  # noqa: E402
-from experiments.sweep import (add_sweep_flags, output_folder, positive_int, run_sweep, sweep_strategy,  # noqa: E402
-                               tensorboard_folder)
+from experiments.sweep import (add_sweep_flags, output_folder, positive_int, run_folders, run_sweep,  # noqa: E402
+                               sweep_strategy)
 
 # The paper's numbers (its table 2: test accuracy, %, early-stopped models,
 # population statistics): 784-pixel sequences in order and permuted.
@@ -216,7 +216,7 @@ def main(argv=None) -> None:
     configs = sweep_configs(args.task, args.seeds, args.epochs, args.max_steps, args.eval_every, args.precise_batches)
     results = run_sweep(configs, results_path, load_mnist, strategy=sweep_strategy(args), measure=per_step_vs_shared,
                         name=f"recurrent_bn {args.task}",
-                        tensorboard_dir=tensorboard_folder(args))
+                        **run_folders(args))
 
     flow_path = args.out / "gradient_flow.json"
     flows = json.loads(flow_path.read_text()) if flow_path.exists() else {}  # {task: {model: norms}}

@@ -43,8 +43,7 @@ from bnjax.training.evaluation import evaluate  # noqa: E402
 from bnjax.training.precise_bn import recompute_batch_stats  # noqa: E402
 from experiments.results import (  # noqa: E402
     last_full_interval, last_full_interval_index, load_results, run_resumable, save_figure)
-from experiments.sweep import (add_sweep_flags, output_folder, run_sweep, sweep_strategy,  # noqa: E402
-                               tensorboard_folder)
+from experiments.sweep import (add_sweep_flags, output_folder, run_folders, run_sweep, sweep_strategy)  # noqa: E402
 
 @dataclasses.dataclass(frozen=True)
 class Size:
@@ -466,7 +465,7 @@ def run_part(part: str, args: argparse.Namespace) -> None:
     start = time.perf_counter()
     results = run_sweep(configs, out / "results.json", load_mnist, strategy=sweep_strategy(args), measure=measure,
                         name=part,
-                        tensorboard_dir=tensorboard_folder(args, part))
+                        **run_folders(args, part))
     minutes = (time.perf_counter() - start) / 60
     table = summarize(results["runs"], out)
     command = f"python -m experiments.rethinking_batch {part} --seeds {args.seeds}" + (

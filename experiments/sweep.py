@@ -12,7 +12,10 @@ file (so an interrupted sweep resumes where it stopped) through
 engine chooses them — prints one progress line per evaluation with the
 sweep's ETA, and saves each finished run atomically as soon as it is done.
 `run_resumable(main)` (experiments/results.py) ends a study with one line on
-an interrupt, a data error or a bad value.
+an interrupt, a data error or a bad value. With `--checkpoint` the runs in
+progress are saved too (`bnjax.Observer(checkpoint_dir=...)`, orbax
+checkpoints under <out>/checkpoints/), so a stopped study resumes them
+mid-run.
 
 Where results go: `--out` if given; otherwise `runs/<study>/` (git-ignored).
 There, a run whose config is already among the committed results (the same
@@ -26,6 +29,7 @@ import argparse
 import dataclasses
 import importlib
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -33,7 +37,7 @@ from typing import Callable
 
 import jax
 
-from bnjax.engine.launch import Observer, train_many
+from bnjax.engine.launch import Observer, checkpoint_file, train_many
 from bnjax.engine.strategy import Strategy, default_strategy
 from bnjax.support.atomic import unwritable_reason
 from bnjax.support.compilation_cache import use_persistent_cache
@@ -77,6 +81,10 @@ def add_sweep_flags(parser: argparse.ArgumentParser, seeds: int, epochs: int | N
     parser.add_argument("--tensorboard", action="store_true",
                         help="also write every run as TensorBoard event files under <out>/tensorboard/, one "
                              "folder per run (tensorboard --logdir <out>/tensorboard; needs tensorboardX)")
+    parser.add_argument("--checkpoint", action="store_true",
+                        help="also save every run in progress at each evaluation, under <out>/checkpoints/ "
+                             "(orbax checkpoints, deleted as each run is saved): a study stopped mid-run (a Colab "
+                             "runtime that disconnects) resumes its runs where they were")
     parser.add_argument("--distributed", action="store_true",
                         help="join the processes of a multi-host run first (jax.distributed.initialize(), which "
                              "finds a Cloud TPU pod slice or a SLURM job itself); process 0 writes the results")
@@ -186,8 +194,8 @@ class SweepObserver(Observer):
     value), the same for the configs given and those the engine reports."""
 
     def __init__(self, name: str, todo: list[TrainConfig], data, results_path: Path, results: dict, make_probe,
-                 measure, fields: list[str]):
-        super().__init__(make_probe=importable(make_probe))
+                 measure, fields: list[str], *, checkpoint_dir: Path | None = None):
+        super().__init__(make_probe=importable(make_probe), checkpoint_dir=checkpoint_dir)
         self.name, self.data, self.results_path, self.results, self.measure = name, data, results_path, results, measure
         self.labels = {config: f"[{index}/{len(todo)}] {describe(config, fields)}" for index, config in enumerate(todo, 1)}
         self.steps_seen: dict[TrainConfig, int] = {}
@@ -208,6 +216,8 @@ class SweepObserver(Observer):
         self.steps_seen[config] = resolve_steps(config, len(self.data.x_train))[1]  # a diverged run's rest counts as done
         extra = self.measure(config, history, state, self.data) if self.measure is not None else None
         add_run(self.results_path, self.results, config, history, extra)
+        if self.checkpoint_dir is not None:  # saved whole in the results: its checkpoint has done its job
+            shutil.rmtree(checkpoint_file(self.checkpoint_dir, config), ignore_errors=True)
 
 
 def run_sweep(
@@ -221,6 +231,7 @@ def run_sweep(
     results: dict | None = None,
     *,
     tensorboard_dir: Path | None = None,
+    checkpoint_dir: Path | None = None,
 ) -> dict:
     """Train the configs not yet saved in `results_path`; return all results.
 
@@ -230,7 +241,8 @@ def run_sweep(
     saved beside the run's History. `results`: the file's contents, if the
     caller has read them already. `tensorboard_dir`: every run of `configs`
     also as TensorBoard event files there, one folder per run (`write_tensorboard`),
-    those saved before included."""
+    those saved before included. `checkpoint_dir`: every run in progress
+    saved there at each evaluation and resumed from there (`bnjax.Observer`)."""
     reason = unwritable_reason(results_path)
     if reason:  # before any training: its results could not be saved
         print(f"error: cannot save results to {results_path}: {reason} (choose another --out)", file=sys.stderr)
@@ -247,7 +259,8 @@ def run_sweep(
         return results
     use_persistent_cache()  # a second sweep here loads its programs instead of compiling them
     data = load_data()
-    observer = SweepObserver(name, todo, data, results_path, results, make_probe, measure, varying_fields(configs))
+    observer = SweepObserver(name, todo, data, results_path, results, make_probe, measure, varying_fields(configs),
+                             checkpoint_dir=checkpoint_dir)
     start = time.perf_counter()
     print(f"{name}: compiling and training; the first line comes after each run's first evaluation", flush=True)
     # All configs, those not in `todo` done: the remaining runs train in the
@@ -276,6 +289,16 @@ def write_tensorboard_runs(tensorboard_dir: Path | None, results: dict, configs:
             written += 1
     print(f"TensorBoard: {written} runs written under {tensorboard_dir}: tensorboard --logdir {tensorboard_dir}",
           flush=True)
+
+
+def run_folders(args: argparse.Namespace, part: str | None = None) -> dict:
+    """`run_sweep`'s folders for a study's flags: tensorboard_dir
+    (`tensorboard_folder`) and checkpoint_dir (<out>/checkpoints, /<part> for
+    a study of several sweeps; None without --checkpoint)."""
+    checkpoints = None
+    if args.checkpoint:
+        checkpoints = args.out / "checkpoints" / part if part else args.out / "checkpoints"
+    return {"tensorboard_dir": tensorboard_folder(args, part), "checkpoint_dir": checkpoints}
 
 
 def tensorboard_folder(args: argparse.Namespace, part: str | None = None) -> Path | None:

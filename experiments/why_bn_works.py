@@ -49,8 +49,8 @@ from bnjax.training.config import TrainConfig  # noqa: E402
 from bnjax.training.landscape import gradient_line, gradient_shift, layer_inputs, moments_shift  # noqa: E402
 from bnjax.training.steps import cross_entropy_loss, to_float_images, train_step_body  # noqa: E402
 from experiments.results import load_results, run_resumable, save_figure  # noqa: E402
-from experiments.sweep import (add_sweep_flags, output_folder, positive_int, run_sweep, sweep_strategy,  # noqa: E402
-                               tensorboard_folder)
+from experiments.sweep import (add_sweep_flags, output_folder, positive_int, run_folders, run_sweep,  # noqa: E402
+                               sweep_strategy)
 
 VARIANTS = ("plain", "BN", "noisy BN")
 SETTINGS = [(0.001, "relu"), (0.01, "relu"), (0.001, "sigmoid"), (0.01, "sigmoid")]  # (learning rate, activation)
@@ -247,7 +247,7 @@ def main(argv=None) -> None:
     configs = study_configs(steps, args.eval_every, args.seeds)
     run_sweep(configs, results_path, load_mnist, strategy=sweep_strategy(args), make_probe=landscape_probe,
               name="why_bn_works",
-              tensorboard_dir=tensorboard_folder(args))
+              **run_folders(args))
     report(results_path)
     print(f"wrote noisy_bn.png, internal_covariate_shift.png, smoothness.png and summary.md to {args.out}", flush=True)
 

@@ -349,7 +349,7 @@ def test_a_stacked_program_resumes_from_its_checkpoints(tiny_data, tmp_path):
     with pytest.raises(Interrupt):
         train_many(configs, tiny_data, strategy=strategy,
                    observer=observer(checkpoint_dir=tmp_path, on_eval=stop_at_step_12))
-    assert len(list(tmp_path.glob("run-*.msgpack"))) == 2
+    assert len(list(tmp_path.glob("run-*"))) == 2
     resumed = train_many(configs, tiny_data, strategy=strategy, observer=observer(checkpoint_dir=tmp_path))
     for (history, state), (reference, reference_state) in zip(resumed, uninterrupted):
         for curve in ("steps", "val_loss", "val_accuracy", "train_loss", "train_accuracy"):
@@ -358,16 +358,42 @@ def test_a_stacked_program_resumes_from_its_checkpoints(tiny_data, tmp_path):
 
 
 @pytest.mark.slow
-def test_runs_of_different_programs_or_steps_are_refused_in_one_line(tiny_data, tmp_path):
+def test_runs_of_different_programs_are_refused_in_one_line(tiny_data):
     from bnjax.engine.loop import train_runs
 
     with pytest.raises(ValueError, match="runs of one program may differ only in seed, learning_rate"):
         train_runs([MLP_BASE, MLP_RELU], tiny_data)
-    paths = [tmp_path / "a.msgpack", tmp_path / "b.msgpack"]
-    train(dataclasses.replace(MLP_BASE, max_steps=6), tiny_data, checkpoint_path=paths[0])
-    with pytest.raises(ValueError, match="must resume from one step; their checkpoints are at steps 0, 6"):
-        train_runs([dataclasses.replace(MLP_BASE, max_steps=6), dataclasses.replace(MLP_BASE, max_steps=6, seed=1)],
-                   tiny_data, checkpoint_paths=paths)
+
+
+@pytest.mark.slow
+def test_a_program_killed_between_its_runs_saves_resumes_from_the_step_all_of_them_hold(tiny_data, tmp_path):
+    from bnjax.engine.loop import train_runs
+
+    import shutil
+
+    configs = [dataclasses.replace(MLP_BASE, max_steps=12, eval_every=3, seed=seed) for seed in (0, 1)]
+    uninterrupted = train_runs(configs, tiny_data)
+    paths = [tmp_path / "a.ckpt", tmp_path / "b.ckpt"]
+
+    def stop_at_step_9(index, step, total, record):
+        if step == 9 and index == 1:  # both runs saved step 9
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train_runs(configs, tiny_data, on_eval=stop_at_step_9, checkpoint_paths=paths)
+    shutil.rmtree(paths[1] / "9")  # as if killed after run a saved step 9 and before run b did
+    assert [sorted(int(step.name) for step in path.iterdir()) for path in paths] == [[6, 9], [6]]
+    resumed = train_runs(configs, tiny_data, checkpoint_paths=paths)
+    for (history, state), (reference, reference_state) in zip(resumed, uninterrupted):
+        assert history.steps == reference.steps and history.val_loss == reference.val_loss
+        jax.tree_util.tree_map(np.testing.assert_array_equal, state.params, reference_state.params)
+    # Runs that share no step start afresh, to the same numbers; what is
+    # there must be theirs, since it is overwritten.
+    (tmp_path / "c.ckpt").mkdir()
+    train_runs(configs, tiny_data, checkpoint_paths=[paths[0], tmp_path / "c.ckpt"])
+    with pytest.raises(ValueError, match="is from another config"):
+        train_runs([dataclasses.replace(config, learning_rate=0.5) for config in configs], tiny_data,
+                   checkpoint_paths=[paths[0], tmp_path / "d.ckpt"])
 
 
 @pytest.mark.slow

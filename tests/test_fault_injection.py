@@ -93,7 +93,7 @@ def uninterrupted(tmp_path_factory) -> dict:
     """The sweep and the single run, each once without a fault, and how long each trained."""
     folder = tmp_path_factory.mktemp("uninterrupted")
     sweep_s = finish("sweep", folder / "results.json")
-    single_s = finish("single", folder / "run.msgpack", folder / "history.json")
+    single_s = finish("single", folder / "run.ckpt", folder / "history.json")
     return {"folder": folder, "sweep_s": sweep_s, "single_s": single_s,
             "runs": without_timing(load_results(folder / "results.json")["runs"]),
             "history": {k: v for k, v in json.loads((folder / "history.json").read_text()).items() if k not in TIMING}}
@@ -128,7 +128,7 @@ def test_a_sweep_killed_at_random_moments_resumes_to_the_uninterrupted_results(u
 
 def test_a_single_run_killed_at_random_moments_resumes_to_the_same_history(uninterrupted, tmp_path):
     rng = random.Random(260)
-    checkpoint, out = tmp_path / "run.msgpack", tmp_path / "history.json"
+    checkpoint, out = tmp_path / "run.ckpt", tmp_path / "history.json"
     for _ in range(3):
         process = start("single", checkpoint, out)
         training_started(process)
@@ -144,7 +144,7 @@ def test_a_run_beside_busy_processes_gives_the_idle_runs_history(uninterrupted, 
     # splits by the threads the process has, so load changes the time only.
     hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2 * os.cpu_count())]
     try:
-        finish("single", tmp_path / "run.msgpack", tmp_path / "history.json")
+        finish("single", tmp_path / "run.ckpt", tmp_path / "history.json")
     finally:
         for hog in hogs:
             hog.kill()
@@ -187,30 +187,63 @@ def test_a_garbled_results_file_is_refused_in_one_line_and_left_as_it_was(uninte
         assert len(message.splitlines()) == 1 and path.read_bytes() == garbled, name
 
 
-def test_a_garbled_checkpoint_is_refused_in_one_line(uninterrupted, tmp_path):
-    from fault_run import BASE
+def test_a_garbled_checkpoint_is_refused_in_one_line_or_restores_what_was_saved(uninterrupted, tmp_path):
+    # Every file of the orbax folder garbled in every way, one at a time: a
+    # file orbax does not read back (its own commit markers, metadata it
+    # rewrites) changes nothing, so the promise is "refused in one line, or
+    # exactly the saved state and History", never other numbers.
+    import shutil
 
     import jax
 
-    content = (uninterrupted["folder"] / "run.msgpack").read_bytes()
+    from fault_run import BASE
+
+    saved_folder = uninterrupted["folder"] / "run.ckpt"
     template = create_train_state(BASE, jax.random.key(BASE.seed))
-    restore_checkpoint(uninterrupted["folder"] / "run.msgpack", template, BASE)  # the ungarbled file loads
-    for name, garbled in garblings(content, seed=2).items():
-        path = tmp_path / f"{name}.msgpack"
-        path.write_bytes(garbled)
-        with pytest.raises(ValueError) as error:
-            restore_checkpoint(path, template, BASE)
-        assert str(error.value).startswith(f"checkpoint {path} ") and len(str(error.value).splitlines()) == 1, name
-    # A wrapper of the right format whose checksum or payload is missing.
+    saved_state, saved_history = restore_checkpoint(saved_folder, template, BASE)  # the ungarbled folder loads
+    files = sorted(file.relative_to(saved_folder) for file in saved_folder.rglob("*") if file.is_file())
+    refused = set()
+    for index, relative in enumerate(files):
+        content = (saved_folder / relative).read_bytes()
+        for name, garbled in (garblings(content, seed=2 + index) if len(content) > 1 else {"empty": b""}).items():
+            path = tmp_path / f"{index}-{name}"
+            shutil.copytree(saved_folder, path)
+            (path / relative).write_bytes(garbled)
+            try:
+                state, history = restore_checkpoint(path, template, BASE)
+            except ValueError as error:
+                assert str(error).startswith(f"checkpoint {path} ") and len(str(error).splitlines()) == 1, name
+                refused.add(str(relative))
+                continue
+            finally:
+                shutil.rmtree(path, ignore_errors=True)
+            assert history == saved_history, (relative, name)
+            jax.tree_util.tree_map(np.testing.assert_array_equal, state.params, saved_state.params)
+            jax.tree_util.tree_map(np.testing.assert_array_equal, state.opt_state, saved_state.opt_state)
+            jax.tree_util.tree_map(np.testing.assert_array_equal, state.batch_stats, saved_state.batch_stats)
+    # The arrays and the run's JSON are what a resumed run reads: garbling them is always caught.
+    assert any("/state/" in f"/{name}" and "/d/" in f"/{name}" for name in refused), refused
+    assert any(name.endswith("run/metadata") for name in refused), refused
+
+
+def test_a_garbled_checkpoint_file_of_earlier_bnjax_is_refused_in_one_line(tmp_path):
     from flax import serialization
 
-    for missing in ("sha256", "payload"):
+    from bnjax.training.checkpoint import read_checkpoint
+
+    content = (TESTS / "fixtures" / "flat_form_checkpoint.msgpack").read_bytes()
+    read_checkpoint(TESTS / "fixtures" / "flat_form_checkpoint.msgpack")  # the ungarbled file loads
+    garbled_files = {f"{name}.msgpack": garbled for name, garbled in garblings(content, seed=2).items()}
+    for missing in ("sha256", "payload"):  # a wrapper of the right format whose checksum or payload is missing
         wrapper = serialization.msgpack_restore(content)
         del wrapper[missing]
-        path = tmp_path / f"no-{missing}.msgpack"
-        path.write_bytes(serialization.msgpack_serialize(wrapper))
-        with pytest.raises(ValueError, match=f"checkpoint {path} is damaged"):
-            restore_checkpoint(path, template, BASE)
+        garbled_files[f"no-{missing}.msgpack"] = serialization.msgpack_serialize(wrapper)
+    for name, garbled in garbled_files.items():
+        path = tmp_path / name
+        path.write_bytes(garbled)
+        with pytest.raises(ValueError) as error:
+            read_checkpoint(path)
+        assert str(error.value).startswith(f"checkpoint {path} ") and len(str(error.value).splitlines()) == 1, name
 
 
 def test_a_garbled_data_cache_is_refused_in_one_line_or_gives_the_saved_data(tmp_path, monkeypatch):

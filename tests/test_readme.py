@@ -29,7 +29,7 @@ EXPECTED = {
     "bnjax/engine/loop.py::_step": "jax.shard_map",
     "experiments/recurrent_bn.py::shared_over_steps": 'variance="pooled"',
     "bnjax/engine/launch.py::train_many": "finished.issuperset(group)",
-    "bnjax/training/checkpoint.py::read_checkpoint": 'hashlib.sha256(wrapper["payload"])',
+    "bnjax/training/checkpoint.py::read_checkpoint": 'run.get("sha256") != digest(state',
     "experiments/results.py::load_results": "_problem_with_run(run)",
     "bnjax/training/history.py::has_diverged": "train_loss > DIVERGED_LOSS",
     "bnjax/support/provenance.py::effective_precision": "_FLOAT32_ARITHMETIC.get(platform_name, {})",

@@ -185,6 +185,39 @@ def test_a_study_run_without_out_leaves_the_committed_results_as_they_were(tiny_
     assert "wrote runs/paper_mnist/paper_mnist.png" in capsys.readouterr().out
 
 
+@pytest.mark.slow
+def test_a_study_with_checkpoints_resumes_its_runs_mid_run(tiny_data, tmp_path, monkeypatch):
+    # The BN paper's figure on the tiny data set (4 steps a run), one seed:
+    # stopped at step 2 of its first run (as a Colab runtime disconnects), run
+    # again, it goes on from step 2 to what an uninterrupted study gives.
+    monkeypatch.setattr(paper_mnist, "load_mnist", lambda: tiny_data)
+    flags = ["--steps", "8", "--eval-every", "2", "--seeds", "1", "--parallel-runs", "1"]
+    paper_mnist.main([*flags, "--out", str(tmp_path / "whole")])
+    seen = []
+    real_on_eval = sweep.SweepObserver.on_eval
+
+    def stop_at_step_2(self, config, step, total_steps, record):
+        seen.append(step)
+        real_on_eval(self, config, step, total_steps, record)
+        if step == 2 and not (tmp_path / "part" / "results.json").exists():
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep.SweepObserver, "on_eval", stop_at_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        paper_mnist.main([*flags, "--out", str(tmp_path / "part"), "--checkpoint"])
+    assert len(list((tmp_path / "part" / "checkpoints").iterdir())) == 1  # the run in progress
+    seen.clear()
+    paper_mnist.main([*flags, "--out", str(tmp_path / "part"), "--checkpoint"])
+    assert seen[0] == 4  # resumed after step 2, not trained from step 0
+    assert list((tmp_path / "part" / "checkpoints").iterdir()) == []  # each run's checkpoint gone once it is saved
+
+    def curves(folder):
+        runs = json.loads((tmp_path / folder / "results.json").read_text())["runs"]
+        return [{key: run[key] for key in ("config", "steps", "val_accuracy", "train_loss", "probes")} for run in runs]
+
+    assert curves("part") == curves("whole")
+
+
 def test_progress_names_each_kind_of_bn_statistics():
     record = {"val_accuracy": 0.113, "precise_val_accuracy": 0.9454, "train_loss": 0.3245}
     assert sweep.progress_numbers(record) == ("val_accuracy 0.1130 (running averages) precise_val_accuracy 0.9454 "

@@ -40,10 +40,11 @@ ProbeFactory = Callable[[TrainConfig, object], Callable[[TrainState], dict]]
 
 
 def checkpoint_file(checkpoint_dir: str | os.PathLike, config: TrainConfig) -> Path:
-    """Where `train_many(..., checkpoint_dir=...)` keeps `config`'s run: a file
-    named by a hash of the whole config."""
+    """Where `train_many(..., checkpoint_dir=...)` keeps `config`'s run: an
+    orbax checkpoint folder (training/checkpoint.py) named by a hash of the
+    whole config."""
     digest = hashlib.sha1(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
-    return Path(checkpoint_dir) / f"run-{digest}.msgpack"
+    return Path(checkpoint_dir) / f"run-{digest}"
 
 
 class Observer:

@@ -31,7 +31,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from bnjax.engine.strategy import Strategy, default_strategy
 from bnjax.support.xla_flags import version_tuple
-from bnjax.training.checkpoint import save_checkpoint
+from bnjax.training.checkpoint import (check_same_config, checkpoint_exists, common_step, read_checkpoint,
+                                       save_checkpoint)
 from bnjax.training.config import TrainConfig
 from bnjax.training.evaluation import evaluate_runs
 from bnjax.training.history import History, launch_record
@@ -148,22 +149,27 @@ def _run_chunk(strategy: Strategy, state, metric_sums, first_step: int, num_step
 # ---------------------------------------------------------------- the loop
 
 def _initial_states(configs, mesh, checkpoint_paths, strategy: Strategy):
-    """Every run's fresh state, or its checkpoint's where one exists, and its
-    History so far, carrying the engine's launch record."""
+    """Every run's fresh state, or its checkpoint's, and its History so far,
+    carrying the engine's launch record. The runs of one program resume
+    together from the latest step all their checkpoints hold, or start
+    afresh where they share none (the same Histories either way: only the
+    time of the steps trained again is lost)."""
     platform, conv_implementation = mesh.devices.flat[0].platform, strategy.stacked_conv if len(configs) > 1 else "lax"
     launched = {key: value for key, value in dataclasses.asdict(strategy).items() if key != "parallel_runs"}
     program = [[c.seed, c.learning_rate] for c in configs]
+    resume_step = common_step(checkpoint_paths)
+    if resume_step is None:  # afresh: what is there is overwritten, so it must be these runs' own
+        for config, path in zip(configs, checkpoint_paths):
+            if path is not None and checkpoint_exists(path):
+                check_same_config(path, read_checkpoint(path)["config"], config)
     states, histories = [], []
     for index, (config, path) in enumerate(zip(configs, checkpoint_paths)):
         launch = launch_record("engine", platform, mesh.size, strategy=launched, program=program,
                                index_in_program=index)
-        state, history = start(config, path, platform, launch, mesh.size, conv_implementation)
+        state, history = start(config, path if resume_step is not None else None, platform, launch, mesh.size,
+                               conv_implementation, step=resume_step)
         states.append(state)
         histories.append(history)
-    steps = sorted({int(state.step) for state in states})
-    if len(steps) > 1:
-        raise ValueError(f"the runs of one program must resume from one step; their checkpoints are at steps "
-                         f"{', '.join(map(str, steps))}: {', '.join(str(p) for p in checkpoint_paths if p)}")
     return states, histories
 
 

@@ -15,14 +15,13 @@ stack, with that run's values (`evaluations_of_run`).
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Callable
 
 import jax
 
 from bnjax.support.provenance import effective_precision
-from bnjax.training.checkpoint import restore_checkpoint
+from bnjax.training.checkpoint import checkpoint_exists, restore_checkpoint
 from bnjax.training.config import TrainConfig
 from bnjax.training.history import History, has_diverged
 from bnjax.training.schedule import check_dataset, resolve_steps
@@ -40,14 +39,15 @@ def schedule_of(config: TrainConfig, data) -> tuple[int, int]:
 
 
 def start(config: TrainConfig, checkpoint_path, platform: str, launch: dict, num_devices: int = 1,
-          conv_implementation: str = "lax"):
+          conv_implementation: str = "lax", *, step: int | None = None):
     """(state, History) the run starts from: fresh from the config's seed, or
-    the checkpoint's state and History where `checkpoint_path` exists. The
+    the checkpoint's state and History where `checkpoint_path` exists (its
+    latest step, or `step`). The
     History says how `platform` computes the config's products and carries
     `launch`, the loop's `launch_record`."""
     state, history = create_train_state(config, jax.random.key(config.seed), num_devices, conv_implementation), History()
-    if checkpoint_path is not None and os.path.exists(checkpoint_path):
-        state, saved_history = restore_checkpoint(checkpoint_path, state, config)
+    if checkpoint_path is not None and checkpoint_exists(checkpoint_path):
+        state, saved_history = restore_checkpoint(checkpoint_path, state, config, step)
         history = History(**saved_history)
     history.precision = effective_precision(platform, config.compute_dtype, config.matmul_precision)
     history.launch = launch
