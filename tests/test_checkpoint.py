@@ -87,7 +87,8 @@ import json, sys
 import numpy as np
 import orbax.checkpoint as ocp
 with ocp.CheckpointManager({str(path)!r}) as manager:
-    saved = manager.restore(manager.latest_step())
+    saved = manager.restore(manager.latest_step(), args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(), run=ocp.args.JsonRestore()))
 assert not any(name.startswith("bnjax") for name in sys.modules)
 print(json.dumps({{"step": int(saved["state"]["step"]), "kernel": np.asarray(saved["state"]["params"]["Conv_0"]["kernel"]).tolist(),
                   "mean": np.asarray(saved["state"]["batch_stats"]["BatchNorm_0"]["mean"]).tolist(),

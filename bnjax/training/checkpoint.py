@@ -13,8 +13,11 @@ Restoring without bnjax:
 
     import orbax.checkpoint as ocp
     with ocp.CheckpointManager("runs/bn.ckpt") as manager:
-        saved = manager.restore(manager.latest_step())
-    saved["state"]["params"], saved["run"]["history"]["test_acc"]
+        saved = manager.restore(manager.latest_step(), args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(), run=ocp.args.JsonRestore()))
+    saved["state"]["params"], saved["run"]["history"]["val_accuracy"]
+
+(`manager.restore(step)` alone restores the same, with a warning per item.)
 
 What bnjax promises of it:
   * atomic: orbax writes a step into a temporary folder and renames it
