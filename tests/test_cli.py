@@ -61,7 +61,7 @@ def test_fields_lists_every_field_with_its_default(capsys):
     assert len(lines) == len(cli.SETTING_TYPES) + 1 and lines[0].split() == ["field", "default", "takes"]
     assert any(line.split()[:2] == ["bn.momentum", "0.99"] for line in lines)
     assert any(line.split()[:2] == ["bn.renorm.r_max", "3.0"] for line in lines)
-    assert any(line.split()[:2] == ["bn.layer", "'BatchNorm'"] and line.endswith("one of BatchNorm, NoisyBatchNorm")
+    assert any(line.split()[:2] == ["bn.layer", "'BatchNorm'"] and line.endswith("one of BatchNorm, NoisyBatchNorm, LpBatchNorm")
                for line in lines)
     assert any(line.split()[:3] == ["activation", "'relu'", "one"] and line.endswith("one of elu, gelu, relu, sigmoid, tanh")
                for line in lines)

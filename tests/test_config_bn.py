@@ -69,7 +69,7 @@ def test_the_layer_used_is_bn_with_the_device_axis():
 
 
 @pytest.mark.parametrize("settings, message", [
-    ({"layer": "GroupNorm"}, "unknown bn.layer 'GroupNorm'; allowed: BatchNorm, NoisyBatchNorm"),
+    ({"layer": "GroupNorm"}, "unknown bn.layer 'GroupNorm'; allowed: BatchNorm, LpBatchNorm, NoisyBatchNorm"),
     ({"noise_shift": 1.0}, "bn (BatchNorm) has no setting 'noise_shift'; its settings: momentum, epsilon, "
                            "use_fast_variance, running_average, unbiased_running_var, renorm, frozen, ghost_batch_size"),
     ({"renorm": {"r_max": 0.5}}, "bn.renorm: r_max must be a number >= 1 (r is clipped to [1/r_max, r_max]), got 0.5"),

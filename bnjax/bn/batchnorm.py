@@ -28,6 +28,7 @@ vectors), as in Keras (`axis=-1`) and Flax; `axis` picks others (NCHW: 1).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable
 
@@ -133,6 +134,36 @@ def batch_statistics(x, axis_name: str | None = None, *, reduction_axes=None, us
     return mean, var
 
 
+def lp_statistics(x, axis_name: str | None = None, *, p: float, reduction_axes=None, mask=None,
+                  axis_index_groups=None, dtype=None, force_float32_reductions: bool = True, use_fast_variance=True):
+    """The statistics of Santurkar et al.'s l_p normalization (NeurIPS 2018,
+    section 3.3) in `batch_statistics`'s form: (mean, s^2), where s is each
+    feature's average l_p magnitude of the values before the mean is taken
+    off, (E|x|^p)^(1/p), or max |x| for p = inf. Normalizing with them,
+    (x - mean) / sqrt(s^2 + eps), centres each feature but fixes no variance
+    (s^2 = var + mean^2 for p = 2): the moments stay free. `use_fast_variance`
+    does not apply (no variance is computed)."""
+    if dtype is None:
+        dtype = jnp.result_type(x)
+    if force_float32_reductions:
+        dtype = jnp.promote_types(dtype, jnp.float32)
+    x = jnp.asarray(x, dtype)
+    axes = reduction_axes_of(x.ndim, reduction_axes)
+    where = None if mask is None else jnp.asarray(mask, bool)
+    magnitude = jnp.abs(x)
+    mean = jnp.mean(x, axis=axes, where=where)
+    if p == math.inf:
+        largest = jnp.max(magnitude, axis=axes, where=where, initial=0.0)
+        if axis_name is not None:
+            mean = jax.lax.pmean(mean, axis_name, axis_index_groups=axis_index_groups)
+            largest = jax.lax.pmax(largest, axis_name, axis_index_groups=axis_index_groups)
+        return mean, jnp.square(largest)
+    moment = jnp.mean(magnitude ** p, axis=axes, where=where)
+    if axis_name is not None:
+        mean, moment = jax.lax.pmean((mean, moment), axis_name, axis_index_groups=axis_index_groups)
+    return mean, moment ** (2.0 / p)
+
+
 def ghost_batch_statistics(x, ghost_batch_size: int, **statistics):
     """Mean and biased variance of each ghost batch: `x` (B, ...) split along
     its first axis into B // ghost_batch_size groups of consecutive examples,
@@ -148,7 +179,8 @@ def ghost_batch_statistics(x, ghost_batch_size: int, **statistics):
         raise ValueError(f"ghost_batch_size must be a positive integer that divides the batch of {batch} examples, "
                          f"got {ghost_batch_size!r}")
     groups = x.reshape(batch // ghost_batch_size, ghost_batch_size, *x.shape[1:])
-    return jax.vmap(lambda group: batch_statistics(group, None, **statistics))(groups)
+    statistics_of = statistics.pop("statistics_of", batch_statistics)
+    return jax.vmap(lambda group: statistics_of(group, None, **statistics))(groups)
 
 
 def normalize(x, mean, var, scale, bias, epsilon: float):
@@ -232,7 +264,7 @@ def batch_norm_train(x, scale, bias, running: dict, average: RunningAverage = Ru
     statistics = {**statistics, "reduction_axes": axes}
     axis_name = statistics.pop("axis_name", None)
     if ghost_batch_size is None:
-        mean, var = batch_statistics(x, axis_name, **statistics)
+        mean, var = statistics.pop("statistics_of", batch_statistics)(x, axis_name, **statistics)
         y = normalize(x, broadcast_features(mean, axes), broadcast_features(var, axes), scale, bias,
                       epsilon)
     else:
@@ -511,6 +543,8 @@ def forward(bn, x, scale, bias, running: dict, use_running_average: bool, mask, 
                       force_float32_reductions=force_float32_reductions)
     if bn.renorm is not None:
         return batch_renorm_train(x, scale, bias, running, bn.renorm, bn.momentum, bn.epsilon, **statistics)
+    if getattr(bn, "p", None) is not None:  # l_p normalization (bnjax.bn.lp_norm.LpBatchNorm)
+        statistics["statistics_of"] = functools.partial(lp_statistics, p=bn.p)
     average = RunningAverage(bn.momentum, bn.running_average, bn.unbiased_running_var)
     return batch_norm_train(x, scale, bias, running, average, bn.epsilon, bn.ghost_batch_size, **statistics)
 

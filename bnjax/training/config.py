@@ -11,8 +11,10 @@ the value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from bnjax.bn.batchnorm import BatchNorm, Renorm, keras_bn
+from bnjax.bn.lp_norm import LpBatchNorm
 from bnjax.bn.noisy import NoisyBatchNorm
 from bnjax.nets.models import ACTIVATIONS, BN_POSITIONS, KERNEL_INITS, bn_of
 from bnjax.nets.recurrent import SEQUENCES, check_lstm_settings
@@ -32,7 +34,7 @@ CHOICES = {"activation": sorted(ACTIVATIONS), "model": MODELS, "optimizer": OPTI
            "sequence": tuple(SEQUENCES)}
 MAX_SEED = 2**32 - 1  # jax.random.key(seed) keeps the low 32 bits
 # The BN layers a run's `bn` may be, by name (as `to_dict` writes them).
-BN_LAYERS = {"BatchNorm": BatchNorm, "NoisyBatchNorm": NoisyBatchNorm}
+BN_LAYERS = {"BatchNorm": BatchNorm, "NoisyBatchNorm": NoisyBatchNorm, "LpBatchNorm": LpBatchNorm}
 # BatchNorm's fields that a net sets for each of its BN layers (its feature
 # axis, train or eval mode, dtypes, initializers, whether it learns a scale
 # and a bias, the device axis) rather than the run.
@@ -206,6 +208,8 @@ def bn_to_dict(bn: BatchNorm) -> dict:
     settings = {name: getattr(bn, name) for name in bn_settings_of(type(bn))}
     if settings.get("renorm") is not None:
         settings["renorm"] = dataclasses.asdict(settings["renorm"])
+    if settings.get("p") == math.inf:  # LpBatchNorm's l_inf: JSON has no word for infinity
+        settings["p"] = "inf"
     return {"layer": type(bn).__name__, **settings}
 
 
@@ -213,6 +217,8 @@ def bn_from_dict(settings: dict) -> BatchNorm:
     """The BatchNorm `bn_to_dict` wrote; settings it lacks are Keras's, the
     run's default (`keras_bn`). ValueError, prefixed "bn", names a bad one."""
     settings = dict(settings)
+    if settings.get("p") == "inf":
+        settings["p"] = math.inf
     layer = settings.pop("layer", "BatchNorm")
     check_choice("bn.layer", layer, BN_LAYERS)
     known = bn_settings_of(BN_LAYERS[layer])
