@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from bnjax.bn.batchnorm import BatchNorm
-from bnjax.bn.noisy import NoisyBatchNorm
+from bnjax.bn.noisy import NoisyBatchNorm, santurkar_noisy_bn
 from bnjax.bn.batchnorm import keras_bn
 from bnjax.training.config import TrainConfig
 from bnjax.training.landscape import gradient_line, gradient_shift, layer_inputs, moments_shift
@@ -117,9 +117,58 @@ def test_noisy_bn_shifts_and_rescales_each_feature_afresh_at_every_training_step
     assert not np.array_equal(other["batch_stats"]["noise_key"], variables["batch_stats"]["noise_key"])
 
 
+def test_algorithm_1_draws_each_feature_and_each_value_from_the_papers_distributions():
+    # Santurkar et al.'s Algorithm 1 (n_mu 0.5, n_sigma 1.25, r_mu = r_sigma = 0.1): per feature and
+    # step, shift ~ U(-0.5, 0.5) and scale ~ U(1, 1.25); per value, uniform within 0.1 of those.
+    layer = santurkar_noisy_bn()
+    key = jax.random.key_data(jax.random.key(3))
+    shape = (64, 5, 5, 32)
+    feature_shifts, feature_scales, spreads = [], [], []
+    for step in range(40):
+        shift, scale = layer.noise(key, step, shape)
+        assert shift.shape == scale.shape == shape
+        centre_shift = np.asarray(shift).reshape(-1, 32)
+        centre_scale = np.asarray(scale).reshape(-1, 32)
+        # each value within r of its feature's draw: the feature's draw is the middle of its values' range
+        mid_shift = (centre_shift.max(0) + centre_shift.min(0)) / 2
+        mid_scale = (centre_scale.max(0) + centre_scale.min(0)) / 2
+        assert np.all(np.abs(centre_shift - mid_shift) <= 0.1 + 1e-6)
+        assert np.all(np.abs(centre_scale - mid_scale) <= 0.1 + 1e-6)
+        feature_shifts.append(mid_shift)
+        feature_scales.append(mid_scale)
+        spreads.append(centre_shift.std(0))
+    feature_shifts, feature_scales = np.concatenate(feature_shifts), np.concatenate(feature_scales)
+    # 1280 draws of each: within the ranges up to the jitter's own rounding, spread as U(a, b) spreads
+    assert np.all(np.abs(feature_shifts) <= 0.5 + 2e-3) and np.all((feature_scales >= 1 - 2e-3)
+                                                                    & (feature_scales <= 1.25 + 2e-3))
+    assert abs(feature_shifts.std() - 1 / np.sqrt(3) * 0.5) < 0.02 and abs(feature_shifts.mean()) < 0.03
+    assert abs(feature_scales.mean() - 1.125) < 0.01 and abs(feature_scales.std() - 0.25 / np.sqrt(12)) < 0.01
+    assert abs(np.mean(spreads) - 0.1 / np.sqrt(3)) < 0.005  # U(-0.1, 0.1) per value
+
+
+def test_algorithm_1_spares_the_logits_unless_asked_and_travels_in_a_config():
+    from bnjax.nets.models import ConvNet
+
+    images = jnp.ones((4, 28, 28, 1))
+    stats = ConvNet(batch_norm=True, bn=santurkar_noisy_bn()).init(jax.random.key(0), images,
+                                                                   train=False)["batch_stats"]
+    assert sorted(stats) == ["BatchNorm_0", "NoisyBatchNorm_0", "NoisyBatchNorm_1", "NoisyBatchNorm_2",
+                             "NoisyBatchNorm_3"] and "noise_key" not in stats["BatchNorm_0"]
+    noisy_logits = ConvNet(batch_norm=True, bn=santurkar_noisy_bn(noise_logits=True)).init(
+        jax.random.key(0), images, train=False)["batch_stats"]
+    assert "noise_key" in noisy_logits["NoisyBatchNorm_4"]
+    config = TrainConfig(batch_norm=True, bn=santurkar_noisy_bn())
+    assert TrainConfig.from_dict(config.to_dict()) == config
+    assert config.to_dict()["bn"]["noise_scale_law"] == "uniform" and config.to_dict()["bn"]["noise_jitter"] == 0.1
+
+
 @pytest.mark.parametrize("settings, message", [
     (dict(noise_shift=-1.0), "noise_shift must be a non-negative number, got -1.0"),
     (dict(noise_log2_scale="big"), "noise_log2_scale must be a non-negative number, got 'big'"),
+    (dict(noise_jitter=-0.1), "noise_jitter must be a non-negative number, got -0.1"),
+    (dict(noise_scale_law="normal"), "unknown noise_scale_law 'normal'; allowed: log2_uniform, uniform"),
+    (dict(noise_scale_max=0.5), r"noise_scale_max must be a number >= 1 \(scale ~ U\(1, noise_scale_max\)\), got 0.5"),
+    (dict(noise_logits="no"), "noise_logits must be True or False, got 'no'"),
 ])
 def test_bad_noise_is_refused_in_one_line(settings, message):
     with pytest.raises(ValueError, match=f"^{message}$"):

@@ -485,6 +485,11 @@ class BatchNorm(nn.Module):
         check_settings(self)
         super().__post_init__()
 
+    def for_output(self) -> BatchNorm:
+        """The layer a net's output BN (the logits') copies: this one (a
+        variant may keep something from the output: NoisyBatchNorm's noise)."""
+        return self
+
     @nn.compact
     def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
         use_running_average = nn.merge_param("use_running_average", self.use_running_average, use_running_average)

@@ -3,28 +3,45 @@ every training step, the experiment with which Santurkar, Tsipras, Ilyas and
 Madry ("How Does Batch Normalization Help Optimization?", NeurIPS 2018) ask
 whether BN helps by keeping layer inputs' distributions steady.
 
-In train mode each feature's BN output y is shifted and rescaled,
+In train mode each feature's BN output y is rescaled and shifted,
 
-    y' = scale * y + shift,   shift ~ U(-noise_shift, noise_shift),
-                              scale = 2 ** U(-noise_log2_scale, noise_log2_scale),
+    y' = scale * y + shift,
 
-with shift and scale drawn afresh at every call (per feature, the same for
-every example of the batch: the distribution the next layer sees moves,
-with a non-zero mean and a non-unit variance, by a different amount at
-each step). The draws come from a key drawn once at `init` (from the
-model's "params" rng: each run its own noise) and a step counter, both kept
-in `batch_stats` ("noise_key", "noise_step"), so a run is reproducible and
-stays a pure function of its state. Eval mode adds no noise.
+with the feature's (shift, scale) drawn afresh at every call:
+
+    shift ~ U(-noise_shift, noise_shift), and
+    scale = 2 ** U(-noise_log2_scale, noise_log2_scale)   noise_scale_law "log2_uniform"
+    scale ~ U(1, noise_scale_max)                          noise_scale_law "uniform"
+
+and, with `noise_jitter` r > 0, each value (example and position) its own
+draw around the feature's: shift_i ~ U(shift - r, shift + r), scale_i ~
+U(scale - r, scale + r). The paper's Algorithm 1 is "uniform" with
+n_mu = noise_shift = 0.5, n_sigma = noise_scale_max = 1.25 and r_mu = r_sigma
+= noise_jitter = 0.1, on the hidden layers' BN only (`noise_logits` False):
+`santurkar_noisy_bn()`. (The Algorithm's per-value draws are uniform around
+the step's, as we read it.) The defaults are bnjax's first noisy BN (the
+same draw for every value of a feature, a scale that also shrinks, the
+logits' BN noisy too), which the committed runs of experiments/why_bn_works
+used.
+
+The draws come from a key drawn once at `init` (from the model's "params"
+rng: each run its own noise) and a step counter, both kept in `batch_stats`
+("noise_key", "noise_step"), so a run is reproducible and stays a pure
+function of its state. Eval mode adds no noise.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bnjax.bn.batchnorm import BatchNorm
-from bnjax.support.checks import is_real
+from bnjax.bn.batchnorm import BatchNorm, keras_bn
+from bnjax.support.checks import check_bool, check_choice, is_real
+
+NOISE_SCALE_LAWS = ("log2_uniform", "uniform")
 
 
 class NoisyBatchNorm(BatchNorm):
@@ -32,11 +49,20 @@ class NoisyBatchNorm(BatchNorm):
 
     noise_shift: float = 1.0
     noise_log2_scale: float = 1.0
+    noise_scale_law: str = "log2_uniform"
+    noise_scale_max: float = 1.25
+    noise_jitter: float = 0.0
+    noise_logits: bool = True
 
     def __post_init__(self):
-        for name in ("noise_shift", "noise_log2_scale"):
+        for name in ("noise_shift", "noise_log2_scale", "noise_jitter"):
             if not is_real(getattr(self, name)) or getattr(self, name) < 0:
                 raise ValueError(f"{name} must be a non-negative number, got {getattr(self, name)!r}")
+        check_choice("noise_scale_law", self.noise_scale_law, NOISE_SCALE_LAWS)
+        if not is_real(self.noise_scale_max) or self.noise_scale_max < 1:
+            raise ValueError(f"noise_scale_max must be a number >= 1 (scale ~ U(1, noise_scale_max)), "
+                             f"got {self.noise_scale_max!r}")
+        check_bool("noise_logits", self.noise_logits)
         super().__post_init__()
 
     @nn.compact
@@ -47,14 +73,40 @@ class NoisyBatchNorm(BatchNorm):
         step = self.variable("batch_stats", "noise_step", lambda: jnp.zeros((), jnp.int32))
         if use_running_average or self.is_initializing():
             return y
-        shift, scale = self.noise(key.value, step.value, y.shape[-1])
+        shift, scale = self.noise(key.value, step.value, y.shape)
         step.value = step.value + 1
         return jnp.asarray(y * scale + shift, y.dtype)
 
-    def noise(self, key_data, step, features: int):
-        """(shift, scale), each (features,), of train-mode call number `step`."""
-        shift_key, scale_key = jax.random.split(jax.random.fold_in(jax.random.wrap_key_data(key_data), step))
+    def noise(self, key_data, step, shape):
+        """(shift, scale) of train-mode call number `step` on an output of
+        `shape`: each (features,), or `shape` itself with `noise_jitter`."""
+        features = shape[-1]
+        step_key = jax.random.fold_in(jax.random.wrap_key_data(key_data), step)
+        shift_key, scale_key = jax.random.split(step_key)
         shift = jax.random.uniform(shift_key, (features,), minval=-self.noise_shift, maxval=self.noise_shift)
-        log2_scale = jax.random.uniform(scale_key, (features,), minval=-self.noise_log2_scale,
-                                        maxval=self.noise_log2_scale)
-        return shift, jnp.exp2(log2_scale)
+        if self.noise_scale_law == "uniform":
+            scale = jax.random.uniform(scale_key, (features,), minval=1.0, maxval=self.noise_scale_max)
+        else:
+            scale = jnp.exp2(jax.random.uniform(scale_key, (features,), minval=-self.noise_log2_scale,
+                                                maxval=self.noise_log2_scale))
+        if self.noise_jitter == 0:
+            return shift, scale
+        shift_jitter_key, scale_jitter_key = jax.random.split(jax.random.fold_in(step_key, 1))
+        jitter = lambda key: jax.random.uniform(key, shape, minval=-self.noise_jitter, maxval=self.noise_jitter)
+        return shift + jitter(shift_jitter_key), scale + jitter(scale_jitter_key)
+
+    def for_output(self) -> BatchNorm:
+        """The layer the net's output BN (the logits') copies: this one, or,
+        with `noise_logits` False, BatchNorm with the same BN settings."""
+        if self.noise_logits:
+            return self
+        return BatchNorm(**{name: getattr(self, name) for name in BatchNorm.__dataclass_fields__
+                            if name not in ("parent", "name")}, parent=None)
+
+
+def santurkar_noisy_bn(**changes: Any) -> NoisyBatchNorm:
+    """The paper's Algorithm 1 at its constants (module doc), with Keras's BN
+    settings as the article's nets use them; `changes` to any setting."""
+    settings = dict(noise_shift=0.5, noise_scale_law="uniform", noise_scale_max=1.25, noise_jitter=0.1,
+                    noise_logits=False)
+    return keras_bn(NoisyBatchNorm, **{**settings, **changes})

@@ -114,9 +114,9 @@ class ConvNet(nn.Module):
             x = layer(x)
             if not self.batch_norm:
                 return activation(x) if hidden else x
-            batch_norm = bn_of(self).copy()
             if not hidden:
-                return batch_norm(x, use_running_average=not train)
+                return bn_of(self).for_output().copy()(x, use_running_average=not train)
+            batch_norm = bn_of(self).copy()
             if self.bn_position == "after":
                 return batch_norm(activation(x), use_running_average=not train)
             return activation(batch_norm(x, use_running_average=not train))
