@@ -60,6 +60,7 @@ def test_the_gradient_shift_of_a_linear_layer_when_the_layer_below_moves():
     shift = gradient_shift(loss_fn, params, updated, [("Dense_0",), ("Dense_1",)])
     assert list(shift) == ["Dense_1"]
     np.testing.assert_allclose(shift["Dense_1"]["l2"], np.linalg.norm(g - g_next), rtol=1e-4)
+    np.testing.assert_allclose(shift["Dense_1"]["relative"], np.linalg.norm(g - g_next) / np.linalg.norm(g), rtol=1e-4)
     np.testing.assert_allclose(shift["Dense_1"]["cosine"],
                                np.sum(g * g_next) / np.linalg.norm(g) / np.linalg.norm(g_next), rtol=1e-4)
     unmoved = gradient_shift(loss_fn, params, params, [("Dense_0",), ("Dense_1",)])

@@ -5,8 +5,9 @@ batch closed over) and parameters.
 
   * `gradient_shift`: internal covariate shift as the paper defines it: the
     gradient of the loss with respect to layer i's weights before (G) and
-    after (G') the layers below i take their update, ||G - G'|| and
-    cos(G, G'). One gradient per layer (the first has nothing below it).
+    after (G') the layers below i take their update, ||G - G'||,
+    cos(G, G') and ||G - G'|| / ||G||. One gradient per layer (the first has
+    nothing below it).
   * `gradient_line`: the loss and its gradient along the gradient direction,
     theta - eta * g for each step size eta: the loss's spread over the line
     (max - min), the gradient's change ||grad(theta - eta g) - g|| (how
@@ -36,7 +37,8 @@ def gradient_shift(loss_fn: Callable, params: dict, updated_params: dict,
     `params` of each layer, input side first, e.g. [("Conv_0", "BatchNorm_0"),
     ...]): G = d loss / d params[layers[i][0]][measured] at `params`, G' the
     same with every group below i taken from `updated_params` (the next
-    step's). Returns {layers[i][0]: {"l2": ||G - G'||, "cosine": cos(G, G')}}."""
+    step's). Returns {layers[i][0]: {"l2": ||G - G'||, "cosine": cos(G, G'),
+    "relative": ||G - G'|| / ||G||}}."""
     gradient = jax.grad(loss_fn)
     at_start = gradient(params)
     shifts = {}
@@ -46,8 +48,10 @@ def gradient_shift(loss_fn: Callable, params: dict, updated_params: dict,
         name = layers[index][0]
         before, after = at_start[name][measured].ravel(), gradient(mixed)[name][measured].ravel()
         norms = jnp.linalg.norm(before) * jnp.linalg.norm(after)
-        shifts[name] = {"l2": jnp.linalg.norm(before - after),
-                        "cosine": jnp.where(norms > 0, jnp.dot(before, after) / jnp.where(norms > 0, norms, 1), 1.0)}
+        l2, size = jnp.linalg.norm(before - after), jnp.linalg.norm(before)
+        shifts[name] = {"l2": l2,
+                        "cosine": jnp.where(norms > 0, jnp.dot(before, after) / jnp.where(norms > 0, norms, 1), 1.0),
+                        "relative": jnp.where(size > 0, l2 / jnp.where(size > 0, size, 1), 0.0)}
     return shifts
 
 
