@@ -138,6 +138,7 @@ def adam_step(model, optimizer, x, labels):
     optimizer.update(model, nnx.grad(loss_fn)(model))
 
 
+@pytest.mark.slow  # 2 x 300 steps
 def test_trains_to_flax_nnxs_numbers_bit_for_bit():
     labels = jnp.arange(X.shape[0]) % 4
     states = {}

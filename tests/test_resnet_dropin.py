@@ -31,9 +31,10 @@ def train_step(model, variables, optimizer, optimizer_state):
     params = optax.apply_updates(variables["params"], changes)
     return {"params": params, "batch_stats": updates["batch_stats"]}, optimizer_state, logits
 
-STEPS = 300
+STEPS = 200
 
 
+@pytest.mark.slow  # 2 x 200 steps of a ResNet
 def test_bnjax_batchnorm_trains_a_resnet_to_flaxs_numbers_bit_for_bit():
     # As n2cholas/jax-resnet's users write it: the norm a partial with PyTorch's momentum.
     flax_model = ResNet(norm=functools.partial(nn.BatchNorm, momentum=0.9))
