@@ -81,6 +81,18 @@ def _squared_magnitude(x):
     return jnp.square(x)
 
 
+def _reduction_inputs(x, reduction_axes, mask, dtype, force_float32_reductions: bool):
+    """(x in the statistics' dtype, the axes reduced, the mask as booleans or
+    None): what every statistics function starts from. The dtype is x's or
+    `dtype`, at least float32 with `force_float32_reductions`."""
+    if dtype is None:
+        dtype = jnp.result_type(x)
+    if force_float32_reductions:
+        dtype = jnp.promote_types(dtype, jnp.float32)
+    x = jnp.asarray(x, dtype)
+    return x, reduction_axes_of(x.ndim, reduction_axes), None if mask is None else jnp.asarray(mask, bool)
+
+
 def batch_statistics(x, axis_name: str | None = None, *, reduction_axes=None, use_fast_variance: bool = True,
                      mask=None, axis_index_groups=None, dtype=None, force_float32_reductions: bool = True):
     """Mean and biased variance of `x` over `reduction_axes` (default: every
@@ -100,13 +112,7 @@ def batch_statistics(x, axis_name: str | None = None, *, reduction_axes=None, us
     var = E[|x - E[x]|^2], a second sweep (and a second collective) after the
     mean, accurate there.
     """
-    if dtype is None:
-        dtype = jnp.result_type(x)
-    if force_float32_reductions:
-        dtype = jnp.promote_types(dtype, jnp.float32)
-    x = jnp.asarray(x, dtype)
-    axes = reduction_axes_of(x.ndim, reduction_axes)
-    where = None if mask is None else jnp.asarray(mask, bool)
+    x, axes, where = _reduction_inputs(x, reduction_axes, mask, dtype, force_float32_reductions)
 
     def mean_of(value):
         return jnp.mean(value, axis=axes, where=where)
@@ -143,13 +149,7 @@ def lp_statistics(x, axis_name: str | None = None, *, p: float, reduction_axes=N
     (x - mean) / sqrt(s^2 + eps), centres each feature but fixes no variance
     (s^2 = var + mean^2 for p = 2): the moments stay free. `use_fast_variance`
     does not apply (no variance is computed)."""
-    if dtype is None:
-        dtype = jnp.result_type(x)
-    if force_float32_reductions:
-        dtype = jnp.promote_types(dtype, jnp.float32)
-    x = jnp.asarray(x, dtype)
-    axes = reduction_axes_of(x.ndim, reduction_axes)
-    where = None if mask is None else jnp.asarray(mask, bool)
+    x, axes, where = _reduction_inputs(x, reduction_axes, mask, dtype, force_float32_reductions)
     magnitude = jnp.abs(x)
     mean = jnp.mean(x, axis=axes, where=where)
     if p == math.inf:
