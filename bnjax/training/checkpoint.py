@@ -103,7 +103,7 @@ def checkpoint_exists(path: str | os.PathLike) -> bool:
     folder with a saved step (a folder that is empty, or holds only orbax's
     temporary folder of a save cut short, has nothing to resume)."""
     path = Path(path)
-    return path.is_file() or (path.is_dir() and any(child.name.isdigit() for child in path.iterdir()))
+    return path.is_file() or bool(_step_folders(path))
 
 
 def saved_step(path: str | os.PathLike) -> int:
@@ -117,6 +117,12 @@ def saved_steps(path: str | os.PathLike) -> list[int]:
     path = Path(path)
     if path.is_file():
         return [saved_step(path)]
+    return _step_folders(path)
+
+
+def _step_folders(path: Path) -> list[int]:
+    """The steps of a checkpoint folder's complete step folders (named by the
+    step; orbax's temporary ones are not), oldest first; [] for no folder."""
     return sorted(int(child.name) for child in path.iterdir() if child.name.isdigit()) if path.is_dir() else []
 
 
