@@ -39,6 +39,14 @@ def test_the_effective_smoothness_of_a_quadratic_along_its_gradient():
     isotropic = gradient_line(lambda params: 1.5 * params @ params, jnp.asarray(theta), steps)
     np.testing.assert_allclose(isotropic["beta"], 3.0, rtol=1e-5)
     assert not np.isclose(measured["beta"], 10.0, rtol=1e-2)  # not the largest curvature: the one along g
+    np.testing.assert_allclose(measured["grad_norm"], np.linalg.norm(a @ theta), rtol=1e-6)  # the slope, apart
+
+
+def test_the_study_probes_the_papers_step_range():
+    # Santurkar et al. move along the gradient by [1/2, 4] x the learning rate.
+    from experiments import why_bn_works
+
+    assert min(why_bn_works.STEP_SIZES) == 0.5 and max(why_bn_works.STEP_SIZES) == 4.0
 
 
 def test_the_gradient_shift_of_a_linear_layer_when_the_layer_below_moves():
@@ -163,6 +171,33 @@ def test_algorithm_1_spares_the_logits_unless_asked_and_travels_in_a_config():
     assert config.to_dict()["bn"]["noise_scale_law"] == "uniform" and config.to_dict()["bn"]["noise_jitter"] == 0.1
 
 
+def test_the_control_adds_the_same_noise_to_a_layer_that_does_not_normalize():
+    # The paper's control: the noise on the plain net. normalize=False: y = scale * x + bias, then the
+    # noise, drawn as noisy BN draws it; without_noise() leaves the affine layer (or BN) alone.
+    x = jnp.asarray(RNG.normal(3.0, 2.0, size=(16, 6)), jnp.float32)
+    control, noisy = santurkar_noisy_bn(normalize=False), santurkar_noisy_bn()
+    variables = control.init(jax.random.key(0), x, use_running_average=False)
+    params = {"scale": jnp.arange(1.0, 7.0), "bias": jnp.full((6,), 0.5)}
+    variables = {**variables, "params": params}
+    assert sorted(variables["batch_stats"]) == ["noise_key", "noise_step"]
+    y, updates = control.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
+    shift, scale = control.noise(variables["batch_stats"]["noise_key"], 0, x.shape)
+    np.testing.assert_allclose(y, (x * params["scale"] + 0.5) * scale + shift, rtol=1e-6)
+    assert int(updates["batch_stats"]["noise_step"]) == 1
+    np.testing.assert_array_equal(control.apply(variables, x, use_running_average=True), x * params["scale"] + 0.5)
+    np.testing.assert_array_equal(control.without_noise().apply(variables, x, use_running_average=False,
+                                                                 mutable=["batch_stats"])[0], x * params["scale"] + 0.5)
+    # Noisy BN with its noise off is BN, exactly, whatever the draw.
+    bn_variables = noisy.init(jax.random.key(1), x, use_running_average=False)
+    clean = keras_bn().apply({"params": bn_variables["params"], "batch_stats": {
+        k: bn_variables["batch_stats"][k] for k in ("mean", "var")}}, x, use_running_average=False,
+        mutable=["batch_stats"])[0]
+    np.testing.assert_array_equal(noisy.without_noise().apply(bn_variables, x, use_running_average=False,
+                                                              mutable=["batch_stats"])[0], clean)
+    assert noisy.without_noise().for_output() == noisy.for_output()  # the logits' BN: plain BN either way
+    assert isinstance(control.for_output(), NoisyBatchNorm) and control.for_output().noise_shift == 0.0
+
+
 @pytest.mark.parametrize("settings, message", [
     (dict(noise_shift=-1.0), "noise_shift must be a non-negative number, got -1.0"),
     (dict(noise_log2_scale="big"), "noise_log2_scale must be a non-negative number, got 'big'"),
@@ -170,6 +205,9 @@ def test_algorithm_1_spares_the_logits_unless_asked_and_travels_in_a_config():
     (dict(noise_scale_law="normal"), "unknown noise_scale_law 'normal'; allowed: log2_uniform, uniform"),
     (dict(noise_scale_max=0.5), r"noise_scale_max must be a number >= 1 \(scale ~ U\(1, noise_scale_max\)\), got 0.5"),
     (dict(noise_logits="no"), "noise_logits must be True or False, got 'no'"),
+    (dict(normalize=0), "normalize must be True or False, got 0"),
+    (dict(normalize=False, axis=1), r"normalize=False \(the noise on a plain net\) takes features on the last axis, "
+                                    r"axis -1, got axis=1"),
 ])
 def test_bad_noise_is_refused_in_one_line(settings, message):
     with pytest.raises(ValueError, match=f"^{message}$"):

@@ -19,7 +19,12 @@ U(scale - r, scale + r). The paper's Algorithm 1 is "uniform" with
 n_mu = noise_shift = 0.5, n_sigma = noise_scale_max = 1.25 and r_mu = r_sigma
 = noise_jitter = 0.1, on the hidden layers' BN only (`noise_logits` False):
 `santurkar_noisy_bn()`. (The Algorithm's per-value draws are uniform around
-the step's, as we read it.) The defaults are bnjax's first noisy BN (the
+the step's, as we read it.) With `normalize` False the layer does not
+normalize: y = scale_param * x + bias_param, then the noise: the paper's
+control, the same noise on the plain net (`santurkar_noisy_bn(normalize=False)`
+in each BN's place, the logits' then a plain affine layer).
+`without_noise()` is the same layer with the noise set to zero, what a
+noisy net computes with its noise off. The defaults are bnjax's first noisy BN (the
 same draw for every value of a feature, a scale that also shrinks, the
 logits' BN noisy too), which the committed runs of experiments/why_bn_works
 used.
@@ -53,6 +58,7 @@ class NoisyBatchNorm(BatchNorm):
     noise_scale_max: float = 1.25
     noise_jitter: float = 0.0
     noise_logits: bool = True
+    normalize: bool = True
 
     def __post_init__(self):
         for name in ("noise_shift", "noise_log2_scale", "noise_jitter"):
@@ -63,12 +69,16 @@ class NoisyBatchNorm(BatchNorm):
             raise ValueError(f"noise_scale_max must be a number >= 1 (scale ~ U(1, noise_scale_max)), "
                              f"got {self.noise_scale_max!r}")
         check_bool("noise_logits", self.noise_logits)
+        check_bool("normalize", self.normalize)
+        if not self.normalize and self.axis != -1:
+            raise ValueError(f"normalize=False (the noise on a plain net) takes features on the last axis, "
+                             f"axis -1, got axis={self.axis!r}")
         super().__post_init__()
 
     @nn.compact
     def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
-        y = super().__call__(x, use_running_average, mask=mask)
         use_running_average = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
+        y = super().__call__(x, use_running_average, mask=mask) if self.normalize else self.affine(x)
         key = self.variable("batch_stats", "noise_key", lambda: jax.random.key_data(self.make_rng("params")))
         step = self.variable("batch_stats", "noise_step", lambda: jnp.zeros((), jnp.int32))
         if use_running_average or self.is_initializing():
@@ -76,6 +86,14 @@ class NoisyBatchNorm(BatchNorm):
         shift, scale = self.noise(key.value, step.value, y.shape)
         step.value = step.value + 1
         return jnp.asarray(y * scale + shift, y.dtype)
+
+    def affine(self, x):
+        """What the layer computes with `normalize` False: x times its learned
+        scale plus its learned bias (as BN's, per feature on the last axis)."""
+        features = x.shape[-1]
+        scale = self.param("scale", self.scale_init, (features,), self.param_dtype) if self.use_scale else 1
+        bias = self.param("bias", self.bias_init, (features,), self.param_dtype) if self.use_bias else 0
+        return x * scale + bias
 
     def noise(self, key_data, step, shape):
         """(shift, scale) of train-mode call number `step` on an output of
@@ -95,11 +113,19 @@ class NoisyBatchNorm(BatchNorm):
         jitter = lambda key: jax.random.uniform(key, shape, minval=-self.noise_jitter, maxval=self.noise_jitter)
         return shift + jitter(shift_jitter_key), scale + jitter(scale_jitter_key)
 
+    def without_noise(self) -> NoisyBatchNorm:
+        """This layer with zero noise (shift 0, scale exactly 1, no jitter): its
+        output is BN's (or, with `normalize` False, the affine layer's) alone."""
+        return self.clone(noise_shift=0.0, noise_log2_scale=0.0, noise_scale_max=1.0, noise_jitter=0.0, parent=None)
+
     def for_output(self) -> BatchNorm:
         """The layer the net's output BN (the logits') copies: this one, or,
-        with `noise_logits` False, BatchNorm with the same BN settings."""
+        with `noise_logits` False, BatchNorm with the same BN settings (with
+        `normalize` also False: this layer without noise, an affine layer)."""
         if self.noise_logits:
             return self
+        if not self.normalize:
+            return self.without_noise()
         return BatchNorm(**{name: getattr(self, name) for name in BatchNorm.__dataclass_fields__
                             if name not in ("parent", "name")}, parent=None)
 

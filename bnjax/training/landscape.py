@@ -59,7 +59,9 @@ def gradient_line(loss_fn: Callable, params, step_sizes: Sequence[float]) -> dic
     """The loss and its gradient along theta - eta * g (g the gradient at
     `params`) for each of `step_sizes`: "losses" (K,), "gradient_changes"
     (K,), "loss_spread" (max - min of the losses, theta's included),
-    "max_gradient_change" and "beta" (the effective beta-smoothness)."""
+    "max_gradient_change", "beta" (the effective beta-smoothness) and
+    "grad_norm" (||g||: the loss's own slope, its Lipschitzness along the
+    path, told apart from beta, how fast that slope changes)."""
     loss, grad = jax.value_and_grad(loss_fn)(params)
     flat_grad = _flat(grad)
     grad_norm = jnp.linalg.norm(flat_grad)
@@ -77,7 +79,8 @@ def gradient_line(loss_fn: Callable, params, step_sizes: Sequence[float]) -> dic
     return {"losses": losses, "gradient_changes": changes,
             "loss_spread": jnp.maximum(losses.max(), loss) - jnp.minimum(losses.min(), loss),
             "max_gradient_change": changes.max(),
-            "beta": jnp.max(jnp.where(distances > 0, changes / jnp.where(distances > 0, distances, 1), 0.0))}
+            "beta": jnp.max(jnp.where(distances > 0, changes / jnp.where(distances > 0, distances, 1), 0.0)),
+            "grad_norm": grad_norm}
 
 
 def moments_shift(before: jax.Array, after: jax.Array) -> dict[str, jax.Array]:
