@@ -33,7 +33,7 @@ from bnjax.support.atomic import write_json
 from bnjax.support.provenance import environment
 from bnjax.training.landscape import gradient_shift
 
-EXAMPLES, STEPS, MEASURE_EVERY = 1000, 1000, 50
+DEPTH, EXAMPLES, STEPS, MEASURE_EVERY = 25, 1000, 1000, 50
 LEARNING_RATES = (0.001, 0.01)
 
 
@@ -64,7 +64,7 @@ def _measure(model, learning_rate, params, batch_stats, x, y):
 
 def train(batch_norm: bool, learning_rate: float, seed: int, steps: int = STEPS) -> dict:
     """One run: {"steps", "loss", "ics": {measure: {layer: [values]}}}."""
-    model = DeepLinearNet(batch_norm=batch_norm)
+    model = DeepLinearNet(depth=DEPTH, batch_norm=batch_norm)
     data_key, init_key = jax.random.split(jax.random.key(seed))
     x, y = gaussian_regression(data_key, EXAMPLES)
     variables = model.init(init_key, x, train=False)
@@ -104,7 +104,8 @@ def run(path: Path, seeds: int, max_steps: int | None = None) -> dict:
             finals = [run["loss"][-1] for run in runs[-seeds:]]
             print(f"deep linear network: lr {learning_rate} {'BN' if batch_norm else 'plain'}: final loss "
                   f"{np.nanmean(finals):.4g} (mean of {seeds} seeds)", flush=True)
-    results = {"examples": EXAMPLES, "steps": steps, "measure_every": MEASURE_EVERY, "seeds": seeds,
+    results = {"depth": DEPTH, "width": 10, "examples": EXAMPLES, "steps": steps, "measure_every": MEASURE_EVERY,
+               "seeds": seeds,
                "minutes": round((time.perf_counter() - start) / 60, 2), "environment": environment(), "runs": runs}
     write_json(path, results)
     return results

@@ -33,6 +33,8 @@ from experiments.results import load_results, save_figure  # noqa: E402
 COLORS = {"plain": "tab:blue", "BN": "tab:red", "noisy BN": "tab:green", "plain + noise": "tab:purple",
           "noisy BN, logits too": "tab:olive", "l1 BN": "tab:orange", "l2 BN": "tab:brown", "linf BN": "tab:pink"}
 HIDDEN = ("Conv_1", "Conv_2", "Dense_0", "Dense_1")  # the layers with a layer below them
+PART_TITLES = {"sgd 0.1": "SGD lr 0.1, relu", "sgd 0.5": "SGD lr 0.5, relu", "adam": "Adam lr 0.001, relu",
+               "sigmoid": "Adam lr 0.01, sigmoid"}
 BAND = "line: mean over {seeds} seeds; band: lowest to highest seed"
 
 
@@ -113,7 +115,7 @@ def plot_grid(groups: dict, rows: list[str], columns: list[tuple], variants: tup
                     values = np.array([curve(run, key)[1][:len(steps)] for run in runs if
                                        len(curve(run, key)[1]) >= len(steps)])
                     band(axis, steps, values, COLORS[variant], variant, log)
-            axis.set_title(part, fontsize=9)
+            axis.set_title(PART_TITLES[part], fontsize=9)
             axis.set_xlabel("training step")
             axis.set_ylabel(label, fontsize=8)
             axis.grid(alpha=0.3)
@@ -144,7 +146,7 @@ def plot_moments(groups: dict, part: str, path: Path) -> None:
             axis.grid(alpha=0.3)
     for axis in axes[-1]:
         axis.set_xlabel("training step")
-    figure.suptitle(f"Layer inputs' moments ({part}, seed 0, train mode with the noise on): unit 0's mean over "
+    figure.suptitle(f"Layer inputs' moments ({PART_TITLES[part]}, seed 0, train mode with the noise on): unit 0's mean over "
                     f"the probe batch (line) +- its standard deviation (band)", fontsize=10)
     figure.tight_layout(rect=(0, 0, 1, 0.95))
     save_figure(figure, path, dpi=80)

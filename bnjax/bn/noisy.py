@@ -26,8 +26,7 @@ in each BN's place, the logits' then a plain affine layer).
 `without_noise()` is the same layer with the noise set to zero, what a
 noisy net computes with its noise off. The defaults are bnjax's first noisy BN (the
 same draw for every value of a feature, a scale that also shrinks, the
-logits' BN noisy too), which the committed runs of experiments/why_bn_works
-used.
+logits' BN noisy too); experiments/why_bn_works trains the paper's.
 
 The draws come from a key drawn once at `init` (from the model's "params"
 rng: each run its own noise) and a step counter, both kept in `batch_stats`
